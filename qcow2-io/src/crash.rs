@@ -1,0 +1,1 @@
+//! Crash simulation (placeholder module; the crash-simulating backend is being built).

@@ -1,0 +1,1 @@
+//! Fault injection (placeholder module; the fault-injecting backend is being built).

@@ -1,0 +1,4 @@
+//! The refcount engine.
+//!
+//! **Status: skeleton.** This crate is not built yet; it exposes nothing and claims nothing.
+//! See the workspace `ARCHITECTURE.md` for the role it will play.
