@@ -255,7 +255,10 @@ mod tests {
             assert!(seen.insert(e.name()));
             assert_eq!(e.name().parse::<Event>().unwrap(), e);
         }
-        assert_eq!("refblock_alloc_switch_table".parse::<Event>().unwrap(), Event::RefblockAllocSwitchTable);
+        assert_eq!(
+            "refblock_alloc_switch_table".parse::<Event>().unwrap(),
+            Event::RefblockAllocSwitchTable
+        );
         assert!("no_such_event".parse::<Event>().is_err());
     }
 }

@@ -116,20 +116,36 @@ impl Storage for FileStorage {
         }
         match self.punch_hole(offset, len) {
             Ok(()) => Ok(()),
-            // Filesystems without hole punching still get the "reads as zero" contract.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zeroes_fallback(offset, len),
+            // Filesystems without hole punching still get the "reads as zero" contract, but
+            // only inside the file: a discard never changes the length (as a punched hole
+            // with KEEP_SIZE), and beyond the end already reads as zero.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                let file_len = self.len()?;
+                if offset >= file_len {
+                    return Ok(());
+                }
+                self.write_zeroes_fallback(offset, len.min(file_len - offset))
+            }
             Err(e) => Err(e),
         }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            // An empty range changes nothing, not even the length (as an empty `pwrite`).
+            return Ok(());
+        }
         let file_len = self.len()?;
         let end = offset
             .checked_add(len)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range overflow"))?;
         if offset >= file_len {
             // Beyond the end already reads as zero; only the length has to follow.
-            return if end > file_len { self.set_len(end) } else { Ok(()) };
+            return if end > file_len {
+                self.set_len(end)
+            } else {
+                Ok(())
+            };
         }
         let inside_end = end.min(file_len);
         if self.punch_hole(offset, inside_end - offset).is_err() {

@@ -35,10 +35,13 @@ use std::sync::Arc;
 /// - `read_at` fills the whole buffer; bytes at or beyond the current length read as zero
 ///   (as QEMU's file protocol does), so a table that ends mid-cluster at end of file can be
 ///   read whole.
-/// - `write_at` writes the whole buffer, growing the storage if needed; the write is
-///   volatile until the next successful `flush`.
+/// - `write_at` writes the whole buffer, growing the storage if needed (an empty buffer
+///   changes nothing); the write is volatile until the next successful `flush`.
 /// - `flush` is a durability barrier: every write that completed before it is on stable
 ///   storage when it returns `Ok`.
+// `len` is a byte size, not a collection's element count; an `is_empty` would only widen the
+// trait every backend implements.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync {
     /// Reads `buf.len()` bytes at `offset`; bytes beyond the end read as zero.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
@@ -56,12 +59,20 @@ pub trait Storage: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
 
     /// Tells the backend that `[offset, offset + len)` is no longer needed. The range reads
-    /// as zero afterwards. The default writes zeros.
+    /// as zero afterwards; the length never changes (as QEMU's discard, and a hole punched
+    /// with `FALLOC_FL_KEEP_SIZE`). The default writes zeros over the part inside the
+    /// storage.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.write_zeroes(offset, len)
+        let cur = self.len()?;
+        if offset >= cur {
+            return Ok(());
+        }
+        self.write_zeroes(offset, len.min(cur - offset))
     }
 
-    /// Makes `[offset, offset + len)` read as zero. The default writes zero buffers.
+    /// Makes `[offset, offset + len)` read as zero, extending the storage to cover the range
+    /// (like a write of zeros). An empty range changes nothing. The default writes zero
+    /// buffers.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
         let zeros = vec![0u8; usize::try_from(len.min(CHUNK)).unwrap_or(1 << 20)];
