@@ -198,4 +198,18 @@ mod tests {
         s.write_zeroes(8192, 100).unwrap();
         assert_eq!(s.len().unwrap(), 8292);
     }
+
+    #[test]
+    fn empty_ranges_and_discards_keep_the_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::create(dir.path().join("f")).unwrap();
+        s.write_at(&[7u8; 100], 0).unwrap();
+        s.write_zeroes(10_000, 0).unwrap();
+        s.discard(50, 10_000).unwrap();
+        s.discard(20_000, 512).unwrap();
+        assert_eq!(s.len().unwrap(), 100);
+        let mut b = [1u8; 100];
+        s.read_at(&mut b, 0).unwrap();
+        assert!(b[..50].iter().all(|&x| x == 7) && b[50..].iter().all(|&x| x == 0));
+    }
 }

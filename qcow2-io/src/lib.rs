@@ -10,7 +10,7 @@
 //! - [`MemStorage`]: a growable byte vector.
 //! - behind the `test-utils` feature: [`fault::FaultStorage`] (blkdebug-style error
 //!   injection) and [`crash::CrashStorage`] (a volatile write cache whose unflushed writes
-//!   may be lost in any subset or order).
+//!   may be lost in any subset, or torn at 512-byte sector granularity).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod event;
