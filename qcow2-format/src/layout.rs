@@ -577,6 +577,19 @@ mod tests {
     }
 
     #[test]
+    fn refcount_table_growth_is_reported_not_guessed() {
+        // 512-byte clusters with 64-bit refcounts: one reftable cluster covers 4096
+        // clusters, an 8 GiB image needs a 4096-cluster L1 table.
+        let mut o = CreateOptions::new(8 << 30);
+        o.cluster_size = 512;
+        o.refcount_bits = 64;
+        assert_eq!(
+            fresh_image(&o),
+            Err(LayoutError::RefcountTableGrowth { l1_clusters: 4096 })
+        );
+    }
+
+    #[test]
     fn parses_back() {
         let mut o = CreateOptions::new(10 << 30);
         o.refcount_bits = 1;
