@@ -20,3 +20,7 @@ pub mod refcount;
 pub mod snapshot;
 
 pub use geometry::{Geometry, GeometryError};
+pub use compressed::{CompressedDescriptor, CompressedError, CompressedFormat};
+pub use entry::{ClusterType, EntryError, L1Entry, L2Context, L2Entry, SubclusterType};
+pub use refcount::{RefcountCodec, RefcountError, ReftableEntry};
+pub use snapshot::{SnapshotEntry, SnapshotError, SnapshotTable};
