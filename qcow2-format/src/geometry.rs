@@ -284,7 +284,10 @@ mod tests {
     fn every_refcount_order() {
         for order in 0..=6 {
             let g = Geometry::new(9, order, false).unwrap();
-            assert_eq!(u64::from(g.refcount_bits()) * g.refcount_block_entries(), 512 * 8);
+            assert_eq!(
+                u64::from(g.refcount_bits()) * g.refcount_block_entries(),
+                512 * 8
+            );
             if order < 6 {
                 assert_eq!(g.refcount_max(), (1u64 << (1 << order)) - 1);
             }
@@ -308,7 +311,9 @@ mod tests {
         );
         assert_eq!(
             Geometry::new(13, 4, true),
-            Err(GeometryError::SubclusterSize { subcluster_size: 256 })
+            Err(GeometryError::SubclusterSize {
+                subcluster_size: 256
+            })
         );
         let g = Geometry::new(14, 4, true).unwrap();
         assert_eq!(g.subcluster_size(), 512);
@@ -319,7 +324,10 @@ mod tests {
     #[test]
     fn cluster_offset_is_checked() {
         let g = Geometry::new(21, 4, false).unwrap();
-        assert_eq!(g.cluster_offset(u64::MAX >> 21), Some((u64::MAX >> 21) << 21));
+        assert_eq!(
+            g.cluster_offset(u64::MAX >> 21),
+            Some((u64::MAX >> 21) << 21)
+        );
         assert_eq!(g.cluster_offset((u64::MAX >> 21) + 1), None);
     }
 }
