@@ -25,3 +25,6 @@ mod index;
 
 pub use engine::{Change, DiscardPassthrough, DiscardType, FreedRange, RefcountEngine};
 pub use error::RefcountError;
+
+#[cfg(feature = "test-utils")]
+pub mod test_utils;

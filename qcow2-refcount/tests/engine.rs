@@ -1,10 +1,8 @@
 //! Refcount engine behaviour against a model and against `qemu-img check`.
 
-mod common;
-
-use common::*;
 use qcow2_io::fault::{FaultStorage, Rule};
 use qcow2_io::{errno, Event, MemStorage, Storage};
+use qcow2_refcount::test_utils::*;
 use qcow2_refcount::{Change, DiscardType, RefcountError};
 use quickcheck::{Arbitrary, Gen, QuickCheck, TestResult};
 use std::collections::BTreeMap;

@@ -1,14 +1,16 @@
-//! Shared fixtures: fresh images from the format crate's layout builder, an engine over them,
-//! linking allocated clusters into L2 tables so that qemu-img sees them used, and running
-//! `qemu-img check`.
-#![allow(dead_code)]
+//! Test fixtures for the crates above the engine (feature `test-utils`): fresh images from
+//! the format crate's layout builder, an engine over them, linking allocated clusters into L2
+//! tables so that qemu-img sees them used, and running `qemu-img check`.
+//!
+//! These helpers panic on failure: they are for tests only.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use crate::{Change, DiscardType, RefcountEngine};
 use qcow2_cache::{CacheId, CacheOptions, Caches};
 use qcow2_format::header::Header;
 use qcow2_format::layout::{fresh_image, CreateOptions};
 use qcow2_format::Geometry;
 use qcow2_io::{Storage, StorageExt};
-use qcow2_refcount::{Change, DiscardType, RefcountEngine};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -88,18 +90,27 @@ impl Fixture {
     /// offsets 0, cs, 2cs, ... so that qemu-img counts exactly one reference to each. The L2
     /// tables are allocated through the engine. Everything is flushed afterwards.
     pub fn link_data(&mut self, data: &[u64]) {
+        let bits = self.geometry.cluster_bits();
+        let entries: Vec<u64> = data.iter().map(|&c| (c << bits) | (1 << 63)).collect();
+        let end = data.iter().max().map_or(0, |&m| (m + 1) << bits);
+        self.link_l2_entries(&entries, end);
+    }
+
+    /// Writes raw standard L2 entries into L2 tables (allocated through the engine) at guest
+    /// offsets 0, cs, 2cs, ..., points the L1 at them, makes the file at least `file_end`
+    /// long (as written guest data would) and flushes everything.
+    pub fn link_l2_entries(&mut self, entries: &[u64], file_end: u64) {
         let g = self.geometry;
         let per_l2 = g.l2_entries() as usize;
         assert!(
-            data.len().div_ceil(per_l2) <= self.header.l1_size as usize,
-            "virtual size too small to map every data cluster"
+            entries.len().div_ceil(per_l2) <= self.header.l1_size as usize,
+            "virtual size too small to map every entry"
         );
         let mut l1 = vec![0u8; self.header.l1_size as usize * 8];
-        for (t, chunk) in data.chunks(per_l2).enumerate() {
+        for (t, chunk) in entries.chunks(per_l2).enumerate() {
             let l2_off = self.engine.alloc_clusters(&mut self.caches, 1).unwrap();
             let mut l2 = vec![0u8; g.cluster_size() as usize];
-            for (i, &c) in chunk.iter().enumerate() {
-                let e = (c << g.cluster_bits()) | (1 << 63);
+            for (i, &e) in chunk.iter().enumerate() {
                 l2[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
             }
             self.storage.write_at(&l2, l2_off).unwrap();
@@ -110,11 +121,8 @@ impl Fixture {
             .unwrap();
         // Data clusters are never written by these tests; the file must still cover them,
         // as it would after the guest data was written.
-        if let Some(&max) = data.iter().max() {
-            let end = (max + 1) << g.cluster_bits();
-            if self.storage.len().unwrap() < end {
-                self.storage.set_len(end).unwrap();
-            }
+        if self.storage.len().unwrap() < file_end {
+            self.storage.set_len(file_end).unwrap();
         }
         self.flush();
         self.storage.flush().unwrap();
@@ -124,11 +132,7 @@ impl Fixture {
         self.engine.get(&mut self.caches, cluster).unwrap()
     }
 
-    pub fn bump(
-        &mut self,
-        offset: u64,
-        change: Change,
-    ) -> Result<(), qcow2_refcount::RefcountError> {
+    pub fn bump(&mut self, offset: u64, change: Change) -> Result<(), crate::RefcountError> {
         self.engine.update(
             &mut self.caches,
             offset,
