@@ -532,3 +532,29 @@ fn storage_is_send_and_sync() {
     assert_send::<qcow2_refcount::RefcountEngine>();
     let _: Arc<dyn Storage> = Arc::new(MemStorage::new());
 }
+
+#[test]
+fn freed_clusters_are_discarded_only_when_passthrough_allows_and_after_release() {
+    use qcow2_refcount::DiscardPassthrough;
+    let mut f = open(Arc::new(MemStorage::from_bytes(fresh_bytes(4096, 16, 64 << 20))));
+    f.engine.set_discard_passthrough(DiscardPassthrough {
+        request: true,
+        snapshot: true,
+        other: false,
+    });
+    let a = f.engine.alloc_clusters(&mut f.caches, 2).unwrap();
+    f.storage.write_at(&[0xab; 8192], a).unwrap();
+    f.engine
+        .free_clusters(&mut f.caches, a, 4096, DiscardType::Request)
+        .unwrap();
+    f.engine
+        .free_clusters(&mut f.caches, a + 4096, 4096, DiscardType::Never)
+        .unwrap();
+    let mut buf = [0u8; 8192];
+    f.storage.read_at(&mut buf, a).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xab), "nothing discarded before the flush");
+    f.flush();
+    f.storage.read_at(&mut buf, a).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0), "request discard passed down");
+    assert!(buf[4096..].iter().all(|&b| b == 0xab), "DiscardType::Never kept");
+}
