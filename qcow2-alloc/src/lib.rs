@@ -96,7 +96,9 @@ impl Allocator {
         }
     }
 
-    /// Where the next compressed bytes would go (0: a new cluster).
+    /// Where the next compressed bytes would go (0: a new cluster). Correct only while the
+    /// same [`RefcountEngine`] is used for every allocation and free (it watches the partial
+    /// cluster for this allocator).
     pub fn free_byte_offset(&self) -> u64 {
         self.free_byte_offset
     }
@@ -131,6 +133,11 @@ impl Allocator {
         let mut last_err = None;
         for _ in 0..MAX_RETRIES {
             let mut offset = self.free_byte_offset;
+            if engine.take_watched_freed() {
+                // The partial cluster was freed (its compressed clusters discarded or
+                // overwritten) and may belong to someone else by now: never append there.
+                offset = 0;
+            }
             if offset != 0 {
                 // A cluster at the maximum refcount cannot take another compressed cluster
                 // (refcount_bits=1: every compressed cluster gets its own host cluster); one
@@ -183,6 +190,10 @@ impl Allocator {
                     } else {
                         next
                     };
+                    engine.watch_cluster(
+                        (self.free_byte_offset != 0)
+                            .then(|| self.geometry.cluster_index(self.free_byte_offset)),
+                    );
                     return Ok(offset);
                 }
                 Err(e) => {

@@ -164,6 +164,10 @@ pub struct RefcountEngine {
     passthrough: DiscardPassthrough,
     /// Freed ranges waiting to be discarded in the storage (without quarantine).
     pending_discards: Vec<FreedRange>,
+    /// A cluster the layer above keeps appending into (the byte allocator's partially used
+    /// cluster), and whether it has been freed since it was watched.
+    watched: Option<u64>,
+    watched_freed: bool,
 }
 
 impl RefcountEngine {
@@ -217,6 +221,8 @@ impl RefcountEngine {
             quarantine: Vec::new(),
             passthrough: DiscardPassthrough::default(),
             pending_discards: Vec::new(),
+            watched: None,
+            watched_freed: false,
         }
     }
 
@@ -268,6 +274,20 @@ impl RefcountEngine {
             .iter()
             .map(|r| r.len >> self.geometry.cluster_bits())
             .sum()
+    }
+
+    /// Watches cluster `cluster` (or stops watching): if its refcount reaches 0 the next
+    /// [`RefcountEngine::take_watched_freed`] returns `true`. The byte allocator watches the
+    /// cluster it appends compressed data into, so that it never appends into a cluster that
+    /// was freed and handed to someone else meanwhile.
+    pub fn watch_cluster(&mut self, cluster: Option<u64>) {
+        self.watched = cluster;
+        self.watched_freed = false;
+    }
+
+    /// Whether the watched cluster reached refcount 0 since it was watched (and resets it).
+    pub fn take_watched_freed(&mut self) -> bool {
+        std::mem::take(&mut self.watched_freed)
     }
 
     /// Lowest cluster index that may be free (the allocator's hint).
@@ -523,6 +543,9 @@ impl RefcountEngine {
         holder: u64,
     ) {
         let offset = cluster << self.geometry.cluster_bits();
+        if self.watched == Some(cluster) {
+            self.watched_freed = true;
+        }
         // A freed cluster can no longer hold a table; a stale cached copy must never be
         // written back over whatever the cluster holds next.
         if offset != holder && caches.is_cached(CacheId::Refblock, offset) {

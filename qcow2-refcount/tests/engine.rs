@@ -536,7 +536,11 @@ fn storage_is_send_and_sync() {
 #[test]
 fn freed_clusters_are_discarded_only_when_passthrough_allows_and_after_release() {
     use qcow2_refcount::DiscardPassthrough;
-    let mut f = open(Arc::new(MemStorage::from_bytes(fresh_bytes(4096, 16, 64 << 20))));
+    let mut f = open(Arc::new(MemStorage::from_bytes(fresh_bytes(
+        4096,
+        16,
+        64 << 20,
+    ))));
     f.engine.set_discard_passthrough(DiscardPassthrough {
         request: true,
         snapshot: true,
@@ -552,9 +556,18 @@ fn freed_clusters_are_discarded_only_when_passthrough_allows_and_after_release()
         .unwrap();
     let mut buf = [0u8; 8192];
     f.storage.read_at(&mut buf, a).unwrap();
-    assert!(buf.iter().all(|&b| b == 0xab), "nothing discarded before the flush");
+    assert!(
+        buf.iter().all(|&b| b == 0xab),
+        "nothing discarded before the flush"
+    );
     f.flush();
     f.storage.read_at(&mut buf, a).unwrap();
-    assert!(buf[..4096].iter().all(|&b| b == 0), "request discard passed down");
-    assert!(buf[4096..].iter().all(|&b| b == 0xab), "DiscardType::Never kept");
+    assert!(
+        buf[..4096].iter().all(|&b| b == 0),
+        "request discard passed down"
+    );
+    assert!(
+        buf[4096..].iter().all(|&b| b == 0xab),
+        "DiscardType::Never kept"
+    );
 }
