@@ -1,6 +1,631 @@
-//! The `qcow2` command (being built).
+//! The `qcow2` command: qemu-img's habits (command names, options, output and messages) on
+//! top of the qcow2 engine crates, so that scripts can switch from `qemu-img` without edits.
+//!
+//! Each subcommand lives in its own module. Subcommands whose engine crate has not landed
+//! yet parse their arguments completely and then say clearly that they are not available,
+//! with a nonzero exit status; none pretends to work.
 
-fn main() {
-    eprintln!("qcow2: no subcommand is implemented yet");
-    std::process::exit(1);
+mod create;
+mod image;
+mod info;
+mod json;
+mod opts;
+mod size;
+mod snapshot;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::image::Format;
+
+/// A failure to report: one line on stderr ("qcow2: ...") and an exit status.
+#[derive(Debug)]
+pub struct CliError {
+    /// The message, without the "qcow2: " prefix.
+    pub msg: String,
+    /// The exit status (1 unless a command defines others, like `check`).
+    pub code: u8,
+}
+
+impl CliError {
+    /// An error with exit status 1.
+    pub fn new(msg: impl Into<String>) -> Self {
+        CliError {
+            msg: msg.into(),
+            code: 1,
+        }
+    }
+
+    /// A usage error of `cmd`, pointing at its help.
+    pub fn usage(cmd: &str, msg: &str) -> Self {
+        CliError::new(format!("{msg} (see 'qcow2 {cmd} --help')"))
+    }
+
+    /// A subcommand whose engine crate has not landed yet.
+    pub fn unavailable(cmd: &str, needs: &str) -> Self {
+        CliError::new(format!(
+            "{cmd}: not available yet (waiting on the {needs} crate)"
+        ))
+    }
+}
+
+/// Writes to stdout; a closed pipe ends the program quietly instead of panicking.
+pub fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    if stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+        .is_err()
+    {
+        std::process::exit(1);
+    }
+}
+
+/// `--output human|json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Text for people (the default).
+    Human,
+    /// qemu-img's JSON.
+    Json,
+}
+
+impl OutputFormat {
+    /// Parses `--output`, with qemu-img's message for anything else.
+    pub fn parse(v: Option<&str>) -> Result<Self, CliError> {
+        match v {
+            None | Some("human") => Ok(OutputFormat::Human),
+            Some("json") => Ok(OutputFormat::Json),
+            Some(other) => Err(CliError::new(format!(
+                "--output expects 'human' or 'json' not '{other}'"
+            ))),
+        }
+    }
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  qcow2 create -f qcow2 disk.qcow2 10G
+  qcow2 create -f qcow2 -o cluster_size=4k,refcount_bits=64 small.qcow2 512M
+  qcow2 create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
+  qcow2 info --output=json disk.qcow2
+  qcow2 snapshot -l disk.qcow2
+
+Sizes take qemu-img's suffixes: b, k/K, M, G, T, P, E (powers of 1024), e.g. 1G, 1.5M.
+Exit status: 0 on success, 1 on any error (check: 0 clean, 1 not completed,
+2 corruptions, 3 leaks only).";
+
+/// qcow2 images the qemu-img way.
+#[derive(Parser, Debug)]
+#[command(
+    name = "qcow2",
+    version,
+    about = "Create, inspect, check and modify qcow2 disk images (qemu-img compatible)",
+    after_help = EXAMPLES,
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new image (qcow2 or raw).
+    #[command(after_help = "\
+Examples:
+  qcow2 create -f qcow2 disk.qcow2 1G
+  qcow2 create -f qcow2 -o compat=0.10 old.qcow2 512M
+  qcow2 create -f qcow2 -o cluster_size=2M,lazy_refcounts=on big.qcow2 1T
+  qcow2 create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
+  qcow2 create -f qcow2 -o help")]
+    Create(CreateArgs),
+    /// Show information about an image.
+    #[command(after_help = "\
+Examples:
+  qcow2 info disk.qcow2
+  qcow2 info --output=json disk.qcow2")]
+    Info(InfoArgs),
+    /// Check an image for consistency (and repair it).
+    #[command(after_help = "\
+Exit status: 0 clean, 1 check not completed, 2 corruptions, 3 leaked clusters only.
+Examples:
+  qcow2 check disk.qcow2
+  qcow2 check -r leaks disk.qcow2
+  qcow2 check --output=json disk.qcow2")]
+    Check(CheckArgs),
+    /// List, create, apply or delete internal snapshots.
+    #[command(after_help = "\
+Examples:
+  qcow2 snapshot -l disk.qcow2
+  qcow2 snapshot -c before-upgrade disk.qcow2
+  qcow2 snapshot -a before-upgrade disk.qcow2
+  qcow2 snapshot -d before-upgrade disk.qcow2")]
+    Snapshot(SnapshotArgs),
+    /// Show how guest ranges map to the image file.
+    #[command(after_help = "\
+Examples:
+  qcow2 map disk.qcow2
+  qcow2 map --output=json disk.qcow2")]
+    Map(MapArgs),
+    /// Copy an image, possibly to another format or compressed.
+    #[command(after_help = "\
+Examples:
+  qcow2 convert -f raw -O qcow2 disk.raw disk.qcow2
+  qcow2 convert -c -O qcow2 -p disk.qcow2 small.qcow2")]
+    Convert(ConvertArgs),
+    /// Change format options of an existing image.
+    #[command(after_help = "\
+Examples:
+  qcow2 amend -o refcount_bits=64 disk.qcow2
+  qcow2 amend -o compat=0.10 disk.qcow2")]
+    Amend(AmendArgs),
+    /// Grow or shrink an image's virtual size.
+    #[command(after_help = "\
+Examples:
+  qcow2 resize disk.qcow2 +1G
+  qcow2 resize --shrink disk.qcow2 512M")]
+    Resize(ResizeArgs),
+    /// Run a simple read or write benchmark.
+    #[command(after_help = "\
+Examples:
+  qcow2 bench -c 10000 -s 4k disk.qcow2
+  qcow2 bench -w -c 1000 -d 8 --pattern=0x5a disk.qcow2")]
+    Bench(BenchArgs),
+    /// Run qemu-io style commands on an image.
+    #[command(after_help = "\
+Examples:
+  qcow2 io -c 'write -P 0xab 0 64k' -c 'read -P 0xab 0 64k' disk.qcow2
+  qcow2 io -r -c map disk.qcow2")]
+    Io(IoArgs),
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    /// Image format (qcow2 or raw); qemu-img's default is raw.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Format options, e.g. cluster_size=64k,refcount_bits=16 ('-o help' lists them).
+    #[arg(short = 'o', long = "options", value_name = "OPTS")]
+    options: Vec<String>,
+    /// Backing file of the new image.
+    #[arg(short = 'b', long = "backing", value_name = "BACKING_FILE")]
+    backing: Option<String>,
+    /// Format of the backing file.
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
+    /// Do not open the backing file (a size is then required).
+    #[arg(short = 'u', long = "backing-unsafe")]
+    backing_unsafe: bool,
+    /// Quiet: do not print the "Formatting" line.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// The image file to create (it is overwritten if it exists).
+    filename: Option<String>,
+    /// Virtual size with an optional suffix (b, k, M, G, T, P, E).
+    size: Option<String>,
+    #[arg(hide = true)]
+    extra: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct InfoArgs {
+    /// Image format (probed when absent).
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Output format: human or json.
+    #[arg(long = "output", value_name = "human|json")]
+    output: Option<String>,
+    /// Show the whole backing chain.
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
+    /// Open without locking (accepted for compatibility; this tool does not lock).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image file.
+    files: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Repair: leaks or all.
+    #[arg(short = 'r', long = "repair", value_name = "leaks|all")]
+    repair: Option<String>,
+    /// Output format: human or json.
+    #[arg(long = "output", value_name = "human|json")]
+    output: Option<String>,
+    /// Quiet: print nothing on stdout.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// Show a progress bar.
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// Cache mode (accepted for compatibility).
+    #[arg(short = 'T', long = "cache", value_name = "CACHE")]
+    cache: Option<String>,
+    /// Open without locking (accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image file.
+    files: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct SnapshotArgs {
+    /// List snapshots (the default).
+    #[arg(short = 'l', long = "list")]
+    list: bool,
+    /// Create a snapshot.
+    #[arg(short = 'c', long = "create", value_name = "NAME")]
+    create: Option<String>,
+    /// Revert the image to a snapshot (by ID or name).
+    #[arg(short = 'a', long = "apply", value_name = "SNAPSHOT")]
+    apply: Option<String>,
+    /// Delete a snapshot (by name).
+    #[arg(short = 'd', long = "delete", value_name = "NAME")]
+    delete: Option<String>,
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// Open without locking (accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image file.
+    files: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct MapArgs {
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Output format: human or json.
+    #[arg(long = "output", value_name = "human|json")]
+    output: Option<String>,
+    /// First guest offset to map.
+    #[arg(short = 's', long = "start-offset", value_name = "OFFSET")]
+    start_offset: Option<String>,
+    /// Length to map.
+    #[arg(short = 'l', long = "max-length", value_name = "LENGTH")]
+    max_length: Option<String>,
+    /// Open without locking (accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image file.
+    files: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct ConvertArgs {
+    /// Source format.
+    #[arg(short = 'f', long = "source-format", value_name = "FMT")]
+    format: Option<String>,
+    /// Target format (qcow2 or raw).
+    #[arg(short = 'O', long = "target-format", value_name = "FMT")]
+    output_format: Option<String>,
+    /// Compress the target (qcow2 only).
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
+    /// Target format options.
+    #[arg(short = 'o', long = "options", value_name = "OPTS")]
+    options: Vec<String>,
+    /// Show a progress bar.
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// Source file(s) and the target file.
+    files: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct AmendArgs {
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Options to change, e.g. refcount_bits=64 or compat=0.10.
+    #[arg(short = 'o', long = "options", value_name = "OPTS")]
+    options: Vec<String>,
+    /// Show a progress bar.
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// Allow changes that may lose data.
+    #[arg(long = "force")]
+    force: bool,
+    /// The image file.
+    files: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct ResizeArgs {
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Allow shrinking (data beyond the new size is lost).
+    #[arg(long = "shrink")]
+    shrink: bool,
+    /// Preallocation mode for the new area.
+    #[arg(long = "preallocation", value_name = "MODE")]
+    preallocation: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// The image file, then the size: absolute, +N to grow or -N to shrink.
+    #[arg(allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Number of requests.
+    #[arg(short = 'c', long = "count", value_name = "COUNT")]
+    count: Option<String>,
+    /// Requests in flight.
+    #[arg(short = 'd', long = "depth", value_name = "DEPTH")]
+    depth: Option<String>,
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Starting offset.
+    #[arg(short = 'o', long = "offset", value_name = "OFFSET")]
+    offset: Option<String>,
+    /// Request size.
+    #[arg(short = 's', long = "buffer-size", value_name = "SIZE")]
+    buffer_size: Option<String>,
+    /// Distance between requests.
+    #[arg(short = 'S', long = "step-size", value_name = "STEP")]
+    step_size: Option<String>,
+    /// Cache mode (accepted for compatibility).
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
+    cache: Option<String>,
+    /// Write instead of read.
+    #[arg(short = 'w', long = "write")]
+    write: bool,
+    /// Byte pattern for writes.
+    #[arg(long = "pattern", value_name = "PATTERN")]
+    pattern: Option<String>,
+    /// Flush after every INTERVAL writes.
+    #[arg(long = "flush-interval", value_name = "INTERVAL")]
+    flush_interval: Option<String>,
+    /// Do not wait for in-flight requests before a flush.
+    #[arg(long = "no-drain")]
+    no_drain: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// The image file.
+    files: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct IoArgs {
+    /// A command to run (may be repeated): read, write, discard, flush, map, alloc, info,
+    /// truncate.
+    #[arg(short = 'c', long = "cmd", value_name = "COMMAND")]
+    commands: Vec<String>,
+    /// Open read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Open without locking (accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image file.
+    files: Vec<String>,
+}
+
+/// The single FILE of a command, with qemu-img's message otherwise.
+fn one_file(cmd: &str, files: &[String]) -> Result<String, CliError> {
+    match files {
+        [f] => Ok(f.clone()),
+        _ => Err(CliError::usage(cmd, "Expecting one image file name")),
+    }
+}
+
+fn parse_format(f: Option<&str>) -> Result<Option<Format>, CliError> {
+    f.map(|f| Format::parse(f).map_err(CliError::new))
+        .transpose()
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Create(a) => {
+            if let Some(x) = a.extra.first() {
+                return Err(CliError::usage(
+                    "create",
+                    &format!("Unexpected argument: {x}"),
+                ));
+            }
+            create::run(create::CreateRequest {
+                format: a.format,
+                options: a.options,
+                backing: a.backing,
+                backing_format: a.backing_format,
+                backing_unsafe: a.backing_unsafe,
+                quiet: a.quiet,
+                filename: a.filename,
+                size: a.size,
+            })
+        }
+        Command::Info(a) => {
+            let output = OutputFormat::parse(a.output.as_deref())?;
+            let file = one_file("info", &a.files)?;
+            if a.backing_chain {
+                return Err(CliError::new("info: --backing-chain is not available yet"));
+            }
+            let _ = a.force_share;
+            info::run(&file, parse_format(a.format.as_deref())?, output)
+        }
+        Command::Check(a) => {
+            let _ = OutputFormat::parse(a.output.as_deref())?;
+            match a.repair.as_deref() {
+                None | Some("leaks") | Some("all") => {}
+                Some(other) => {
+                    return Err(CliError::new(format!(
+                        "--repair (-r) expects 'leaks' or 'all' not '{other}'"
+                    )))
+                }
+            }
+            let _ = one_file("check", &a.files)?;
+            let _ = (a.quiet, a.progress, a.cache, a.force_share, a.format);
+            Err(CliError::unavailable("check", "qcow2-check"))
+        }
+        Command::Snapshot(a) => {
+            let file = one_file("snapshot", &a.files)?;
+            let ops = usize::from(a.list)
+                + usize::from(a.create.is_some())
+                + usize::from(a.apply.is_some())
+                + usize::from(a.delete.is_some());
+            if ops > 1 {
+                return Err(CliError::usage(
+                    "snapshot",
+                    "Cannot mix '-l', '-a', '-c', '-d'",
+                ));
+            }
+            let _ = (a.quiet, a.force_share);
+            let format = parse_format(a.format.as_deref())?;
+            if a.create.is_some() || a.apply.is_some() || a.delete.is_some() {
+                return Err(CliError::unavailable("snapshot -c/-a/-d", "qcow2-snapshot"));
+            }
+            snapshot::list(&file, format)
+        }
+        Command::Map(a) => {
+            let _ = OutputFormat::parse(a.output.as_deref())?;
+            let _ = one_file("map", &a.files)?;
+            let _ = (a.format, a.start_offset, a.max_length, a.force_share);
+            Err(CliError::unavailable("map", "qcow2-image"))
+        }
+        Command::Convert(a) => {
+            if a.files.len() < 2 {
+                return Err(CliError::usage("convert", "Expecting image file name"));
+            }
+            let _ = (
+                a.format,
+                a.output_format,
+                a.compress,
+                a.options,
+                a.progress,
+                a.quiet,
+            );
+            Err(CliError::unavailable("convert", "qcow2-image"))
+        }
+        Command::Amend(a) => {
+            if a.options.is_empty() {
+                return Err(CliError::usage("amend", "Must specify options (-o)"));
+            }
+            let _ = one_file("amend", &a.files)?;
+            let _ = (a.format, a.progress, a.quiet, a.force);
+            Err(CliError::unavailable("amend", "qcow2-image"))
+        }
+        Command::Resize(a) => {
+            if a.args.len() != 2 {
+                return Err(CliError::usage(
+                    "resize",
+                    "Expecting image file name and size",
+                ));
+            }
+            let _ = (a.format, a.shrink, a.preallocation, a.quiet);
+            Err(CliError::unavailable("resize", "qcow2-image"))
+        }
+        Command::Bench(a) => {
+            let _ = one_file("bench", &a.files)?;
+            let _ = (
+                a.count,
+                a.depth,
+                a.format,
+                a.offset,
+                a.buffer_size,
+                a.step_size,
+                a.cache,
+                a.write,
+                a.pattern,
+                a.flush_interval,
+                a.no_drain,
+                a.quiet,
+            );
+            Err(CliError::unavailable("bench", "qcow2-image"))
+        }
+        Command::Io(a) => {
+            let _ = one_file("io", &a.files)?;
+            let _ = (a.commands, a.read_only, a.format, a.force_share);
+            Err(CliError::unavailable("io", "qcow2-image"))
+        }
+    }
+}
+
+/// Turns a clap error into one line (qemu-img exits with 1 on bad options; so do we).
+fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
+        _ => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let sub = args
+                .iter()
+                .skip(1)
+                .find(|a| !a.starts_with('-'))
+                .map(String::as_str);
+            match sub {
+                Some(s) if Cli::command_names().contains(&s) => {
+                    eprintln!("qcow2: {s}: {first} (see 'qcow2 {s} --help')")
+                }
+                _ => eprintln!("qcow2: {first} (see 'qcow2 --help')"),
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+impl Cli {
+    fn command_names() -> [&'static str; 10] {
+        [
+            "create", "info", "check", "snapshot", "map", "convert", "amend", "resize", "bench",
+            "io",
+        ]
+    }
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("qcow2: internal error: {info}");
+        std::process::exit(1);
+    }));
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => return clap_error(e, &args),
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qcow2: {}", e.msg);
+            ExitCode::from(e.code)
+        }
+    }
 }

@@ -1,0 +1,190 @@
+//! Opening image files for the commands that only need the format crate: format probing,
+//! header validation with QEMU's messages, the snapshot table, file sizes.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+
+use qcow2_format::extensions::FirstCluster;
+use qcow2_format::header::{open_first_cluster, OpenOptions, QCOW_MAGIC};
+use qcow2_format::limits::{MAX_CLUSTER_BITS, MAX_SNAPSHOTS_SIZE};
+use qcow2_format::snapshot::SnapshotEntry;
+use qcow2_format::SnapshotTable;
+use qcow2_io::{FileStorage, Storage};
+
+use crate::CliError;
+
+/// The image formats the tool knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// qcow2 (versions 2 and 3).
+    Qcow2,
+    /// A raw image: the file's bytes are the disk.
+    Raw,
+}
+
+impl Format {
+    /// The name qemu-img uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+
+    /// Parses a `-f`/`-F`/`-O` value; unknown names give qemu-img's message.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "qcow2" => Ok(Format::Qcow2),
+            "raw" => Ok(Format::Raw),
+            other => Err(format!("Unknown file format '{other}'")),
+        }
+    }
+}
+
+/// An opened image file with what `info` and `snapshot -l` need.
+pub struct Opened {
+    /// The path as given.
+    pub path: String,
+    /// The detected or requested format.
+    pub format: Format,
+    /// Length of the file in bytes.
+    pub file_len: u64,
+    /// Bytes the file occupies on disk (`st_blocks * 512`).
+    pub allocated: u64,
+    /// For qcow2: the parsed first cluster.
+    pub qcow2: Option<Qcow2Meta>,
+}
+
+/// The qcow2 metadata read at open.
+pub struct Qcow2Meta {
+    /// Header, extensions and backing file name.
+    pub first: FirstCluster,
+    /// The snapshot table.
+    pub snapshots: Vec<SnapshotEntry>,
+}
+
+/// QEMU's "Could not open 'FILE': ..." error.
+pub fn open_error(path: &str, detail: impl std::fmt::Display) -> CliError {
+    CliError::new(format!("Could not open '{path}': {detail}"))
+}
+
+/// The text of an I/O error as QEMU prints it (`strerror`, without Rust's "(os error N)").
+pub fn strerror(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Whether the first bytes look like qcow2 (QEMU's probe: magic and version >= 2).
+fn probe_qcow2(buf: &[u8]) -> bool {
+    if buf.len() < 8 {
+        return false;
+    }
+    let magic = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let version = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    magic == QCOW_MAGIC && version >= 2
+}
+
+/// Opens `path` read-only (or read-write), probing the format unless `format` is given,
+/// and validates a qcow2 header the way QEMU's open does.
+pub fn open(path: &str, format: Option<Format>, writable: bool) -> Result<Opened, CliError> {
+    open_detail(path, format, writable).map_err(|e| open_error(path, e))
+}
+
+/// [`open`] with the bare reason for a failure: "Could not open 'FILE': strerror" for I/O
+/// errors, the driver's message ("Image is not in qcow2 format") otherwise.
+pub fn open_detail(path: &str, format: Option<Format>, writable: bool) -> Result<Opened, String> {
+    let io_err = |e: std::io::Error| format!("Could not open '{path}': {}", strerror(&e));
+    let storage = FileStorage::open(path, writable).map_err(io_err)?;
+    let meta = storage.file().metadata().map_err(io_err)?;
+    let file_len = storage.len().map_err(io_err)?;
+    let allocated = meta.blocks() * 512;
+    let mut head = vec![0u8; 8];
+    storage.read_at(&mut head, 0).map_err(io_err)?;
+    let format = match format {
+        Some(f) => f,
+        None if probe_qcow2(&head) => Format::Qcow2,
+        None => Format::Raw,
+    };
+    let qcow2 = match format {
+        Format::Raw => None,
+        Format::Qcow2 => Some(read_qcow2(&storage, writable)?),
+    };
+    Ok(Opened {
+        path: path.to_string(),
+        format,
+        file_len,
+        allocated,
+        qcow2,
+    })
+}
+
+fn read_qcow2(storage: &FileStorage, writable: bool) -> Result<Qcow2Meta, String> {
+    // The largest cluster is 2 MiB; read that much (zeros past the end of the file).
+    let mut first = vec![0u8; 1 << MAX_CLUSTER_BITS];
+    storage.read_at(&mut first, 0).map_err(|e| strerror(&e))?;
+    let opts = OpenOptions {
+        read_write: writable,
+        check_mode: false,
+    };
+    let first = open_first_cluster(&first, &opts).map_err(|e| e.to_string())?;
+    let snapshots = read_snapshots(storage, &first)?;
+    Ok(Qcow2Meta { first, snapshots })
+}
+
+/// Reads and parses the snapshot table with QEMU's limits.
+fn read_snapshots(
+    storage: &FileStorage,
+    first: &FirstCluster,
+) -> Result<Vec<SnapshotEntry>, String> {
+    let h = &first.header;
+    if h.nb_snapshots == 0 {
+        return Ok(Vec::new());
+    }
+    let file_len = storage.len().map_err(|e| strerror(&e))?;
+    // The table is at most 64 MiB plus per-entry padding and truncated extra data; a
+    // little more is read so the parser, not the read, reports an oversized table.
+    let cap = MAX_SNAPSHOTS_SIZE + 8 * 1024 * 1024;
+    let avail = file_len.saturating_sub(h.snapshots_offset).min(cap);
+    let len = usize::try_from(avail).map_err(|_| "Snapshot table too large".to_string())?;
+    let mut buf = vec![0u8; len];
+    storage
+        .read_at(&mut buf, h.snapshots_offset)
+        .map_err(|e| strerror(&e))?;
+    SnapshotTable::parse(&buf, h.nb_snapshots, h.size)
+        .map(|t| t.entries)
+        .map_err(|e| e.to_string())
+}
+
+/// QEMU's `path_combine`: `name` relative to the directory of `base`.
+pub fn path_combine(base: &str, name: &str) -> String {
+    if name.starts_with('/') {
+        return name.to_string();
+    }
+    match base.rfind('/') {
+        Some(i) => format!("{}{}", &base[..=i], name),
+        None => name.to_string(),
+    }
+}
+
+/// Opens a backing file to learn its virtual size and format; errors are the bare reason.
+pub fn backing_size(path: &str, fmt: Option<Format>) -> Result<(u64, Format), String> {
+    let o = open_detail(path, fmt, false)?;
+    let size = match &o.qcow2 {
+        Some(q) => q.first.header.size,
+        None => o.file_len.next_multiple_of(512),
+    };
+    Ok((size, o.format))
+}
+
+/// Opens a file for writing from scratch (truncating), as qemu-img create does.
+pub fn create_file(path: &str) -> Result<File, CliError> {
+    File::create(path).map_err(|e| {
+        CliError::new(format!(
+            "{path}: Could not create '{path}': {}",
+            strerror(&e)
+        ))
+    })
+}
