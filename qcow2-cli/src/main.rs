@@ -574,10 +574,11 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
         ErrorKind::DisplayHelp
         | ErrorKind::DisplayVersion
         | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            let _ = e.print();
             if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                eprintln!("qcow2: Not enough arguments (see 'qcow2 --help')");
                 return ExitCode::from(1);
             }
+            let _ = e.print();
             ExitCode::SUCCESS
         }
         _ => {

@@ -1,0 +1,110 @@
+//! Helpers for running `qcow2` and its peers `qemu-img` / `qemu-io` side by side.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// Exit status (-1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    /// stdout and stderr joined, with qemu-img's and qemu-io's program prefix replaced by
+    /// ours, for comparing messages.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+            .replace("qemu-img: ", "qcow2: ")
+            .replace("qemu-io: ", "qcow2: ")
+    }
+}
+
+fn run_in(program: &str, dir: &Path, args: &[&str]) -> Run {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        // qemu-img prints snapshot dates in the local time zone, we print UTC.
+        .env("TZ", "UTC")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs our binary in `dir`.
+pub fn qcow2(dir: &Path, args: &[&str]) -> Run {
+    run_in(env!("CARGO_BIN_EXE_qcow2"), dir, args)
+}
+
+/// Runs qemu-img in `dir`.
+pub fn qemu_img(dir: &Path, args: &[&str]) -> Run {
+    run_in("qemu-img", dir, args)
+}
+
+/// Runs qemu-io in `dir`.
+pub fn qemu_io(dir: &Path, args: &[&str]) -> Run {
+    run_in("qemu-io", dir, args)
+}
+
+/// Whether qemu-img and qemu-io are installed (CI installs them; a machine without them
+/// skips the comparisons with a message rather than failing).
+pub fn have_qemu() -> bool {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && Command::new("qemu-io")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("qemu-img/qemu-io not found: skipping the comparison with QEMU");
+    }
+    ok
+}
+
+/// Two scratch directories, one for our files and one for qemu-img's, so that both tools
+/// see the same relative file names.
+pub struct Pair {
+    /// Holds both directories.
+    pub root: tempfile::TempDir,
+}
+
+impl Pair {
+    /// Fresh directories `ours/` and `qemu/`.
+    pub fn new() -> Self {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(root.path().join("ours")).expect("mkdir");
+        std::fs::create_dir(root.path().join("qemu")).expect("mkdir");
+        Pair { root }
+    }
+
+    /// Our directory.
+    pub fn ours(&self) -> std::path::PathBuf {
+        self.root.path().join("ours")
+    }
+
+    /// qemu-img's directory.
+    pub fn qemu(&self) -> std::path::PathBuf {
+        self.root.path().join("qemu")
+    }
+
+    /// Runs `qcow2 args` in ours and `qemu-img args` in qemu's.
+    pub fn both(&self, args: &[&str]) -> (Run, Run) {
+        (qcow2(&self.ours(), args), qemu_img(&self.qemu(), args))
+    }
+
+    /// Copies a file from qemu's directory into ours.
+    pub fn copy_to_ours(&self, name: &str) {
+        std::fs::copy(self.qemu().join(name), self.ours().join(name)).expect("copy");
+    }
+}
