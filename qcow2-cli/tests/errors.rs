@@ -149,7 +149,7 @@ fn no_panic_on_damaged_images() {
                 bad[at] = next() as u8;
             }
             1 => {
-                let at = 8 + (next() % 104) as usize & !7;
+                let at = (8 + (next() % 104) as usize) & !7;
                 bad[at..at + 8].copy_from_slice(&next().to_be_bytes());
             }
             _ => {
