@@ -1,4 +1,51 @@
-//! The image facade.
+//! The qcow2 image facade: create/open/close, guest read/write/discard/write-zeroes/flush,
+//! L1/L2 mapping and copy-on-write, compressed clusters, backing files, the dirty and corrupt
+//! bits, lazy refcounts and metadata-overlap checks, composed from the lower crates.
 //!
-//! **Status: skeleton.** This crate is not built yet; it exposes nothing and claims nothing.
-//! See the workspace `ARCHITECTURE.md` for the role it will play.
+//! ```
+//! use qcow2_image::{CreateOptions, Image, OpenOptions};
+//! use qcow2_io::MemStorage;
+//! use std::sync::Arc;
+//!
+//! let storage = Arc::new(MemStorage::new());
+//! let mut img = Image::create(storage.clone(), &CreateOptions::new(1 << 20))?;
+//! img.write(4096, b"hello")?;
+//! img.close()?;
+//!
+//! let mut img = Image::open(storage, &OpenOptions::read_only())?;
+//! let mut buf = [0u8; 5];
+//! img.read(4096, &mut buf)?;
+//! assert_eq!(&buf, b"hello");
+//! # Ok::<(), qcow2_image::ImageError>(())
+//! ```
+//!
+//! Safety properties are the workspace invariants (ARCHITECTURE.md); each code path names
+//! the invariant it keeps.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+mod backing;
+mod compress;
+mod error;
+mod image;
+mod map;
+mod options;
+mod overlap;
+mod write;
+mod zero;
+
+pub use backing::{BackingImage, BackingOpener, RawBacking};
+pub use error::{ImageError, Op, Result};
+pub use image::Image;
+pub use map::{Extent, ExtentKind};
+pub use options::{BackingPolicy, CreateOptions, OpenOptions, OverlapLevel, Preallocation};
+pub use qcow2_format::features::CompressionType;
+pub use qcow2_format::layout::Compat;
+
+#[cfg(test)]
+mod send_check {
+    fn assert_send<T: Send>() {}
+    #[test]
+    fn image_is_send() {
+        assert_send::<crate::Image>();
+    }
+}

@@ -1,0 +1,187 @@
+//! Backing files: the read-only images unallocated clusters read through to.
+//!
+//! A backing file name comes from the (untrusted) image, so nothing is opened unless the
+//! caller's [`BackingPolicy`] allows it: either a path policy (base directory, allowed
+//! directories, maximum chain depth) or a caller-supplied [`BackingOpener`].
+
+use crate::error::{ImageError, Result};
+use crate::options::{BackingPolicy, OpenOptions};
+use crate::Image;
+use qcow2_io::{FileStorage, Storage};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A read-only image below another one.
+pub trait BackingImage: Send {
+    /// Virtual size in bytes; reads beyond it return zeros.
+    fn size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset` (guest offsets of the backing image). Bytes
+    /// beyond [`size`](BackingImage::size) read as zero.
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// Opens backing files on behalf of an image (see [`BackingPolicy::Custom`]).
+pub trait BackingOpener: Send + Sync {
+    /// Opens the backing file `name` (as stored in the image) with format `format` (the
+    /// backing-format extension, if any). `depth` is 1 for the image's direct backing file,
+    /// 2 for its backing file, and so on.
+    fn open(&self, name: &str, format: Option<&str>, depth: u32) -> Result<Box<dyn BackingImage>>;
+}
+
+/// A raw image as backing file.
+pub struct RawBacking {
+    storage: Arc<dyn Storage>,
+    size: u64,
+}
+
+impl RawBacking {
+    /// A raw backing image over `storage`; its size is the storage length.
+    pub fn new(storage: Arc<dyn Storage>) -> Result<Self> {
+        let size = storage
+            .len()
+            .map_err(|e| ImageError::io(crate::Op::Open, "length of raw backing file", 0, e))?;
+        Ok(Self { storage, size })
+    }
+}
+
+impl BackingImage for RawBacking {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.storage
+            .read_at(buf, offset)
+            .map_err(|e| ImageError::io(crate::Op::Read, "read from raw backing file", offset, e))
+    }
+}
+
+impl BackingImage for Image {
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        Image::read_clamped(self, offset, buf)
+    }
+}
+
+/// Reads `buf` at `offset` from an optional backing image, zero-filling what lies beyond it.
+pub(crate) fn read_backing(
+    backing: &mut Option<Box<dyn BackingImage>>,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    let Some(b) = backing.as_mut() else {
+        buf.fill(0);
+        return Ok(());
+    };
+    let size = b.size();
+    let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+    let (head, tail) = buf.split_at_mut(avail);
+    if !head.is_empty() {
+        b.read(offset, head)?;
+    }
+    tail.fill(0);
+    Ok(())
+}
+
+/// The path a backing name resolves to under a path policy, after checking it.
+fn resolve(name: &str, base_dir: &Path, allowed: &[PathBuf]) -> Result<PathBuf> {
+    let err = |reason: String| ImageError::Backing {
+        name: name.to_string(),
+        reason,
+    };
+    if name.is_empty() || name.contains(':') && !Path::new(name).exists() {
+        return Err(err(
+            "not a plain file name (protocol prefixes are refused)".into()
+        ));
+    }
+    let p = Path::new(name);
+    let full = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base_dir.join(p)
+    };
+    let canon = full
+        .canonicalize()
+        .map_err(|e| err(format!("cannot resolve {}: {e}", full.display())))?;
+    let ok = allowed.iter().any(|d| {
+        d.canonicalize()
+            .map(|d| canon.starts_with(d))
+            .unwrap_or(false)
+    });
+    if !ok {
+        return Err(err(format!(
+            "{} is outside the allowed directories",
+            canon.display()
+        )));
+    }
+    Ok(canon)
+}
+
+/// Opens the backing chain of an image according to `policy`.
+pub(crate) fn open_backing(
+    name: &str,
+    format: Option<&str>,
+    policy: &BackingPolicy,
+    depth: u32,
+) -> Result<Option<Box<dyn BackingImage>>> {
+    let err = |reason: String| ImageError::Backing {
+        name: name.to_string(),
+        reason,
+    };
+    match policy {
+        BackingPolicy::None => Err(err(
+            "the image has a backing file and the backing policy opens none".into(),
+        )),
+        BackingPolicy::Ignore => Ok(None),
+        BackingPolicy::Custom(opener) => opener.open(name, format, depth).map(Some),
+        BackingPolicy::Open {
+            base_dir,
+            max_depth,
+            allowed_dirs,
+        } => {
+            if depth > *max_depth {
+                return Err(err(format!(
+                    "backing chain deeper than the allowed {max_depth} levels"
+                )));
+            }
+            let path = resolve(name, base_dir, allowed_dirs)?;
+            let storage: Arc<dyn Storage> = Arc::new(
+                FileStorage::open(&path, false)
+                    .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?,
+            );
+            let is_qcow2 = match format {
+                Some("qcow2") => true,
+                Some("raw") => false,
+                Some(other) => return Err(err(format!("unsupported backing format '{other}'"))),
+                None => {
+                    let mut magic = [0u8; 4];
+                    storage
+                        .read_at(&mut magic, 0)
+                        .map_err(|e| err(format!("cannot probe the format: {e}")))?;
+                    magic == *b"QFI\xfb"
+                }
+            };
+            if !is_qcow2 {
+                return Ok(Some(Box::new(RawBacking::new(storage)?)));
+            }
+            let next_policy = BackingPolicy::Open {
+                base_dir: path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| base_dir.clone()),
+                max_depth: *max_depth,
+                allowed_dirs: allowed_dirs.clone(),
+            };
+            let opts = OpenOptions {
+                read_only: true,
+                backing: next_policy,
+                ..OpenOptions::default()
+            };
+            let img = Image::open_at_depth(storage, &opts, depth)?;
+            Ok(Some(Box::new(img)))
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Typed errors of the image facade.
+
+use qcow2_alloc::AllocError;
+use qcow2_cache::CacheError;
+use qcow2_format::header::HeaderError;
+use qcow2_format::layout::LayoutError;
+use qcow2_refcount::RefcountError;
+use std::io;
+
+/// The guest operation an error belongs to, so a message says what was being done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Opening the image.
+    Open,
+    /// Creating the image.
+    Create,
+    /// A guest read.
+    Read,
+    /// A guest write.
+    Write,
+    /// A compressed write.
+    WriteCompressed,
+    /// A zero write.
+    WriteZeroes,
+    /// A discard.
+    Discard,
+    /// A flush.
+    Flush,
+    /// Closing the image.
+    Close,
+    /// A mapping query.
+    Map,
+    /// Resizing the image.
+    Resize,
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Op::Open => "open",
+            Op::Create => "create",
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::WriteCompressed => "compressed write",
+            Op::WriteZeroes => "write zeroes",
+            Op::Discard => "discard",
+            Op::Flush => "flush",
+            Op::Close => "close",
+            Op::Map => "map",
+            Op::Resize => "resize",
+        })
+    }
+}
+
+/// Everything that can go wrong in the facade. Each variant names what is wrong and where
+/// (guest or host offsets); [`ImageError::errno`] gives the errno QEMU would report.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImageError {
+    /// The header or first cluster failed QEMU's open-time validation (message as QEMU's).
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    /// Create options qemu-img would refuse.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// A storage operation failed.
+    #[error("{op} failed: {context} at {offset:#x}: {source}")]
+    Io {
+        /// The operation.
+        op: Op,
+        /// What was being done.
+        context: &'static str,
+        /// The host (or guest, as the context says) offset involved.
+        offset: u64,
+        /// The storage error.
+        #[source]
+        source: io::Error,
+    },
+    /// The metadata cache failed.
+    #[error("{op} failed: {source}")]
+    Cache {
+        /// The operation.
+        op: Op,
+        /// The cache error.
+        #[source]
+        source: CacheError,
+    },
+    /// The refcount engine failed.
+    #[error("{op} failed: {source}")]
+    Refcount {
+        /// The operation.
+        op: Op,
+        /// The refcount error.
+        #[source]
+        source: RefcountError,
+    },
+    /// The allocation policy failed.
+    #[error("{op} failed: {source}")]
+    Alloc {
+        /// The operation.
+        op: Op,
+        /// The allocation error.
+        #[source]
+        source: AllocError,
+    },
+    /// The image was opened read-only.
+    #[error("{op} refused: the image is opened read-only")]
+    ReadOnly {
+        /// The operation.
+        op: Op,
+    },
+    /// An earlier metadata write or flush failed (invariant 7): the on-disk state is only
+    /// known to be consistent up to the last successful flush, so the image refuses writes
+    /// until it is reopened (and checked).
+    #[error("{op} refused: the image is unusable after an earlier failure ({cause}); reopen it")]
+    Poisoned {
+        /// The operation.
+        op: Op,
+        /// What failed first.
+        cause: String,
+    },
+    /// QEMU-style corruption was detected (the message is QEMU's, e.g. "L2 table offset
+    /// 0x42a00 unaligned (L1 index: 0)"). A fatal one marks a writable image corrupt.
+    #[error("{op} failed: image corruption: {message}")]
+    Corruption {
+        /// The operation.
+        op: Op,
+        /// QEMU's corruption message.
+        message: String,
+        /// Whether the image was (or would have been) marked corrupt.
+        fatal: bool,
+    },
+    /// A request outside the image.
+    #[error("{op} of {len} bytes at {offset:#x} is outside the image (virtual size {size:#x})")]
+    OutOfRange {
+        /// The operation.
+        op: Op,
+        /// Guest offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Virtual size.
+        size: u64,
+    },
+    /// The dirty bit is set and no repair is available for a read-write open.
+    #[error("Could not repair dirty image: {reason}")]
+    DirtyImage {
+        /// Why the repair did not happen or failed.
+        reason: String,
+    },
+    /// A feature this facade does not implement.
+    #[error("{op}: unsupported: {what}")]
+    Unsupported {
+        /// The operation.
+        op: Op,
+        /// What is unsupported.
+        what: String,
+    },
+    /// An invalid argument from the caller.
+    #[error("{op}: invalid argument: {reason}")]
+    InvalidArgument {
+        /// The operation.
+        op: Op,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Compressed data that does not decompress to exactly one cluster.
+    #[error("{op} failed: compressed cluster at host offset {host_offset:#x} (guest {guest_offset:#x}) is invalid: {reason}")]
+    Decompress {
+        /// The operation.
+        op: Op,
+        /// Guest offset of the cluster.
+        guest_offset: u64,
+        /// Host byte offset of the compressed data.
+        host_offset: u64,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The backing chain could not be opened or read.
+    #[error("backing file {name:?}: {reason}")]
+    Backing {
+        /// The backing file name as stored in the image.
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl ImageError {
+    pub(crate) fn io(op: Op, context: &'static str, offset: u64, source: io::Error) -> Self {
+        ImageError::Io {
+            op,
+            context,
+            offset,
+            source,
+        }
+    }
+
+    /// The errno QEMU would report for this failure (`EIO` when there is no better one).
+    pub fn errno(&self) -> i32 {
+        use qcow2_io::errno::{EFBIG, EINVAL, EIO};
+        match self {
+            ImageError::Io { source, .. } => source.raw_os_error().unwrap_or(EIO),
+            ImageError::Cache { source, .. } => source
+                .io_error()
+                .and_then(io::Error::raw_os_error)
+                .unwrap_or(EIO),
+            ImageError::Refcount { source, .. } => source.errno(),
+            ImageError::Alloc { source, .. } => source.errno(),
+            ImageError::ReadOnly { .. } => libc_erofs(),
+            ImageError::OutOfRange { .. } | ImageError::InvalidArgument { .. } => EINVAL,
+            ImageError::Header(HeaderError::RefcountTableTooLarge { .. })
+            | ImageError::Header(HeaderError::L1TableTooLarge { .. }) => EFBIG,
+            _ => EIO,
+        }
+    }
+
+    /// Whether this error reports image corruption.
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, ImageError::Corruption { .. })
+    }
+}
+
+const fn libc_erofs() -> i32 {
+    30
+}
+
+/// Result alias of the facade.
+pub type Result<T, E = ImageError> = std::result::Result<T, E>;

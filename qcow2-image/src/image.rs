@@ -1,0 +1,1054 @@
+//! The [`Image`]: open, create, close, flush, the header bits, corruption and poison, and the
+//! read path.
+//!
+//! Structure: *mapping* (L1/L2 lookups, allocation, linking; everything that touches
+//! metadata) lives in methods under `&mut self` that return host extents; *data movement*
+//! (reading and writing guest bytes at those extents) is done by small helpers that only
+//! need the storage. Concurrency can later split the two along this line.
+
+use crate::backing::{self, BackingImage};
+use crate::error::{ImageError, Op, Result};
+use crate::options::{CreateOptions, OpenOptions, Preallocation};
+use crate::overlap::{self, Overlap, OverlapState};
+use qcow2_alloc::{AllocError, Allocator};
+use qcow2_cache::{default_l2_options, default_refblock_options, CacheError, CacheId};
+use qcow2_cache::{CacheOptions, Caches, Handle, MIN_L2_CACHE_ENTRIES, MIN_REFCOUNT_CACHE_ENTRIES};
+use qcow2_format::display::CHex;
+use qcow2_format::entry::{self, L1E_OFFSET_MASK};
+use qcow2_format::extensions::FirstCluster;
+use qcow2_format::features::{
+    CompressionType, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
+};
+use qcow2_format::header::{self, Header, HeaderError};
+use qcow2_format::limits::{MAX_CLUSTER_BITS, MAX_L1_SIZE, MIN_CLUSTER_BITS};
+use qcow2_format::snapshot::SnapshotTable;
+use qcow2_format::{Geometry, L1Entry, L2Context, L2Entry, SubclusterType};
+use qcow2_io::{Event, FileStorage, Storage, StorageExt};
+use qcow2_refcount::{DiscardPassthrough, RefcountEngine, RefcountError};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Header offset of `incompatible_features`.
+pub(crate) const HDR_INCOMPAT: u64 = 72;
+/// Header offset of `size`.
+pub(crate) const HDR_SIZE: u64 = 24;
+/// Header offset of `l1_size` (be32), followed by `l1_table_offset` (be64).
+pub(crate) const HDR_L1: u64 = 36;
+
+/// What a guest range maps to (one run of equal kind inside one L2 slice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MapKind {
+    /// Guest data at this host offset.
+    Data(u64),
+    /// Reads as zeros; the host cluster offset if one is preallocated.
+    Zero(Option<u64>),
+    /// A compressed cluster.
+    Compressed(L2Entry),
+    /// Not allocated here (backing file or zeros); the host cluster offset if the cluster
+    /// has one (extended L2).
+    Unallocated(Option<u64>),
+}
+
+/// One lookup result.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Chunk {
+    pub kind: MapKind,
+    pub len: u64,
+}
+
+/// An open qcow2 image: the facade a VMM embeds.
+///
+/// Every method that touches metadata takes `&mut self`; the image is `Send`. Invariants the
+/// image keeps (ARCHITECTURE.md): refcounts never under-count (cache dependencies), freed
+/// clusters are quarantined until a durable flush, allocations unwind on error, table
+/// switches are atomic, every write is overlap-checked, COPIED is exact, a failed metadata
+/// write or flush poisons the image, unknown incompatible features are refused.
+pub struct Image {
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) fc: FirstCluster,
+    pub(crate) geo: Geometry,
+    pub(crate) ctx: L2Context,
+    pub(crate) l1: Vec<u64>,
+    pub(crate) caches: Caches,
+    pub(crate) engine: RefcountEngine,
+    pub(crate) alloc: Allocator,
+    pub(crate) overlap: Overlap,
+    pub(crate) read_only: bool,
+    pub(crate) lazy: bool,
+    pub(crate) poisoned: Option<String>,
+    pub(crate) corruption_signalled: bool,
+    pub(crate) backing: Option<Box<dyn BackingImage>>,
+    pub(crate) discard_no_unref: bool,
+    pub(crate) discard_passthrough_request: bool,
+    pub(crate) messages: Vec<String>,
+    pub(crate) closed: bool,
+    pub(crate) snapshots: SnapshotTable,
+    /// Last decompressed cluster: (raw L2 entry word, cluster bytes).
+    pub(crate) decompressed: Option<(u64, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("virtual_size", &self.fc.header.size)
+            .field("cluster_size", &self.geo.cluster_size())
+            .field("read_only", &self.read_only)
+            .field("lazy_refcounts", &self.lazy)
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+fn cache_options(
+    opts: &OpenOptions,
+    size: u64,
+    geo: &Geometry,
+) -> Result<(CacheOptions, CacheOptions)> {
+    let cs = geo.cluster_size();
+    let bad = |reason: String| ImageError::InvalidArgument {
+        op: Op::Open,
+        reason,
+    };
+    let mut l2 = default_l2_options(size, geo);
+    if let Some(es) = opts.l2_cache_entry_size {
+        if !es.is_power_of_two() || !(512..=cs).contains(&es) {
+            return Err(bad(format!(
+                "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
+            )));
+        }
+        let bytes = opts
+            .l2_cache_size
+            .unwrap_or((l2.capacity as u64).saturating_mul(l2.entry_size as u64));
+        l2 = CacheOptions::from_cache_size(bytes, es as usize, MIN_L2_CACHE_ENTRIES);
+    } else if let Some(bytes) = opts.l2_cache_size {
+        l2 = CacheOptions::from_cache_size(bytes, l2.entry_size, MIN_L2_CACHE_ENTRIES);
+    }
+    let mut rb = default_refblock_options(geo);
+    if let Some(bytes) = opts.refcount_cache_size {
+        rb = CacheOptions::from_cache_size(bytes, rb.entry_size, MIN_REFCOUNT_CACHE_ENTRIES);
+    }
+    Ok((l2, rb))
+}
+
+impl Image {
+    // ------------------------------------------------------------------ open / create
+
+    /// Opens an image on `storage` with QEMU's open-time validation (reference §1.11):
+    /// unknown incompatible features are refused by name, the corrupt bit refuses a
+    /// read-write open, unknown autoclear bits are cleared on a writable open (header
+    /// rewrite), and a dirty image (lazy refcounts after a crash) needs a repair for a
+    /// read-write open.
+    pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        Self::open_at_depth(storage, opts, 0)
+    }
+
+    /// Opens the image file at `path` (read-only if `opts.read_only`).
+    pub fn open_path(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let f = FileStorage::open(path, !opts.read_only)
+            .map_err(|e| ImageError::io(Op::Open, "open image file", 0, e))?;
+        Self::open(Arc::new(f), opts)
+    }
+
+    pub(crate) fn open_at_depth(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        depth: u32,
+    ) -> Result<Image> {
+        let op = Op::Open;
+        let mut head = [0u8; header::V3_HEADER_SIZE];
+        storage
+            .read_at(&mut head, 0)
+            .map_err(|e| ImageError::io(op, "read header", 0, e))?;
+        let cluster_bits = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
+        let first = if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            storage
+                .read_vec(0, 1usize << cluster_bits)
+                .map_err(|e| ImageError::io(op, "read first cluster", 0, e))?
+        } else {
+            head.to_vec()
+        };
+        let fc = header::open_first_cluster(
+            &first,
+            &header::OpenOptions {
+                read_write: !opts.read_only,
+                check_mode: false,
+            },
+        )?;
+        let h = fc.header.clone();
+        let h = &h;
+        if h.crypt_method != header::CRYPT_NONE {
+            return Err(ImageError::Unsupported {
+                op,
+                what: format!("encrypted images (crypt_method {})", h.crypt_method),
+            });
+        }
+        if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+            return Err(ImageError::Unsupported {
+                op,
+                what: "external data files".into(),
+            });
+        }
+        let geo = h.geometry().map_err(|e| ImageError::InvalidArgument {
+            op,
+            reason: e.to_string(),
+        })?;
+        let ctx = L2Context::for_geometry(&geo, false);
+
+        // L1: validated against QEMU's 32 MiB limit by `open_first_cluster`.
+        let l1_bytes = u64::from(h.l1_size) * 8;
+        if l1_bytes > MAX_L1_SIZE {
+            return Err(HeaderError::L1TableTooLarge { l1_size: h.l1_size }.into());
+        }
+        let raw = storage
+            .read_vec(h.l1_table_offset, l1_bytes as usize)
+            .map_err(|e| ImageError::io(op, "read L1 table", h.l1_table_offset, e))?;
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+
+        let engine = RefcountEngine::open(
+            geo,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+            storage.as_ref(),
+        )
+        .map_err(|source| ImageError::Refcount { op, source })?;
+
+        // Snapshot table: needed for the overlap checks (inactive L1/L2, table itself).
+        let mut snapshots = SnapshotTable::default();
+        let mut snapshots_size = 0u64;
+        if h.nb_snapshots > 0 {
+            let file_len = storage
+                .len()
+                .map_err(|e| ImageError::io(op, "image length", 0, e))?;
+            let max = qcow2_format::limits::MAX_SNAPSHOTS_SIZE + u64::from(h.nb_snapshots) * 1100;
+            let want = file_len.saturating_sub(h.snapshots_offset).min(max);
+            let buf = storage
+                .read_vec(h.snapshots_offset, want as usize)
+                .map_err(|e| ImageError::io(op, "read snapshot table", h.snapshots_offset, e))?;
+            let read = qcow2_format::snapshot::parse_snapshot_table(
+                &buf,
+                h.nb_snapshots,
+                &qcow2_format::snapshot::SnapshotReadOptions {
+                    virtual_size: h.size,
+                    repair: false,
+                },
+            )
+            .map_err(|e| ImageError::InvalidArgument {
+                op,
+                reason: e.to_string(),
+            })?;
+            snapshots = read.table;
+            snapshots_size = read.size;
+        }
+
+        let (l2o, rbo) = cache_options(opts, h.size, &geo)?;
+        let mut caches = Caches::new(storage.clone(), l2o, rbo)
+            .map_err(|source| ImageError::Cache { op, source })?;
+        let overlap = Overlap::default();
+        caches.set_overlap_check(Some(Arc::new(overlap.clone())));
+
+        let lazy = match opts.lazy_refcounts {
+            Some(true) if h.version < 3 => {
+                return Err(ImageError::InvalidArgument {
+                    op,
+                    reason: "Lazy refcounts require a qcow2 image with at least qemu 1.1 \
+                             compatibility level"
+                        .into(),
+                })
+            }
+            Some(v) => v,
+            None => h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
+        };
+        let mut engine = engine;
+        engine.set_discard_passthrough(DiscardPassthrough {
+            request: opts.pass_discard_request,
+            snapshot: opts.pass_discard_snapshot,
+            other: opts.pass_discard_other,
+        });
+        let compression = h.compression().unwrap_or(CompressionType::Deflate);
+        let _ = compression;
+
+        let mut img = Image {
+            storage: storage.clone(),
+            alloc: Allocator::new(geo),
+            fc,
+            geo,
+            ctx,
+            l1,
+            caches,
+            engine,
+            overlap,
+            read_only: opts.read_only,
+            lazy,
+            poisoned: None,
+            corruption_signalled: false,
+            backing: None,
+            discard_no_unref: opts.discard_no_unref && h.version >= 3,
+            discard_passthrough_request: opts.pass_discard_request,
+            messages: Vec::new(),
+            closed: false,
+            snapshots,
+            decompressed: None,
+        };
+        img.init_overlap(opts, snapshots_size)?;
+
+        if !opts.read_only {
+            if img.fc.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+                img.closed = true;
+                return Err(ImageError::DirtyImage {
+                    reason: if opts.repair_dirty {
+                        "no repair is available in this build (qcow2-check is not integrated)"
+                            .into()
+                    } else {
+                        "repair of dirty images is disabled by the open options".into()
+                    },
+                });
+            }
+            if img.fc.header.clear_unknown_autoclear() {
+                // Invariant 8: unknown autoclear bits are cleared by a writable open.
+                if let Err(e) = img.rewrite_header(op) {
+                    img.closed = true;
+                    return Err(e);
+                }
+            }
+        }
+
+        if let Some(name) = img.fc.backing_file_str() {
+            let fmt = img.fc.backing_format_str();
+            match backing::open_backing(&name, fmt.as_deref(), &opts.backing, depth + 1) {
+                Ok(b) => img.backing = b,
+                Err(e) => {
+                    img.closed = true;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(img)
+    }
+
+    fn init_overlap(&mut self, opts: &OpenOptions, snapshots_size: u64) -> Result<()> {
+        let h = &self.fc.header;
+        let mut inactive_l2 = std::collections::HashSet::new();
+        if opts.overlap_check == crate::OverlapLevel::All {
+            for s in &self.snapshots.entries {
+                let bytes = u64::from(s.l1_size) * 8;
+                if bytes > MAX_L1_SIZE {
+                    continue;
+                }
+                let raw = self
+                    .storage
+                    .read_vec(s.l1_table_offset, bytes as usize)
+                    .map_err(|e| {
+                        ImageError::io(Op::Open, "read snapshot L1 table", s.l1_table_offset, e)
+                    })?;
+                for c in raw.chunks_exact(8) {
+                    let e = u64::from_be_bytes(c.try_into().unwrap_or([0; 8])) & L1E_OFFSET_MASK;
+                    if e != 0 {
+                        inactive_l2.insert(e);
+                    }
+                }
+            }
+        }
+        let state = OverlapState {
+            mask: overlap::level_mask(opts.overlap_check),
+            cluster_bits: self.geo.cluster_bits(),
+            l1: (h.l1_table_offset, u64::from(h.l1_size) * 8),
+            snapshot_table: (h.snapshots_offset, snapshots_size),
+            inactive_l1: self
+                .snapshots
+                .entries
+                .iter()
+                .map(|s| (s.l1_table_offset, u64::from(s.l1_size) * 8))
+                .collect(),
+            inactive_l2,
+            bitmap_dir: self
+                .fc
+                .extensions
+                .bitmaps
+                .filter(|_| h.autoclear_features & 1 != 0)
+                .map(|b| (b.directory_offset, b.directory_size)),
+            ..OverlapState::default()
+        };
+        self.overlap.with(|s| *s = state);
+        self.sync_overlap_l1();
+        self.sync_overlap_refcounts();
+        Ok(())
+    }
+
+    /// Mirrors the active L1 table into the overlap state.
+    pub(crate) fn sync_overlap_l1(&mut self) {
+        let l1 = &self.l1;
+        let off = self.fc.header.l1_table_offset;
+        self.overlap.with(|s| {
+            s.l1 = (off, l1.len() as u64 * 8);
+            s.active_l2 = l1
+                .iter()
+                .map(|e| e & L1E_OFFSET_MASK)
+                .filter(|&o| o != 0)
+                .collect();
+        });
+    }
+
+    /// Mirrors the refcount structures into the overlap state if they changed.
+    pub(crate) fn sync_overlap_refcounts(&mut self) {
+        let engine = &self.engine;
+        let cs = self.geo.cluster_size();
+        self.overlap.with(|s| {
+            let table = (
+                engine.reftable_offset(),
+                engine.reftable_clusters().saturating_mul(cs),
+            );
+            if s.reftable != table || s.reftable_raw.as_slice() != engine.reftable() {
+                s.reftable = table;
+                s.reftable_raw = engine.reftable().to_vec();
+                s.refblocks = engine.refblock_offsets().collect();
+            }
+        });
+    }
+
+    /// Creates an image on `storage` exactly as `qemu-img create -f qcow2` lays it out, and
+    /// opens it read-write. A backing file name is recorded but not opened (use
+    /// [`Image::create_with`] to pass a backing policy).
+    pub fn create(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Image> {
+        let open = OpenOptions {
+            backing: crate::BackingPolicy::Ignore,
+            ..OpenOptions::default()
+        };
+        Self::create_with(storage, opts, &open)
+    }
+
+    /// Creates the image file at `path` (truncating it) and opens it read-write.
+    pub fn create_path(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Image> {
+        let f = FileStorage::create(path.as_ref())
+            .map_err(|e| ImageError::io(Op::Create, "create image file", 0, e))?;
+        Self::create(Arc::new(f), opts)
+    }
+
+    /// Creates an image on `storage` and opens it with `open` options.
+    pub fn create_with(
+        storage: Arc<dyn Storage>,
+        opts: &CreateOptions,
+        open: &OpenOptions,
+    ) -> Result<Image> {
+        let op = Op::Create;
+        if opts.preallocation != Preallocation::Off
+            && opts.backing_file.is_some()
+            && !opts.extended_l2
+        {
+            return Err(ImageError::InvalidArgument {
+                op,
+                reason: "Backing file and preallocation can only be used at the same time if \
+                         extended_l2 is on"
+                    .into(),
+            });
+        }
+        let fresh = qcow2_format::layout::fresh_image(&opts.layout())?;
+        let io = |e| ImageError::io(op, "write new image", 0, e);
+        storage.set_len(0).map_err(io)?;
+        for (off, bytes) in &fresh.writes {
+            storage.write_at(bytes, *off).map_err(io)?;
+        }
+        storage.set_len(fresh.file_length).map_err(io)?;
+        storage.flush().map_err(io)?;
+        let mut open = open.clone();
+        open.read_only = false;
+        let mut img = Self::open(storage, &open)?;
+        if opts.preallocation != Preallocation::Off {
+            img.preallocate(opts.preallocation)?;
+        }
+        Ok(img)
+    }
+
+    // ------------------------------------------------------------------ properties
+
+    /// Virtual disk size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.fc.header.size
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    /// The image geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// The header as currently known (in memory).
+    pub fn header(&self) -> &Header {
+        &self.fc.header
+    }
+
+    /// The backing file name stored in the image, if any.
+    pub fn backing_file(&self) -> Option<String> {
+        self.fc.backing_file_str()
+    }
+
+    /// Whether a backing image is attached.
+    pub fn has_backing(&self) -> bool {
+        self.backing.is_some()
+    }
+
+    /// Whether the image is open read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether lazy refcounts are in effect.
+    pub fn lazy_refcounts(&self) -> bool {
+        self.lazy
+    }
+
+    /// Whether the dirty bit is set (in memory, which follows the disk after every write).
+    pub fn is_dirty(&self) -> bool {
+        self.fc.header.incompatible_features & INCOMPAT_DIRTY != 0
+    }
+
+    /// Whether the image is (or was found) marked corrupt.
+    pub fn is_corrupt(&self) -> bool {
+        self.fc.header.incompatible_features & INCOMPAT_CORRUPT != 0
+    }
+
+    /// Why the image refuses writes, if it is poisoned (invariant 7).
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    /// QEMU-style messages emitted so far (corruption reports, freeing failures), oldest
+    /// first; the caller decides whether to print them.
+    pub fn messages(&self) -> &[String] {
+        &self.messages
+    }
+
+    /// The compression type of the image (`compression_type` header field).
+    pub fn compression_type(&self) -> CompressionType {
+        self.fc
+            .header
+            .compression()
+            .unwrap_or(CompressionType::Deflate)
+    }
+
+    /// Number of clusters held in the free quarantine (for tests and diagnostics).
+    pub fn quarantined_clusters(&self) -> u64 {
+        self.engine.quarantined_clusters()
+    }
+
+    // ------------------------------------------------------------------ error plumbing
+
+    pub(crate) fn poison(&mut self, cause: impl Into<String>) {
+        if self.poisoned.is_none() {
+            self.poisoned = Some(cause.into());
+        }
+    }
+
+    /// Fails unless writes are allowed (not read-only, not poisoned, not marked corrupt).
+    pub(crate) fn check_writable(&self, op: Op) -> Result<()> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly { op });
+        }
+        if let Some(cause) = &self.poisoned {
+            return Err(ImageError::Poisoned {
+                op,
+                cause: cause.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_range(&self, op: Op, offset: u64, len: u64) -> Result<()> {
+        let size = self.virtual_size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(ImageError::OutOfRange {
+                op,
+                offset,
+                len,
+                size,
+            }),
+        }
+    }
+
+    /// QEMU's `qcow2_signal_corruption`: reports `msg`; a fatal event on a writable image
+    /// marks it corrupt on disk and makes it unusable.
+    pub(crate) fn corruption(&mut self, op: Op, fatal: bool, msg: String) -> ImageError {
+        let fatal = fatal && !self.read_only;
+        let already_corrupt = self.is_corrupt() && self.poisoned.is_some();
+        if !(self.corruption_signalled && (!fatal || already_corrupt)) {
+            let line = if fatal {
+                format!(
+                    "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed"
+                )
+            } else {
+                format!(
+                    "qcow2: Image is corrupt: {msg}; further non-fatal corruption events will be suppressed"
+                )
+            };
+            self.messages.push(line);
+        }
+        self.corruption_signalled = true;
+        if fatal {
+            self.poison(format!("image marked corrupt: {msg}"));
+            if !self.is_corrupt() {
+                self.fc.header.incompatible_features |= INCOMPAT_CORRUPT;
+                if self.fc.header.version >= 3 {
+                    let v = self.fc.header.incompatible_features;
+                    let _ = self.storage.write_sync(&v.to_be_bytes(), HDR_INCOMPAT);
+                }
+            }
+        }
+        ImageError::Corruption {
+            op,
+            message: msg,
+            fatal,
+        }
+    }
+
+    /// Maps a cache error: overlaps are corruption, failed write-backs and flushes poison.
+    pub(crate) fn cache_err(&mut self, op: Op, e: CacheError) -> ImageError {
+        match e {
+            CacheError::Overlap { source, .. } => self.corruption(op, true, source.to_string()),
+            CacheError::UnalignedOffset { .. } => self.corruption(op, true, e.to_string()),
+            CacheError::WriteBack { .. } | CacheError::Flush { .. } => {
+                self.poison(e.to_string());
+                ImageError::Cache { op, source: e }
+            }
+            _ => ImageError::Cache { op, source: e },
+        }
+    }
+
+    pub(crate) fn rc_err(&mut self, op: Op, e: RefcountError) -> ImageError {
+        match e {
+            RefcountError::Cache(c) => self.cache_err(op, c),
+            e if e.is_corruption() => self.corruption(op, true, e.to_string()),
+            RefcountError::Io { .. } => {
+                self.poison(e.to_string());
+                ImageError::Refcount { op, source: e }
+            }
+            e => ImageError::Refcount { op, source: e },
+        }
+    }
+
+    pub(crate) fn alloc_err(&mut self, op: Op, e: AllocError) -> ImageError {
+        match e {
+            AllocError::Refcount(r) => self.rc_err(op, r),
+            AllocError::UnalignedFree { offset } => self.corruption(
+                op,
+                false,
+                format!("Cannot free unaligned cluster {}", CHex(offset)),
+            ),
+            e => ImageError::Alloc { op, source: e },
+        }
+    }
+
+    /// A direct metadata write (L1 entry, header field) with a durability barrier; a
+    /// failure poisons the image.
+    pub(crate) fn metadata_write_sync(
+        &mut self,
+        op: Op,
+        context: &'static str,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<()> {
+        if let Err(e) = self.storage.write_sync(buf, offset) {
+            self.poison(format!("{context} at {offset:#x} failed: {e}"));
+            return Err(ImageError::io(op, context, offset, e));
+        }
+        Ok(())
+    }
+
+    /// Rewrites the whole first cluster from the in-memory header (QEMU's
+    /// `qcow2_update_header`).
+    pub(crate) fn rewrite_header(&mut self, op: Op) -> Result<()> {
+        self.fc.header.refcount_table_offset = self.engine.reftable_offset();
+        self.fc.header.refcount_table_clusters =
+            u32::try_from(self.engine.reftable_clusters()).unwrap_or(u32::MAX);
+        let bytes = self
+            .fc
+            .to_bytes()
+            .map_err(|e| ImageError::InvalidArgument {
+                op,
+                reason: e.to_string(),
+            })?;
+        self.metadata_write_sync(op, "rewrite the header", &bytes, 0)
+    }
+
+    // ------------------------------------------------------------------ dirty bit
+
+    /// Sets the dirty bit before the first refcount update is postponed (lazy refcounts,
+    /// reference §2.12): one synchronous write of `incompatible_features`, the bit set in
+    /// memory only after it succeeded.
+    pub(crate) fn mark_dirty(&mut self, op: Op) -> Result<()> {
+        if self.is_dirty() {
+            return Ok(());
+        }
+        let v = self.fc.header.incompatible_features | INCOMPAT_DIRTY;
+        self.metadata_write_sync(op, "set the dirty bit", &v.to_be_bytes(), HDR_INCOMPAT)?;
+        self.fc.header.incompatible_features = v;
+        Ok(())
+    }
+
+    /// Clears the dirty bit after both caches are durable (QEMU's `qcow2_mark_clean`).
+    fn mark_clean(&mut self, op: Op) -> Result<()> {
+        if !self.is_dirty() {
+            return Ok(());
+        }
+        self.flush_caches(op, true)?;
+        let v = self.fc.header.incompatible_features & !INCOMPAT_DIRTY;
+        self.metadata_write_sync(op, "clear the dirty bit", &v.to_be_bytes(), HDR_INCOMPAT)?;
+        self.fc.header.incompatible_features = v;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ flush / close
+
+    /// Writes the caches (the refcount cache only when `refblocks`), then a storage flush.
+    fn flush_caches(&mut self, op: Op, refblocks: bool) -> Result<()> {
+        self.storage.event(Event::FlushToOs);
+        if let Err(e) = self.caches.write(CacheId::L2) {
+            return Err(self.cache_err(op, e));
+        }
+        if refblocks {
+            if let Err(e) = self.caches.write(CacheId::Refblock) {
+                return Err(self.cache_err(op, e));
+            }
+        }
+        self.storage.event(Event::FlushToDisk);
+        if let Err(e) = self.storage.flush() {
+            self.poison(format!("storage flush failed: {e}"));
+            return Err(ImageError::io(op, "flush the storage", 0, e));
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable (QEMU's flush: the L2 cache, the refcount cache
+    /// unless lazy refcounts postpone it, then a storage flush barrier). Clusters freed
+    /// before the flush become reusable only after it succeeded (invariant 2). A failure
+    /// poisons the image (invariant 7).
+    pub fn flush(&mut self) -> Result<()> {
+        let op = Op::Flush;
+        if self.read_only {
+            return Ok(());
+        }
+        self.check_writable(op)?;
+        // With lazy refcounts refblocks may stay dirty, unless freed clusters wait for a
+        // durable unreference: then both caches are flushed so they can be released.
+        let refblocks = !self.is_dirty() || self.engine.quarantined_clusters() > 0;
+        self.flush_caches(op, refblocks)?;
+        if refblocks {
+            // Both caches were written and a barrier followed: the unreferences are durable.
+            self.engine.release_quarantine(&mut self.caches);
+        }
+        Ok(())
+    }
+
+    /// Flushes everything, clears the dirty bit, and closes the image. A poisoned image is
+    /// closed without writing anything more (its on-disk state is whatever was durable).
+    pub fn close(mut self) -> Result<()> {
+        self.close_inner()
+    }
+
+    fn close_inner(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        if self.read_only {
+            return Ok(());
+        }
+        if let Some(cause) = &self.poisoned {
+            return Err(ImageError::Poisoned {
+                op: Op::Close,
+                cause: cause.clone(),
+            });
+        }
+        self.flush_caches(Op::Close, true)?;
+        self.engine.release_quarantine(&mut self.caches);
+        self.mark_clean(Op::Close)
+    }
+
+    /// Drops the image without flushing anything, as if the process had been killed (for
+    /// crash tests and emergency teardown).
+    pub fn abandon(mut self) {
+        self.closed = true;
+    }
+
+    // ------------------------------------------------------------------ L2 access
+
+    /// Number of L2 entries per cache slice.
+    pub(crate) fn slice_entries(&self) -> u64 {
+        self.caches.entry_size(CacheId::L2) as u64 / self.geo.l2_entry_size()
+    }
+
+    /// Pins the L2 slice holding `l2_index` of the table at `l2_offset`; returns the handle
+    /// and the index inside the slice.
+    pub(crate) fn get_slice(
+        &mut self,
+        op: Op,
+        l2_offset: u64,
+        l2_index: u64,
+    ) -> Result<(Handle, u64)> {
+        let se = self.slice_entries();
+        let slice_off = l2_offset + (l2_index / se) * self.caches.entry_size(CacheId::L2) as u64;
+        match self.caches.get(CacheId::L2, slice_off) {
+            Ok(h) => Ok((h, l2_index % se)),
+            Err(e) => Err(self.cache_err(op, e)),
+        }
+    }
+
+    pub(crate) fn slice_entry(&self, h: &Handle, idx: u64) -> L2Entry {
+        entry::read_l2_entry(self.caches.data(h), idx, self.geo.extended_l2())
+            .unwrap_or(L2Entry::UNALLOCATED)
+    }
+
+    pub(crate) fn set_slice_entry(&mut self, h: &Handle, idx: u64, e: L2Entry) {
+        let ext = self.geo.extended_l2();
+        let _ = entry::write_l2_entry(self.caches.data_mut(h), idx, e, ext);
+        self.caches.mark_dirty(h);
+    }
+
+    pub(crate) fn put(&mut self, op: Op, h: Handle) -> Result<()> {
+        match self.caches.put(h) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.cache_err(op, e)),
+        }
+    }
+
+    /// The L2 table offset of L1 entry `l1_index` (0: none), checking alignment.
+    pub(crate) fn l2_offset(&mut self, op: Op, l1_index: u64) -> Result<u64> {
+        let Some(&raw) = self.l1.get(l1_index as usize) else {
+            return Ok(0);
+        };
+        let off = L1Entry::from_raw(raw).l2_offset();
+        if !self.geo.is_cluster_aligned(off) {
+            return Err(self.corruption(
+                op,
+                true,
+                format!(
+                    "L2 table offset {} unaligned (L1 index: {})",
+                    CHex(off),
+                    CHex(l1_index)
+                ),
+            ));
+        }
+        Ok(off)
+    }
+
+    // ------------------------------------------------------------------ lookup (mapping)
+
+    /// Maps the guest range starting at `guest` (at most `max` bytes) to one run of equal
+    /// kind, within one L2 slice (QEMU's `qcow2_get_host_offset`).
+    pub(crate) fn lookup(&mut self, op: Op, guest: u64, max: u64) -> Result<Chunk> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let se = self.slice_entries();
+        let l1_index = g.l1_index(guest);
+        let l2_index = g.l2_index(guest);
+        let in_cluster = g.offset_in_cluster(guest);
+        // Bytes up to the end of the slice this offset falls in.
+        let slice_left = (se - l2_index % se) * cs - in_cluster;
+        let max = max.min(slice_left);
+        let l2_offset = self.l2_offset(op, l1_index)?;
+        if l2_offset == 0 {
+            return Ok(Chunk {
+                kind: MapKind::Unallocated(None),
+                len: max,
+            });
+        }
+        let (h, idx) = self.get_slice(op, l2_offset, l2_index)?;
+        let res = self.lookup_in_slice(op, &h, l2_offset, idx, in_cluster, max);
+        self.put(op, h)?;
+        res
+    }
+
+    fn classify(
+        &mut self,
+        op: Op,
+        e: L2Entry,
+        l2_offset: u64,
+        idx: u64,
+        sc: u32,
+    ) -> Result<(SubclusterType, u32)> {
+        let (ty, run) = match e.subcluster_run(self.ctx, sc) {
+            Ok(r) => r,
+            Err(_) => {
+                return Err(self.corruption(
+                    op,
+                    true,
+                    format!(
+                        "Invalid cluster entry found  (L2 offset: {}, L2 index: {})",
+                        CHex(l2_offset),
+                        CHex(idx)
+                    ),
+                ))
+            }
+        };
+        match ty {
+            SubclusterType::ZeroPlain | SubclusterType::ZeroAlloc if self.fc.header.version < 3 => {
+                return Err(self.corruption(
+                    op,
+                    true,
+                    format!(
+                        "Zero cluster entry found in pre-v3 image (L2 offset: {}, L2 index: {})",
+                        CHex(l2_offset),
+                        CHex(idx)
+                    ),
+                ))
+            }
+            SubclusterType::Normal
+            | SubclusterType::ZeroAlloc
+            | SubclusterType::UnallocatedAlloc
+                if !self.geo.is_cluster_aligned(e.host_offset()) =>
+            {
+                return Err(self.corruption(
+                    op,
+                    true,
+                    format!(
+                        "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
+                        CHex(e.host_offset()),
+                        CHex(l2_offset),
+                        CHex(idx)
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        Ok((ty, run))
+    }
+
+    fn kind_of(ty: SubclusterType, e: L2Entry, sc_off: u64) -> MapKind {
+        match ty {
+            SubclusterType::Normal => MapKind::Data(e.host_offset() + sc_off),
+            SubclusterType::ZeroPlain => MapKind::Zero(None),
+            SubclusterType::ZeroAlloc => MapKind::Zero(Some(e.host_offset())),
+            SubclusterType::Compressed => MapKind::Compressed(e),
+            SubclusterType::UnallocatedAlloc => MapKind::Unallocated(Some(e.host_offset())),
+            SubclusterType::UnallocatedPlain | SubclusterType::Invalid => {
+                MapKind::Unallocated(None)
+            }
+        }
+    }
+
+    fn same_kind(a: MapKind, b: MapKind, a_len: u64) -> bool {
+        match (a, b) {
+            (MapKind::Data(x), MapKind::Data(y)) => x.checked_add(a_len) == Some(y),
+            (MapKind::Zero(_), MapKind::Zero(_)) => true,
+            (MapKind::Unallocated(_), MapKind::Unallocated(_)) => true,
+            _ => false,
+        }
+    }
+
+    fn lookup_in_slice(
+        &mut self,
+        op: Op,
+        h: &Handle,
+        l2_offset: u64,
+        idx: u64,
+        in_cluster: u64,
+        max: u64,
+    ) -> Result<Chunk> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let sc_bits = g.subcluster_bits();
+        let e = self.slice_entry(h, idx);
+        let sc = g.subcluster_index(in_cluster);
+        let (ty, run) = self.classify(op, e, l2_offset, idx, sc)?;
+        let sc_start = u64::from(sc) << sc_bits;
+        let kind = Self::kind_of(ty, e, in_cluster);
+        let run_end = (u64::from(sc + run) << sc_bits).min(cs);
+        let mut len = (run_end - in_cluster).min(max);
+        if matches!(kind, MapKind::Compressed(_)) || len >= max || run_end < cs {
+            let _ = sc_start;
+            return Ok(Chunk { kind, len });
+        }
+        // Extend over following clusters of the same kind (contiguous for data).
+        let se = self.slice_entries();
+        let mut i = idx + 1;
+        while i < se && len < max {
+            let e2 = self.slice_entry(h, i);
+            let (ty2, run2) = self.classify(op, e2, l2_offset, i, 0)?;
+            let k2 = Self::kind_of(ty2, e2, 0);
+            if !Self::same_kind(kind, k2, len) {
+                break;
+            }
+            let r = (u64::from(run2) << sc_bits).min(cs);
+            len = (len + r).min(max);
+            if r < cs {
+                break;
+            }
+            i += 1;
+        }
+        Ok(Chunk { kind, len })
+    }
+
+    // ------------------------------------------------------------------ read path
+
+    /// Reads `buf.len()` guest bytes at `offset` (anywhere inside the virtual disk).
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(Op::Read, offset, buf.len() as u64)?;
+        if self.poisoned.is_some() && self.is_corrupt() {
+            return Err(ImageError::Poisoned {
+                op: Op::Read,
+                cause: self.poisoned.clone().unwrap_or_default(),
+            });
+        }
+        self.read_internal(Op::Read, offset, buf)
+    }
+
+    /// Reads with bytes beyond the virtual size as zeros (backing-file reads).
+    pub(crate) fn read_clamped(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let size = self.virtual_size();
+        let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        tail.fill(0);
+        if head.is_empty() {
+            return Ok(());
+        }
+        self.read_internal(Op::Read, offset, head)
+    }
+
+    /// The read path for any guest range (also copy-on-write sources).
+    pub(crate) fn read_internal(&mut self, op: Op, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let guest = offset + pos as u64;
+            let chunk = self.lookup(op, guest, (buf.len() - pos) as u64)?;
+            let n = chunk.len as usize;
+            let dst = &mut buf[pos..pos + n];
+            match chunk.kind {
+                MapKind::Data(host) => {
+                    self.storage.event(Event::ReadAio);
+                    self.storage
+                        .read_at(dst, host)
+                        .map_err(|e| ImageError::io(op, "read guest data", host, e))?;
+                }
+                MapKind::Zero(_) => dst.fill(0),
+                MapKind::Unallocated(_) => {
+                    if self.backing.is_some() {
+                        self.storage.event(Event::ReadBackingAio);
+                    }
+                    backing::read_backing(&mut self.backing, guest, dst)?;
+                }
+                MapKind::Compressed(e) => {
+                    let in_cluster = self.geo.offset_in_cluster(guest) as usize;
+                    let data = self.decompress_cluster(op, guest, e)?;
+                    dst.copy_from_slice(&data[in_cluster..in_cluster + n]);
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // Best effort, like QEMU closing on exit; errors are lost here, so callers that
+        // care use `close`.
+        let _ = self.close_inner();
+    }
+}

@@ -1,0 +1,205 @@
+//! Create and open options.
+
+use crate::backing::BackingOpener;
+use qcow2_format::features::CompressionType;
+use qcow2_format::layout::Compat;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// `preallocation=` of `qemu-img create`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// No preallocation (the default).
+    #[default]
+    Off,
+    /// L2 tables and data clusters are allocated; data reads as zero from the (sparse) file.
+    Metadata,
+    /// As `Metadata`, and the file is extended to cover every data cluster.
+    Falloc,
+    /// As `Metadata`, and zeros are written over every data cluster.
+    Full,
+}
+
+/// The options of `qemu-img create -f qcow2`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Virtual size in bytes (rounded up to 512 as qemu-img does).
+    pub size: u64,
+    /// Cluster size in bytes (512 ..= 2 MiB, power of two).
+    pub cluster_size: u64,
+    /// Refcount width in bits (1, 2, 4, ..., 64; only 16 with compat 0.10).
+    pub refcount_bits: u32,
+    /// `compat=0.10` (v2) or `compat=1.1` (v3).
+    pub compat: Compat,
+    /// `lazy_refcounts=on`.
+    pub lazy_refcounts: bool,
+    /// `compression_type=zlib|zstd`.
+    pub compression_type: CompressionType,
+    /// `extended_l2=on`.
+    pub extended_l2: bool,
+    /// `-b`: backing file name, stored as given.
+    pub backing_file: Option<String>,
+    /// `-F`: backing file format (`qcow2` or `raw`).
+    pub backing_format: Option<String>,
+    /// `preallocation=`.
+    pub preallocation: Preallocation,
+}
+
+impl CreateOptions {
+    /// qemu-img's defaults for an image of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        let d = qcow2_format::layout::CreateOptions::new(size);
+        Self {
+            size,
+            cluster_size: d.cluster_size,
+            refcount_bits: d.refcount_bits,
+            compat: d.compat,
+            lazy_refcounts: d.lazy_refcounts,
+            compression_type: d.compression_type,
+            extended_l2: d.extended_l2,
+            backing_file: None,
+            backing_format: None,
+            preallocation: Preallocation::Off,
+        }
+    }
+
+    pub(crate) fn layout(&self) -> qcow2_format::layout::CreateOptions {
+        qcow2_format::layout::CreateOptions {
+            size: self.size,
+            cluster_size: self.cluster_size,
+            refcount_bits: self.refcount_bits,
+            compat: self.compat,
+            lazy_refcounts: self.lazy_refcounts,
+            compression_type: self.compression_type,
+            extended_l2: self.extended_l2,
+            backing_file: self.backing_file.clone(),
+            backing_format: self.backing_format.clone(),
+        }
+    }
+}
+
+/// QEMU's `overlap-check` templates (reference §2.10). Which metadata structures every write
+/// is checked against before it is issued (invariant 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OverlapLevel {
+    /// No checks.
+    None,
+    /// Header, active L1, refcount table, snapshot table, bitmap directory.
+    Constant,
+    /// `Constant` plus active L2 tables, refcount blocks and inactive L1 tables (QEMU's
+    /// default).
+    #[default]
+    Cached,
+    /// `Cached` plus inactive L2 tables (reads every snapshot L1 table at open).
+    All,
+}
+
+/// How (and whether) a backing file named by the image is opened. Images are untrusted: a
+/// backing file name is only followed when the caller says so.
+#[derive(Clone, Default)]
+pub enum BackingPolicy {
+    /// Never open backing files; an image with one opens without it (unallocated clusters
+    /// then read as zeros) only if `allow_missing` is set, else the open fails.
+    #[default]
+    None,
+    /// Do not open the backing file, and read unallocated clusters as zeros.
+    Ignore,
+    /// Open backing files by path, relative names resolved against `base_dir` (the
+    /// directory of the image), following at most `max_depth` levels, and only files under
+    /// one of `allowed_dirs` (canonicalised). Formats `qcow2` and `raw`; without a format
+    /// extension the file is probed (qcow2 magic, else raw).
+    Open {
+        /// Directory relative names are resolved against.
+        base_dir: PathBuf,
+        /// Maximum chain length below this image.
+        max_depth: u32,
+        /// Directories backing files must lie in.
+        allowed_dirs: Vec<PathBuf>,
+    },
+    /// A caller-supplied opener decides.
+    Custom(Arc<dyn BackingOpener>),
+}
+
+impl std::fmt::Debug for BackingPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackingPolicy::None => f.write_str("None"),
+            BackingPolicy::Ignore => f.write_str("Ignore"),
+            BackingPolicy::Open {
+                base_dir,
+                max_depth,
+                allowed_dirs,
+            } => f
+                .debug_struct("Open")
+                .field("base_dir", base_dir)
+                .field("max_depth", max_depth)
+                .field("allowed_dirs", allowed_dirs)
+                .finish(),
+            BackingPolicy::Custom(_) => f.write_str("Custom(..)"),
+        }
+    }
+}
+
+/// Runtime options of an open (QEMU's `-o` options of `open`, reference §1.12).
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Open read-only: no write ever reaches the storage.
+    pub read_only: bool,
+    /// `l2-cache-size` in bytes (`None`: QEMU's default).
+    pub l2_cache_size: Option<u64>,
+    /// `l2-cache-entry-size` in bytes (`None`: QEMU's default).
+    pub l2_cache_entry_size: Option<u64>,
+    /// `refcount-cache-size` in bytes (`None`: QEMU's default of 4 clusters).
+    pub refcount_cache_size: Option<u64>,
+    /// `lazy-refcounts=on|off` (`None`: the image's compatible bit).
+    pub lazy_refcounts: Option<bool>,
+    /// `pass-discard-request` (QEMU: on iff `discard=unmap`).
+    pub pass_discard_request: bool,
+    /// `pass-discard-snapshot`.
+    pub pass_discard_snapshot: bool,
+    /// `pass-discard-other`.
+    pub pass_discard_other: bool,
+    /// `discard-no-unref`: guest discards keep the host cluster (v3 only).
+    pub discard_no_unref: bool,
+    /// `overlap-check`.
+    pub overlap_check: OverlapLevel,
+    /// How backing files are opened.
+    pub backing: BackingPolicy,
+    /// Repair a dirty image (lazy refcounts after a crash) on a read-write open, as QEMU
+    /// does. When false, such an open fails.
+    pub repair_dirty: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            l2_cache_size: None,
+            l2_cache_entry_size: None,
+            refcount_cache_size: None,
+            lazy_refcounts: None,
+            pass_discard_request: false,
+            pass_discard_snapshot: true,
+            pass_discard_other: false,
+            discard_no_unref: false,
+            overlap_check: OverlapLevel::Cached,
+            backing: BackingPolicy::None,
+            repair_dirty: true,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Read-write with QEMU's defaults.
+    pub fn read_write() -> Self {
+        Self::default()
+    }
+
+    /// Read-only with QEMU's defaults.
+    pub fn read_only() -> Self {
+        Self {
+            read_only: true,
+            ..Self::default()
+        }
+    }
+}

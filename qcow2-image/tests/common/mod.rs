@@ -1,0 +1,137 @@
+//! Shared helpers of the integration tests: a seeded RNG, qemu-img drivers, a raw mirror.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+
+/// splitmix64: small, seeded, reproducible.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    /// A buffer with a pattern that compresses somewhat (runs) or not at all.
+    pub fn data(&mut self, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        if self.chance(50) {
+            let mut i = 0;
+            while i < len {
+                let b = self.next() as u8;
+                let run = (1 + self.below(300)) as usize;
+                for x in v.iter_mut().skip(i).take(run) {
+                    *x = b;
+                }
+                i += run;
+            }
+        } else {
+            for c in v.chunks_mut(8) {
+                let r = self.next().to_le_bytes();
+                c.copy_from_slice(&r[..c.len()]);
+            }
+        }
+        v
+    }
+}
+
+/// `qemu-img check --output=json` result: (exit code, parsed json).
+pub fn qemu_check(path: &Path) -> (i32, serde_json::Value) {
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .expect("run qemu-img");
+    let code = out.status.code().unwrap_or(-1);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (code, v)
+}
+
+/// Asserts `qemu-img check` finds no error, no corruption and (if `strict`) no leak.
+pub fn assert_clean(path: &Path, strict: bool, what: &str) {
+    let (code, v) = qemu_check(path);
+    let corruptions = v["corruptions"].as_u64().unwrap_or(0);
+    let errors = v["check-errors"].as_u64().unwrap_or(0);
+    let leaks = v["leaks"].as_u64().unwrap_or(0);
+    let ok = if strict {
+        code == 0
+    } else {
+        (code == 0 || code == 3) && corruptions == 0 && errors == 0
+    };
+    if !ok || v.is_null() {
+        let human = Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(path)
+            .output()
+            .expect("qemu-img");
+        panic!(
+            "{what}: qemu-img check exit {code} (corruptions {corruptions}, errors {errors}, leaks {leaks}):\n{}{}",
+            String::from_utf8_lossy(&human.stdout),
+            String::from_utf8_lossy(&human.stderr)
+        );
+    }
+}
+
+/// `qemu-img compare` of a qcow2 image with a raw file (exit 0 = identical).
+pub fn assert_compare(img: &Path, raw: &Path, what: &str) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(img)
+        .arg(raw)
+        .output()
+        .expect("qemu-img compare");
+    assert!(
+        out.status.success(),
+        "{what}: qemu-img compare: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `qemu-io` with commands on an image; panics on failure; returns stdout.
+pub fn qemu_io(img: &Path, cmds: &[String]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "qcow2"]);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    let out = c.arg(img).output().expect("qemu-io");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success() && !stdout.contains("failed") && stderr.is_empty(),
+        "qemu-io failed: {stdout}{stderr}"
+    );
+    stdout
+}
+
+/// `qemu-img create` with options.
+pub fn qemu_create(img: &Path, opts: &str, size: u64, backing: Option<(&Path, &str)>) {
+    let mut c = Command::new("qemu-img");
+    c.args(["create", "-q", "-f", "qcow2"]);
+    if !opts.is_empty() {
+        c.args(["-o", opts]);
+    }
+    if let Some((b, fmt)) = backing {
+        c.arg("-b").arg(b).args(["-F", fmt]);
+    }
+    let out = c.arg(img).arg(size.to_string()).output().expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
