@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_clean, assert_compare, Rng};
+use common::{assert_clean, assert_compare, Rng, Workload};
 use qcow2_image::{
     BackingPolicy, Compat, CompressionType, CreateOptions, Image, OpenOptions, Preallocation,
 };
@@ -67,71 +67,13 @@ fn run(c: Case, seed: u64) {
     let v2 = opts.compat == Compat::V0_10;
     let storage = Arc::new(FileStorage::create(&img_path).unwrap());
     let mut img = Image::create_with(storage, &opts, &open_opts(d)).unwrap();
-    for i in 0..c.ops {
-        let what = rng.below(100);
-        let off = rng.below(size);
-        let maxlen = (size - off).min(3 * cs + rng.below(2 * cs));
-        let len = 1 + rng.below(maxlen.max(1));
-        let len = len.min(size - off);
-        match what {
-            0..=44 => {
-                // Unaligned writes, sometimes sector-aligned.
-                let (off, len) = if rng.chance(30) {
-                    let o = off / 512 * 512;
-                    (o, (len.div_ceil(512) * 512).min(size - o))
-                } else {
-                    (off, len)
-                };
-                let data = rng.data(len as usize);
-                img.write(off, &data)
-                    .unwrap_or_else(|e| panic!("{}: op {i} write: {e}", c.name));
-                mirror[off as usize..(off + len) as usize].copy_from_slice(&data);
-            }
-            45..=59 => {
-                let unmap = rng.chance(50);
-                img.write_zeroes(off, len, unmap)
-                    .unwrap_or_else(|e| panic!("{}: op {i} zero: {e}", c.name));
-                mirror[off as usize..(off + len) as usize].fill(0);
-            }
-            60..=71 => {
-                img.discard(off, len)
-                    .unwrap_or_else(|e| panic!("{}: op {i} discard: {e}", c.name));
-                if !(v2 && c.backing) {
-                    let start = off.div_ceil(cs) * cs;
-                    let end = if off + len == size {
-                        size
-                    } else {
-                        (off + len) / cs * cs
-                    };
-                    if start < end {
-                        mirror[start as usize..end as usize].fill(0);
-                    }
-                }
-            }
-            72..=83 => {
-                let o = off / cs * cs;
-                let l = cs.min(size - o);
-                let data = rng.data(l as usize);
-                img.write_compressed(o, &data)
-                    .unwrap_or_else(|e| panic!("{}: op {i} compressed: {e}", c.name));
-                mirror[o as usize..(o + l) as usize].copy_from_slice(&data);
-            }
-            84..=89 => img.flush().unwrap(),
-            90..=93 => {
-                img.close().unwrap();
-                img = open(&img_path, d);
-            }
-            _ => {
-                let mut buf = vec![0u8; len as usize];
-                img.read(off, &mut buf).unwrap();
-                assert!(
-                    buf == mirror[off as usize..(off + len) as usize],
-                    "{}: op {i}: read mismatch at {off:#x}+{len:#x}",
-                    c.name
-                );
-            }
-        }
-    }
+    let wl = Workload {
+        name: c.name,
+        size,
+        cs,
+        discard_ignored: v2 && c.backing,
+    };
+    img = wl.run(img, &mut mirror, &mut rng, c.ops, &|| open(&img_path, d));
     // Everything reads back through our reader too.
     let mut all = vec![0u8; size as usize];
     img.read(0, &mut all).unwrap();

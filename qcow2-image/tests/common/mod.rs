@@ -135,3 +135,89 @@ pub fn qemu_create(img: &Path, opts: &str, size: u64, backing: Option<(&Path, &s
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The seeded random guest workload shared by the interop tests.
+pub struct Workload {
+    pub name: &'static str,
+    pub size: u64,
+    pub cs: u64,
+    /// v2 with a backing file: QEMU ignores guest discards.
+    pub discard_ignored: bool,
+}
+
+impl Workload {
+    /// Runs `ops` random operations on `img`, mirroring them; `reopen` reopens the image.
+    pub fn run(
+        &self,
+        mut img: qcow2_image::Image,
+        mirror: &mut [u8],
+        rng: &mut Rng,
+        ops: u32,
+        reopen: &dyn Fn() -> qcow2_image::Image,
+    ) -> qcow2_image::Image {
+        let (size, cs, name) = (self.size, self.cs, self.name);
+        for i in 0..ops {
+            let what = rng.below(100);
+            let off = rng.below(size);
+            let maxlen = (size - off).min(3 * cs + rng.below(2 * cs));
+            let len = (1 + rng.below(maxlen.max(1))).min(size - off);
+            match what {
+                0..=44 => {
+                    let (off, len) = if rng.chance(30) {
+                        let o = off / 512 * 512;
+                        (o, (len.div_ceil(512) * 512).min(size - o))
+                    } else {
+                        (off, len)
+                    };
+                    let data = rng.data(len as usize);
+                    img.write(off, &data)
+                        .unwrap_or_else(|e| panic!("{name}: op {i} write: {e}"));
+                    mirror[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
+                45..=59 => {
+                    let unmap = rng.chance(50);
+                    img.write_zeroes(off, len, unmap)
+                        .unwrap_or_else(|e| panic!("{name}: op {i} zero: {e}"));
+                    mirror[off as usize..(off + len) as usize].fill(0);
+                }
+                60..=71 => {
+                    img.discard(off, len)
+                        .unwrap_or_else(|e| panic!("{name}: op {i} discard: {e}"));
+                    if !self.discard_ignored {
+                        let start = off.div_ceil(cs) * cs;
+                        let end = if off + len == size {
+                            size
+                        } else {
+                            (off + len) / cs * cs
+                        };
+                        if start < end {
+                            mirror[start as usize..end as usize].fill(0);
+                        }
+                    }
+                }
+                72..=83 => {
+                    let o = off / cs * cs;
+                    let l = cs.min(size - o);
+                    let data = rng.data(l as usize);
+                    img.write_compressed(o, &data)
+                        .unwrap_or_else(|e| panic!("{name}: op {i} compressed: {e}"));
+                    mirror[o as usize..(o + l) as usize].copy_from_slice(&data);
+                }
+                84..=89 => img.flush().unwrap(),
+                90..=93 => {
+                    img.close().unwrap();
+                    img = reopen();
+                }
+                _ => {
+                    let mut buf = vec![0u8; len as usize];
+                    img.read(off, &mut buf).unwrap();
+                    assert!(
+                        buf == mirror[off as usize..(off + len) as usize],
+                        "{name}: op {i}: read mismatch at {off:#x}+{len:#x}"
+                    );
+                }
+            }
+        }
+        img
+    }
+}
