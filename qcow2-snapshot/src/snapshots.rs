@@ -2,7 +2,9 @@
 
 use crate::error::Error;
 use crate::host::{MetadataWrite, SnapshotHost};
-use crate::walk::{self, flush_all, l1_bytes, read_l1, validate_snapshot_l1, Addend, L1Source};
+use crate::walk::{
+    self, flush_all, l1_bytes, read_l1, validate_snapshot_l1, Addend, L1Source, Remains,
+};
 use qcow2_format::limits::{
     ENTRY_SIZE, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE, MAX_SNAPSHOT_EXTRA_DATA,
 };
@@ -401,15 +403,30 @@ impl Snapshots {
             }
             // +1 on the tree; durable (flushed) before the table names the copy.
             if let Err(f) = walk::walk(host, L1Source::Active, Addend::Increase) {
-                if !f.refcounts_changed {
+                let undone = match f.remains {
+                    Remains::Nothing => true,
+                    Remains::All => undo_increase(host, L1Source::Active),
+                    Remains::Unknown => false,
+                };
+                if undone {
                     free_copy(host);
                 }
                 return Err(f.error);
             }
+            // Until the header names the new table nothing references the copy: a failure
+            // before that point is undone (QEMU leaks here); after an uncertain header
+            // switch, the references leak.
+            if let Err(e) = self.write_table(host, table) {
+                if !matches!(e, Error::TableSwitchUnknown { .. })
+                    && undo_increase(host, L1Source::Active)
+                {
+                    free_copy(host);
+                }
+                return Err(e);
+            }
+        } else {
+            self.write_table(host, table)?;
         }
-        // On failure the references taken above leak (QEMU's behaviour): whether the header
-        // names the new snapshot is only certain on success.
-        self.write_table(host, table)?;
         finish(host)?;
         Ok(self.len() - 1)
     }
@@ -549,16 +566,17 @@ impl Snapshots {
             *e &= !qcow2_format::entry::OFLAG_COPIED;
         }
 
-        // (a)
-        walk::walk(
-            host,
-            L1Source::OnDisk {
-                offset: sn.l1_table_offset,
-                l1_size: sn.l1_size,
-            },
-            Addend::Increase,
-        )
-        .map_err(|f| f.error)?;
+        // (a); a failure is undone where possible (the active L1 still names the old tree).
+        let sn_l1 = L1Source::OnDisk {
+            offset: sn.l1_table_offset,
+            l1_size: sn.l1_size,
+        };
+        if let Err(f) = walk::walk(host, sn_l1, Addend::Increase) {
+            if f.remains == Remains::All {
+                undo_increase(host, sn_l1);
+            }
+            return Err(f.error);
+        }
         // (b)
         let l1_offset = host.l1_table_offset();
         let bytes = l1_bytes(&new_l1);
@@ -574,6 +592,19 @@ impl Snapshots {
         // (e)
         walk::walk(host, L1Source::Active, Addend::Recompute).map_err(|f| f.error)?;
         finish(host)
+    }
+}
+
+/// Takes back a completed +1 pass on `source`
+/// whose new references were never published: -1 on the tree, then COPIED recomputed when
+/// the tree is the active one. Returns whether everything was undone (else it leaks).
+fn undo_increase<H: SnapshotHost + ?Sized>(host: &mut H, source: L1Source<'_>) -> bool {
+    if walk::walk(host, source, Addend::Decrease).is_err() {
+        return false;
+    }
+    match source {
+        L1Source::Active => walk::walk(host, source, Addend::Recompute).is_ok(),
+        _ => true,
     }
 }
 

@@ -93,26 +93,37 @@ pub struct PassStats {
     pub l1_rewritten: bool,
 }
 
-/// A failed pass: the error and whether refcount changes may remain (then the caller must
-/// not release anything the tree references; it leaks at most).
+/// How much of a failed pass's refcount change remains on the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Remains {
+    /// Nothing: the pass failed before changing refcounts, or undid what it applied.
+    Nothing,
+    /// The whole change (phase B completed; a later phase failed). A pass in the opposite
+    /// direction over the same tree takes it back exactly.
+    All,
+    /// An unknown part (the undo itself failed): only leaking is safe.
+    Unknown,
+}
+
+/// A failed pass: the error and what remains of its refcount change.
 #[derive(Debug)]
 pub(crate) struct PassFailure {
     pub error: Error,
-    pub refcounts_changed: bool,
+    pub remains: Remains,
 }
 
 impl PassFailure {
     fn clean(error: impl Into<Error>) -> Self {
         Self {
             error: error.into(),
-            refcounts_changed: false,
+            remains: Remains::Nothing,
         }
     }
 
-    fn dirty(error: impl Into<Error>) -> Self {
+    fn applied(error: impl Into<Error>) -> Self {
         Self {
             error: error.into(),
-            refcounts_changed: true,
+            remains: Remains::All,
         }
     }
 }
@@ -555,7 +566,11 @@ fn apply_segments(
             }
             return Err(PassFailure {
                 error: e.into(),
-                refcounts_changed: !complete,
+                remains: if complete {
+                    Remains::Nothing
+                } else {
+                    Remains::Unknown
+                },
             });
         }
     }
@@ -683,7 +698,7 @@ pub(crate) fn walk<H: SnapshotHost + ?Sized>(
     }
     let fail = |e: Error| {
         if changed {
-            PassFailure::dirty(e)
+            PassFailure::applied(e)
         } else {
             PassFailure::clean(e)
         }
