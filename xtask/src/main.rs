@@ -1,15 +1,45 @@
-//! Project tasks. `cargo xtask bench` will run the engine against qemu-img side by side.
+//! Project tasks, run as `cargo xtask <task>` (an alias for
+//! `cargo run --package xtask --release --`).
+//!
+//! - `bench`: side-by-side timings of the `qcow2` command against `qemu-img` on the same
+//!   machine, the same images and the same command lines, with the plain-file physical floor
+//!   for reference. See `cargo xtask bench --help`.
 
-fn main() {
-    let task = std::env::args().nth(1);
+mod bench;
+mod util;
+
+use std::process::ExitCode;
+
+const HELP: &str = "\
+usage: cargo xtask <task> [options]
+
+tasks:
+  bench    time the qcow2 command against qemu-img, workload by workload, on fresh copies of
+           identical images (alternating runs, medians, ratios), and write a table, a JSON
+           file and an SVG chart of the ratios (see `cargo xtask bench --help`)
+  help     print this text
+
+`cargo xtask` is an alias for `cargo run --package xtask --release --`.
+";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let task = args.next();
+    let rest: Vec<String> = args.collect();
     match task.as_deref() {
+        Some("bench") => bench::main(&rest),
+        Some("help" | "--help" | "-h") => {
+            print!("{HELP}");
+            ExitCode::SUCCESS
+        }
         Some(t) => {
-            eprintln!("xtask: unknown task '{t}' (no task is implemented yet)");
-            std::process::exit(2);
+            eprintln!("xtask: unknown task '{t}'\n");
+            eprint!("{HELP}");
+            ExitCode::from(2)
         }
         None => {
-            eprintln!("usage: cargo xtask <task>");
-            std::process::exit(2);
+            eprint!("{HELP}");
+            ExitCode::from(2)
         }
     }
 }
