@@ -8,8 +8,10 @@
 mod create;
 mod image;
 mod info;
+mod io;
 mod json;
 mod opts;
+mod rawdev;
 mod size;
 mod snapshot;
 
@@ -560,9 +562,29 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Err(CliError::unavailable("bench", "qcow2-image"))
         }
         Command::Io(a) => {
-            let _ = one_file("io", &a.files)?;
-            let _ = (a.commands, a.read_only, a.format, a.force_share);
-            Err(CliError::unavailable("io", "qcow2-image"))
+            let file = one_file("io", &a.files)?;
+            let _ = a.force_share;
+            let format = match parse_format(a.format.as_deref())? {
+                Some(f) => f,
+                None => image::open_detail(&file, None, false)
+                    .map(|o| o.format)
+                    .map_err(|e| CliError::new(format!("can't open device {file}: {e}")))?,
+            };
+            match format {
+                Format::Raw => {
+                    let mut dev =
+                        rawdev::RawDev::open(&file, a.read_only).map_err(CliError::new)?;
+                    if io::run_all(&mut dev, &a.commands) {
+                        Ok(())
+                    } else {
+                        Err(CliError {
+                            msg: String::new(),
+                            code: 1,
+                        })
+                    }
+                }
+                Format::Qcow2 => Err(CliError::unavailable("io on qcow2 images", "qcow2-image")),
+            }
         }
     }
 }
@@ -625,7 +647,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("qcow2: {}", e.msg);
+            // An empty message means the command already reported what failed.
+            if !e.msg.is_empty() {
+                eprintln!("qcow2: {}", e.msg);
+            }
             ExitCode::from(e.code)
         }
     }
