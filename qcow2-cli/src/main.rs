@@ -5,6 +5,7 @@
 //! yet parse their arguments completely and then say clearly that they are not available,
 //! with a nonzero exit status; none pretends to work.
 
+mod bench;
 mod create;
 mod image;
 mod info;
@@ -372,22 +373,47 @@ struct ResizeArgs {
 #[derive(Args, Debug)]
 struct BenchArgs {
     /// Number of requests.
-    #[arg(short = 'c', long = "count", value_name = "COUNT")]
+    #[arg(
+        short = 'c',
+        long = "count",
+        allow_hyphen_values = true,
+        value_name = "COUNT"
+    )]
     count: Option<String>,
     /// Requests in flight.
-    #[arg(short = 'd', long = "depth", value_name = "DEPTH")]
+    #[arg(
+        short = 'd',
+        long = "depth",
+        allow_hyphen_values = true,
+        value_name = "DEPTH"
+    )]
     depth: Option<String>,
     /// Image format.
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Starting offset.
-    #[arg(short = 'o', long = "offset", value_name = "OFFSET")]
+    #[arg(
+        short = 'o',
+        long = "offset",
+        allow_hyphen_values = true,
+        value_name = "OFFSET"
+    )]
     offset: Option<String>,
     /// Request size.
-    #[arg(short = 's', long = "buffer-size", value_name = "SIZE")]
+    #[arg(
+        short = 's',
+        long = "buffer-size",
+        allow_hyphen_values = true,
+        value_name = "SIZE"
+    )]
     buffer_size: Option<String>,
     /// Distance between requests.
-    #[arg(short = 'S', long = "step-size", value_name = "STEP")]
+    #[arg(
+        short = 'S',
+        long = "step-size",
+        allow_hyphen_values = true,
+        value_name = "STEP"
+    )]
     step_size: Option<String>,
     /// Cache mode (accepted for compatibility).
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
@@ -404,7 +430,13 @@ struct BenchArgs {
     /// Do not wait for in-flight requests before a flush.
     #[arg(long = "no-drain")]
     no_drain: bool,
-    /// Quiet.
+    /// AIO mode (accepted for compatibility).
+    #[arg(short = 'i', long = "aio", value_name = "AIO")]
+    aio: Option<String>,
+    /// Native AIO (accepted for compatibility).
+    #[arg(short = 'n', long = "native")]
+    native: bool,
+    /// Quiet (qemu-img bench prints its lines anyway; so does this).
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// The image file.
@@ -544,22 +576,39 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Err(CliError::unavailable("resize", "qcow2-image"))
         }
         Command::Bench(a) => {
-            let _ = one_file("bench", &a.files)?;
-            let _ = (
-                a.count,
-                a.depth,
-                a.format,
-                a.offset,
-                a.buffer_size,
-                a.step_size,
-                a.cache,
-                a.write,
-                a.pattern,
-                a.flush_interval,
-                a.no_drain,
-                a.quiet,
-            );
-            Err(CliError::unavailable("bench", "qcow2-image"))
+            let params = bench::BenchParams::from_options(&bench::BenchOptions {
+                count: a.count,
+                depth: a.depth,
+                offset: a.offset,
+                buffer_size: a.buffer_size,
+                step_size: a.step_size,
+                write: a.write,
+                pattern: a.pattern,
+                flush_interval: a.flush_interval,
+                no_drain: a.no_drain,
+            })?;
+            let file = one_file("bench", &a.files)?;
+            // qemu-img bench prints its lines even with -q; cache and AIO modes do not apply
+            // to this engine's synchronous I/O.
+            let _ = (a.quiet, a.cache, a.aio, a.native);
+            let format = match parse_format(a.format.as_deref())? {
+                Some(f) => f,
+                None => image::open(&file, None, false)?.format,
+            };
+            match format {
+                Format::Raw => {
+                    let mut dev = rawdev::RawDev::open(&file, !params.write).map_err(|_| {
+                        image::open(&file, Some(Format::Raw), params.write)
+                            .err()
+                            .unwrap_or_else(|| CliError::new(format!("Could not open '{file}'")))
+                    })?;
+                    bench::run(&mut dev, &params)
+                }
+                Format::Qcow2 => Err(CliError::unavailable(
+                    "bench on qcow2 images",
+                    "qcow2-image",
+                )),
+            }
         }
         Command::Io(a) => {
             let file = one_file("io", &a.files)?;

@@ -118,3 +118,72 @@ fn read_only_and_missing_files() {
         );
     }
 }
+
+/// `qcow2 bench` against `qemu-img bench` on raw files: same lines (the run time masked),
+/// same exit status, same file contents after write runs.
+#[test]
+fn raw_bench_matches_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for opts in [
+        &["-c", "10", "-s", "4k"][..],
+        &[
+            "-w",
+            "-c",
+            "10",
+            "-d",
+            "2",
+            "-o",
+            "4k",
+            "-S",
+            "8k",
+            "--pattern=0x5a",
+            "--flush-interval=3",
+        ][..],
+        &["-w", "-c", "300", "-s", "1000", "--pattern=7", "-o", "100"][..],
+        &["-w", "-c", "10", "--flush-interval=3", "--no-drain"][..],
+        &["-c", "0"][..],
+        &["-c", "abc"][..],
+        &["-d", "0"][..],
+        &["-s", "3M"][..],
+        &["-o", "2M", "-c", "1"][..],
+        &["--pattern=300", "-w"][..],
+        &["--flush-interval=2"][..],
+        &["-o", "-1"][..],
+    ] {
+        for name in ["ours.raw", "qemu.raw"] {
+            std::fs::write(dir.path().join(name), vec![0u8; 1 << 20]).expect("write");
+        }
+        let mut a = vec!["bench", "-f", "raw"];
+        a.extend_from_slice(opts);
+        let mut b = a.clone();
+        a.push("ours.raw");
+        b.push("qemu.raw");
+        let ours = qcow2(dir.path(), &a);
+        let qemu = common::qemu_img(dir.path(), &b);
+        let time = |s: &str| {
+            s.lines()
+                .map(|l| {
+                    if l.starts_with("Run completed in ") {
+                        "Run completed in T seconds."
+                    } else {
+                        l
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(ours.code, qemu.code, "{opts:?}: {ours:?} {qemu:?}");
+        assert_eq!(time(&ours.stdout), time(&qemu.stdout), "{opts:?}");
+        assert_eq!(
+            ours.stderr.replace("qcow2: ", ""),
+            qemu.stderr.replace("qemu-img: ", ""),
+            "{opts:?}"
+        );
+        let x = std::fs::read(dir.path().join("ours.raw")).expect("read");
+        let y = std::fs::read(dir.path().join("qemu.raw")).expect("read");
+        assert!(x == y, "{opts:?}: files differ");
+    }
+}
