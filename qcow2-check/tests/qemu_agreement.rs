@@ -462,7 +462,7 @@ fn random_pokes_agree_with_qemu_img() {
     let seed = std::env::var("QCOW2_CHECK_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_0f_c0ffee_u64);
+        .unwrap_or(0x5eed_0fc0_ffee_u64);
     let count: u64 = std::env::var("QCOW2_CHECK_IMAGES")
         .ok()
         .and_then(|s| s.parse().ok())
