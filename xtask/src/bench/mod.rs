@@ -230,6 +230,9 @@ pub struct WorkloadResult {
     pub plain: Option<SideResult>,
     /// Outcome of checking our output with qemu-img (check, compare against QEMU's output).
     pub verification: Option<Result<String, String>>,
+    /// Host file sizes of our and QEMU's result files (output, or the modified image) in
+    /// the verified pair.
+    pub output_bytes: Option<(u64, u64)>,
     /// Remarks worth reading next to the numbers.
     pub notes: Vec<String>,
 }
@@ -346,7 +349,7 @@ impl Capabilities {
     fn probe(ours: &Path) -> Capabilities {
         let version = process::probe(ours, &["--version"])
             .filter(|(_, _, ok)| *ok)
-            .map(|(o, _, _)| o.trim().to_string())
+            .map(|(o, _, _)| first_line(&o))
             .unwrap_or_default();
         match process::probe(ours, &["--help"]) {
             None => Capabilities {
@@ -499,6 +502,7 @@ fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> Work
         qemu: None,
         plain: None,
         verification: None,
+        output_bytes: None,
         notes: Vec::new(),
     };
     if let Some(why) = ours_lacks {
@@ -615,6 +619,11 @@ fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> Work
             if let Some(suffix) = target {
                 let o = run_dir.join(format!("ours.{suffix}"));
                 let q = (qemu.status == Status::Ok).then(|| run_dir.join(format!("qemu.{suffix}")));
+                if let (Ok(a), Some(Ok(b))) =
+                    (std::fs::metadata(&o), q.as_ref().map(std::fs::metadata))
+                {
+                    result.output_bytes = Some((a.len(), b.len()));
+                }
                 result.verification = Some(verify(&ctx.qemu_img, &o, q.as_deref()));
                 if let Some(Err(e)) = &result.verification {
                     eprintln!("   verification of our output FAILED: {e}");
@@ -697,6 +706,7 @@ fn run_floor(ctx: &mut Context, w: &Workload) -> WorkloadResult {
         qemu: None,
         plain: Some(plain),
         verification: None,
+        output_bytes: None,
         notes,
     }
 }

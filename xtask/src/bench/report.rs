@@ -3,8 +3,9 @@
 use serde_json::{json, Value};
 
 use super::machine::Machine;
+use super::workloads::Kind;
 use super::{SideResult, Status, WorkloadResult};
-use crate::util::{fmt_rate, fmt_ratio, fmt_secs, min_max};
+use crate::util::{fmt_bytes, fmt_rate, fmt_ratio, fmt_secs, min_max};
 
 /// How and where a benchmark ran.
 #[derive(Debug, Clone)]
@@ -153,6 +154,16 @@ pub fn markdown(meta: &Meta, results: &[WorkloadResult]) -> String {
             notes.push(format!("{}: {n}", w.name));
             ratio.push_str(&format!(" [{}]", notes.len()));
         }
+        if let (Some((o, q)), Kind::Pair { output: true, .. }) = (r.output_bytes, &w.kind) {
+            notes.push(format!(
+                "{}: output file {} (ours) vs {} (QEMU), {:.1}% of the input",
+                w.name,
+                fmt_bytes(o),
+                fmt_bytes(q),
+                o as f64 * 100.0 / w.bytes.max(1) as f64
+            ));
+            ratio.push_str(&format!(" [{}]", notes.len()));
+        }
         out.push_str(&format!(
             "| {name} | {ours} | {qemu} | {ratio} | {floor} |\n"
         ));
@@ -216,6 +227,7 @@ pub fn json(meta: &Meta, results: &[WorkloadResult]) -> Value {
                     Some(Ok(s)) => json!({"ok": true, "detail": s}),
                     Some(Err(e)) => json!({"ok": false, "detail": e}),
                 },
+                "result_file_bytes": r.output_bytes.map(|(o, q)| json!({"ours": o, "qemu": q})),
                 "notes": r.notes,
             })
         })

@@ -10,7 +10,7 @@ use crate::util::{fmt_ratio, min_max};
 const WIDTH: f64 = 980.0;
 const LABEL_W: f64 = 300.0;
 const RIGHT_PAD: f64 = 120.0;
-const TOP: f64 = 78.0;
+const TOP: f64 = 92.0;
 const ROW: f64 = 38.0;
 const BOTTOM: f64 = 70.0;
 
@@ -129,6 +129,15 @@ pub fn chart(meta: &Meta, results: &[WorkloadResult]) -> String {
             tick_label(k)
         );
     }
+    let one = xr(1.0);
+    let _ = writeln!(
+        s,
+        r##"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="end" fill="#3a8f5c">← ours faster</text><text x="{:.1}" y="{:.1}" font-size="11" fill="#d0643b">ours slower →</text>"##,
+        one - 6.0,
+        TOP - 10.0,
+        one + 6.0,
+        TOP - 10.0
+    );
     let _ = writeln!(
         s,
         r##"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="middle" fill="#333">ours / QEMU (bar: ratio of medians; whisker: min–max of per-pair ratios). Left of 1×: ours is faster.</text>"##,
@@ -167,7 +176,6 @@ pub fn chart(meta: &Meta, results: &[WorkloadResult]) -> String {
             cy + 11.0,
             esc(&cut(&w.title, 52))
         );
-        let one = xr(1.0);
         match r.ratio() {
             Some(x) => {
                 let xe = xr(x);
