@@ -404,7 +404,12 @@ impl Snapshots {
             // +1 on the tree; durable (flushed) before the table names the copy.
             if let Err(f) = walk::walk(host, L1Source::Active, Addend::Increase) {
                 let undone = match f.remains {
-                    Remains::Nothing => true,
+                    // The flags stripped before the increments come back (best effort: a
+                    // missing COPIED flag only costs a COW).
+                    Remains::Nothing => {
+                        let _ = walk::walk(host, L1Source::Active, Addend::Recompute);
+                        true
+                    }
                     Remains::All => undo_increase(host, L1Source::Active),
                     Remains::Unknown => false,
                 };

@@ -10,14 +10,19 @@
 //!   preallocated-zero cluster, and each host cluster a compressed cluster touches, each
 //!   counted once per L1 reference to its table. Nothing has changed yet, so corruption
 //!   anywhere in the tree fails the pass cleanly (QEMU fails midway, leaking).
+//! - **A2, strip (addend +1 only).** Every COPIED flag of the tree is cleared (L2 slices,
+//!   then the L1) and made durable before any increment can reach the disk: at every
+//!   instant COPIED is set only where the refcount is 1. (QEMU clears the flags after the
+//!   increments, ordered by the L2-depends-on-refblock edge; a failure midway then leaves
+//!   COPIED on clusters with refcount 2, which `qemu-img check` reports as corruption.)
 //! - **B, apply.** The runs are sorted and merged into disjoint segments with a count; each
 //!   segment is one [`RefcountEngine::update`] (one cache round trip per refcount block). On
 //!   any error what was applied is undone (overflow with narrow refcounts leaves no trace).
 //! - **C, COPIED.** For passes with addend >= 0: the refcount blocks are flushed (the
-//!   increments are durable before any COPIED flag is cleared on disk, as QEMU's
-//!   L2-depends-on-refblock edge guarantees), refcounts are read back one block at a time,
-//!   and every entry gets COPIED iff its cluster's refcount is 1 (compressed never). Changed
-//!   slices go through the L2 cache when cached there, else straight to storage.
+//!   refcounts are durable before any COPIED flag is set on disk), refcounts are read back
+//!   one block at a time, and every entry gets COPIED iff its cluster's refcount is 1
+//!   (compressed never). Changed slices go through the L2 cache when cached there, else
+//!   straight to storage.
 //! - **D, flush** everything (QEMU's `bdrv_flush`).
 //! - **E, L1.** For addend >= 0, if an L1 entry's COPIED flag changed, the whole L1 is
 //!   rewritten synchronously at its offset (for the active L1 also in memory). A pass with
@@ -684,6 +689,23 @@ pub(crate) fn walk<H: SnapshotHost + ?Sized>(
     stats.segments = segs.len() as u64;
     stats.clusters = segs.iter().map(|s| s.len).sum();
 
+    // Phase A2 (increase only): strip COPIED from the whole tree and make that durable
+    // before any increment can reach the disk, so that at every instant COPIED is only set
+    // where the refcount is 1 (a cleared flag only costs a COW; a flag on a shared cluster
+    // would let a write in place reach another reference).
+    if addend == Addend::Increase {
+        let strip = |_: u64| false;
+        rewrite_copied(
+            host, &ctx, &tables, &groups, &mut kept, &strip, false, &mut stats,
+        )
+        .map_err(PassFailure::clean)?;
+        flush_all(host.parts().caches).map_err(PassFailure::clean)?;
+        let stripped: Vec<u64> = l1.iter().map(|&e| e & !OFLAG_COPIED).collect();
+        if stripped != l1 {
+            write_l1(host, &ctx, source, &stripped, &mut stats).map_err(PassFailure::clean)?;
+        }
+    }
+
     // Phase B.
     let changed = addend != Addend::Recompute && !segs.is_empty();
     if changed {
@@ -709,132 +731,45 @@ pub(crate) fn walk<H: SnapshotHost + ?Sized>(
     if addend != Addend::Decrease {
         let ones = {
             let p = host.parts();
-            // The increments are durable before any COPIED flag is cleared on disk.
+            // The refcounts are durable before any COPIED flag is set on disk.
             p.caches
                 .flush(CacheId::Refblock)
                 .map_err(|e| fail(e.into()))?;
             Ones::read(p.caches, p.refcounts, &geometry, segs).map_err(fail)?
         };
-        let entry_size = ctx.l2.entry_size();
-        for (gi, g) in groups.iter().enumerate() {
-            let mut buf = match kept.get_mut(gi) {
-                Some(b) => std::mem::take(b),
-                None => load_group(host.parts().caches, &ctx, &tables[g.clone()]).map_err(fail)?,
-            };
-            let mut direct: Vec<(u64, Range<usize>)> = Vec::new();
-            {
-                let p = host.parts();
-                let slice = p.caches.entry_size(CacheId::L2).clamp(1, cs as usize);
-                for (k, t) in tables[g.clone()].iter().enumerate() {
-                    let base = k * cs as usize;
-                    let table = &mut buf[base..base + cs as usize];
-                    let mut dirty = vec![false; (cs as usize).div_ceil(slice)];
-                    for j in 0..geometry.l2_entries() {
-                        let old =
-                            read_l2_entry(table, j, geometry.extended_l2()).map_err(|_| {
-                                fail(Error::Refcount(RefcountError::InvalidRequest {
-                                    reason: "L2 table buffer too short",
-                                }))
-                            })?;
-                        let raw = old.raw_entry() & !OFLAG_COPIED;
-                        let plain = L2Entry::from_raw(raw, old.bitmap());
-                        let copied = match plain.cluster_type(ctx.l2) {
-                            ClusterType::Normal | ClusterType::ZeroAlloc => {
-                                ones.is_one(plain.host_offset() >> bits)
-                            }
-                            // Compressed clusters are never COPIED (QEMU counts them as 2).
-                            _ => false,
-                        };
-                        let new_raw = if copied { raw | OFLAG_COPIED } else { raw };
-                        if new_raw != old.raw_entry() {
-                            write_l2_entry(
-                                table,
-                                j,
-                                L2Entry::from_raw(new_raw, old.bitmap()),
-                                geometry.extended_l2(),
-                            )
-                            .map_err(|_| {
-                                fail(Error::Refcount(RefcountError::InvalidRequest {
-                                    reason: "L2 table buffer too short",
-                                }))
-                            })?;
-                            if let Some(d) = dirty.get_mut(j as usize * entry_size / slice) {
-                                *d = true;
-                            }
-                        }
-                    }
-                    // Cached slices are updated in the cache (never behind its back); the
-                    // others are written directly, contiguous dirty slices in one write.
-                    let mut run: Option<Range<usize>> = None;
-                    for (s, &d) in dirty.iter().enumerate() {
-                        let soff = s * slice;
-                        let cached = d && p.caches.is_cached(CacheId::L2, t.offset + soff as u64);
-                        if cached {
-                            stats.l2_slices_rewritten += 1;
-                            if addend == Addend::Increase {
-                                p.caches
-                                    .set_dependency(CacheId::L2, CacheId::Refblock)
-                                    .map_err(|e| fail(e.into()))?;
-                            }
-                            let h = p
-                                .caches
-                                .get(CacheId::L2, t.offset + soff as u64)
-                                .map_err(|e| fail(e.into()))?;
-                            let dst = p.caches.data_mut(&h);
-                            let n = dst.len().min(cs as usize - soff);
-                            dst[..n].copy_from_slice(&table[soff..soff + n]);
-                            p.caches.mark_dirty(&h);
-                            p.caches.put(h).map_err(|e| fail(e.into()))?;
-                        }
-                        if d && !cached {
-                            stats.l2_slices_rewritten += 1;
-                            let r = base + soff..base + (soff + slice).min(cs as usize);
-                            run = Some(match run {
-                                Some(prev) if prev.end == r.start => prev.start..r.end,
-                                Some(prev) => {
-                                    direct.push((t.offset + (prev.start - base) as u64, prev));
-                                    r
-                                }
-                                None => r,
-                            });
-                        } else if let Some(prev) = run.take() {
-                            direct.push((t.offset + (prev.start - base) as u64, prev));
-                        }
-                    }
-                    if let Some(prev) = run.take() {
-                        direct.push((t.offset + (prev.start - base) as u64, prev));
-                    }
-                }
-            }
-            for (off, r) in direct {
-                let len = (r.end - r.start) as u64;
-                host.check_overlap(off, len, MetadataWrite::L2Table)
-                    .map_err(|e| fail(e.into()))?;
-                ctx.storage.event(Event::L2Update);
-                ctx.storage
-                    .write_at(&buf[r], off)
-                    .map_err(|e| fail(Error::io("Failed to write an L2 table", e)))?;
-            }
-        }
+        let copied = |cluster: u64| ones.is_one(cluster);
+        rewrite_copied(
+            host,
+            &ctx,
+            &tables,
+            &groups,
+            &mut kept,
+            &copied,
+            addend == Addend::Increase,
+            &mut stats,
+        )
+        .map_err(fail)?;
         // COPIED on the L1 entries: the L2 table's own refcount.
-        let mut entries = l1.clone();
-        let mut modified = false;
-        for e in entries.iter_mut() {
-            if *e == 0 {
-                continue;
-            }
-            let off = *e & L1E_OFFSET_MASK;
-            let new = if ones.is_one(off >> bits) {
-                off | OFLAG_COPIED
-            } else {
-                off
-            };
-            if new != *e {
-                *e = new;
-                modified = true;
-            }
-        }
-        if modified {
+        let entries: Vec<u64> = l1
+            .iter()
+            .map(|&e| {
+                let off = e & L1E_OFFSET_MASK;
+                if e == 0 {
+                    0
+                } else if ones.is_one(off >> bits) {
+                    off | OFLAG_COPIED
+                } else {
+                    off
+                }
+            })
+            .collect();
+        // After a strip, the L1 on disk has no COPIED flag.
+        let on_disk: Vec<u64> = if addend == Addend::Increase {
+            l1.iter().map(|&e| e & !OFLAG_COPIED).collect()
+        } else {
+            l1.clone()
+        };
+        if entries != on_disk {
             new_l1 = Some(entries);
         }
     }
@@ -844,25 +779,153 @@ pub(crate) fn walk<H: SnapshotHost + ?Sized>(
 
     // Phase E.
     if let Some(entries) = new_l1 {
-        let bytes = l1_bytes(&entries);
-        let (offset, target) = match source {
-            L1Source::Active => {
-                let p = host.parts();
-                let n = p.active_l1.len().min(entries.len());
-                p.active_l1[..n].copy_from_slice(&entries[..n]);
-                (Some(host.l1_table_offset()), MetadataWrite::ActiveL1)
-            }
-            L1Source::OnDisk { offset, .. } => (Some(offset), MetadataWrite::SnapshotL1),
-            L1Source::Entries(_) => (None, MetadataWrite::SnapshotL1),
-        };
-        if let Some(offset) = offset {
-            host.check_overlap(offset, bytes.len() as u64, target)
-                .map_err(|e| fail(e.into()))?;
-            ctx.storage
-                .write_sync(&bytes, offset)
-                .map_err(|e| fail(Error::io("Failed to write the L1 table", e)))?;
-            stats.l1_rewritten = true;
-        }
+        write_l1(host, &ctx, source, &entries, &mut stats).map_err(fail)?;
     }
     Ok(stats)
+}
+
+/// Writes `entries` as the pass's L1 table (synchronously), and into memory for the active
+/// one. Caller-supplied entries are never written anywhere.
+fn write_l1<H: SnapshotHost + ?Sized>(
+    host: &mut H,
+    ctx: &Ctx,
+    source: L1Source<'_>,
+    entries: &[u64],
+    stats: &mut PassStats,
+) -> Result<(), Error> {
+    let (offset, target) = match source {
+        L1Source::Active => {
+            let p = host.parts();
+            let n = p.active_l1.len().min(entries.len());
+            p.active_l1[..n].copy_from_slice(&entries[..n]);
+            (host.l1_table_offset(), MetadataWrite::ActiveL1)
+        }
+        L1Source::OnDisk { offset, .. } => (offset, MetadataWrite::SnapshotL1),
+        L1Source::Entries(_) => return Ok(()),
+    };
+    let bytes = l1_bytes(entries);
+    host.check_overlap(offset, bytes.len() as u64, target)?;
+    ctx.storage
+        .write_sync(&bytes, offset)
+        .map_err(|e| Error::io("Failed to write the L1 table", e))?;
+    stats.l1_rewritten = true;
+    Ok(())
+}
+
+/// Sets COPIED on every data / preallocated zero entry of every table iff
+/// `copied(cluster)`, clears it everywhere else (compressed, unallocated), and writes the
+/// slices that changed: through the L2 cache when cached there (with the L2 cache ordered
+/// after the refcount cache when `after_refcounts`), else directly (contiguous dirty slices
+/// in one write, after the host's overlap check).
+#[allow(clippy::too_many_arguments)]
+fn rewrite_copied<H: SnapshotHost + ?Sized>(
+    host: &mut H,
+    ctx: &Ctx,
+    tables: &[L2Ref],
+    groups: &[Range<usize>],
+    kept: &mut [Vec<u8>],
+    copied: &dyn Fn(u64) -> bool,
+    after_refcounts: bool,
+    stats: &mut PassStats,
+) -> Result<(), Error> {
+    let geometry = ctx.geometry;
+    let bits = geometry.cluster_bits();
+    let cs = ctx.cs() as usize;
+    let entry_size = ctx.l2.entry_size();
+    let too_short = || {
+        Error::Refcount(RefcountError::InvalidRequest {
+            reason: "L2 table buffer too short",
+        })
+    };
+    for (gi, g) in groups.iter().enumerate() {
+        let mut local;
+        let buf: &mut Vec<u8> = match kept.get_mut(gi) {
+            Some(b) => b,
+            None => {
+                local = load_group(host.parts().caches, ctx, &tables[g.clone()])?;
+                &mut local
+            }
+        };
+        let mut direct: Vec<(u64, Range<usize>)> = Vec::new();
+        {
+            let p = host.parts();
+            let slice = p.caches.entry_size(CacheId::L2).clamp(1, cs);
+            for (k, t) in tables[g.clone()].iter().enumerate() {
+                let base = k * cs;
+                let table = &mut buf[base..base + cs];
+                let mut dirty = vec![false; cs.div_ceil(slice)];
+                for j in 0..geometry.l2_entries() {
+                    let old =
+                        read_l2_entry(table, j, geometry.extended_l2()).map_err(|_| too_short())?;
+                    let raw = old.raw_entry() & !OFLAG_COPIED;
+                    let plain = L2Entry::from_raw(raw, old.bitmap());
+                    let set = match plain.cluster_type(ctx.l2) {
+                        ClusterType::Normal | ClusterType::ZeroAlloc => {
+                            copied(plain.host_offset() >> bits)
+                        }
+                        // Compressed clusters are never COPIED (QEMU counts them as 2).
+                        _ => false,
+                    };
+                    let new_raw = if set { raw | OFLAG_COPIED } else { raw };
+                    if new_raw != old.raw_entry() {
+                        write_l2_entry(
+                            table,
+                            j,
+                            L2Entry::from_raw(new_raw, old.bitmap()),
+                            geometry.extended_l2(),
+                        )
+                        .map_err(|_| too_short())?;
+                        if let Some(d) = dirty.get_mut(j as usize * entry_size / slice) {
+                            *d = true;
+                        }
+                    }
+                }
+                // Cached slices are updated in the cache (never behind its back); the others
+                // are written directly, contiguous dirty slices in one write.
+                let mut run: Option<Range<usize>> = None;
+                for (s, &d) in dirty.iter().enumerate() {
+                    let soff = s * slice;
+                    let cached = d && p.caches.is_cached(CacheId::L2, t.offset + soff as u64);
+                    if cached {
+                        stats.l2_slices_rewritten += 1;
+                        if after_refcounts {
+                            p.caches.set_dependency(CacheId::L2, CacheId::Refblock)?;
+                        }
+                        let h = p.caches.get(CacheId::L2, t.offset + soff as u64)?;
+                        let dst = p.caches.data_mut(&h);
+                        let n = dst.len().min(cs - soff);
+                        dst[..n].copy_from_slice(&table[soff..soff + n]);
+                        p.caches.mark_dirty(&h);
+                        p.caches.put(h)?;
+                    }
+                    if d && !cached {
+                        stats.l2_slices_rewritten += 1;
+                        let r = base + soff..base + (soff + slice).min(cs);
+                        run = Some(match run {
+                            Some(prev) if prev.end == r.start => prev.start..r.end,
+                            Some(prev) => {
+                                direct.push((t.offset + (prev.start - base) as u64, prev));
+                                r
+                            }
+                            None => r,
+                        });
+                    } else if let Some(prev) = run.take() {
+                        direct.push((t.offset + (prev.start - base) as u64, prev));
+                    }
+                }
+                if let Some(prev) = run.take() {
+                    direct.push((t.offset + (prev.start - base) as u64, prev));
+                }
+            }
+        }
+        for (off, r) in direct {
+            let len = (r.end - r.start) as u64;
+            host.check_overlap(off, len, MetadataWrite::L2Table)?;
+            ctx.storage.event(Event::L2Update);
+            ctx.storage
+                .write_at(&buf[r], off)
+                .map_err(|e| Error::io("Failed to write an L2 table", e))?;
+        }
+    }
+    Ok(())
 }
