@@ -194,6 +194,8 @@ pub struct SideResult {
     pub status: Status,
     /// Measured (non-warm-up) run times in seconds, in run order.
     pub times: Vec<f64>,
+    /// CPU time (user + system, 10 ms resolution) of each measured run, when known.
+    pub cpu: Vec<f64>,
     /// The command line, with IMG/OUT placeholders.
     pub command: String,
 }
@@ -203,6 +205,7 @@ impl SideResult {
         SideResult {
             status: Status::Ok,
             times: Vec::new(),
+            cpu: Vec::new(),
             command,
         }
     }
@@ -553,7 +556,12 @@ fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> Work
             let _ = std::fs::remove_file(&out);
             let args = w.command_args(&image, &out);
             let log = run_dir.join(format!("{}-{}", w.name, side.label()));
+            let cpu_before = process::children_cpu_secs();
             let outcome = process::run_timed(&program, &args, &log, ctx.timeout);
+            let cpu = match (cpu_before, process::children_cpu_secs()) {
+                (Some(a), Some(b)) => Some(((b - a) * 100.0).round() / 100.0),
+                _ => None,
+            };
             let outcome = match outcome {
                 Outcome::Ok(secs) if has_output => {
                     // The output's fsync belongs to the timed region: a run ends when its
@@ -573,6 +581,9 @@ fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> Work
                 Outcome::Ok(secs) => {
                     if measured {
                         res.times.push(secs);
+                        if let Some(c) = cpu {
+                            res.cpu.push(c);
+                        }
                     }
                     eprintln!(
                         "   {} {:<4} {}{}",

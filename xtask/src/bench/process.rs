@@ -26,6 +26,18 @@ pub enum Outcome {
     SpawnError(String),
 }
 
+/// CPU seconds (user + system) of this process's reaped children, from /proc/self/stat
+/// (cutime + cstime, in USER_HZ = 100 ticks per second).
+pub fn children_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields after the command name start at field 3 (state); cutime and cstime are 16, 17.
+    let cutime: f64 = f.get(13)?.parse().ok()?;
+    let cstime: f64 = f.get(14)?.parse().ok()?;
+    Some((cutime + cstime) / 100.0)
+}
+
 /// Runs `program args` with stdout and stderr going to `log_base.{out,err}`, measuring the
 /// wall time from spawn to exit, and killing it (by its process id) after `limit`.
 pub fn run_timed(program: &Path, args: &[OsString], log_base: &Path, limit: Duration) -> Outcome {

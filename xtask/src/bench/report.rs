@@ -193,6 +193,8 @@ fn side_json(s: Option<&SideResult>) -> Value {
         "command": s.command,
         "times_s": s.times,
         "median_s": s.median(),
+        "cpu_s": s.cpu,
+        "median_cpu_s": crate::util::median(&s.cpu),
     })
 }
 
