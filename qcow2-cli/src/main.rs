@@ -13,6 +13,7 @@ mod io;
 mod json;
 mod opts;
 mod rawdev;
+mod resize;
 mod size;
 mod snapshot;
 
@@ -107,7 +108,8 @@ Exit status: 0 on success, 1 on any error (check: 0 clean, 1 not completed,
     version,
     about = "Create, inspect, check and modify qcow2 disk images (qemu-img compatible)",
     after_help = EXAMPLES,
-    disable_help_subcommand = true
+    disable_help_subcommand = true,
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -365,8 +367,9 @@ struct ResizeArgs {
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
-    /// The image file, then the size: absolute, +N to grow or -N to shrink.
-    #[arg(allow_hyphen_values = true)]
+    /// The image file, then the size (always the last argument): absolute, +N to grow or
+    /// -N to shrink.
+    #[arg(value_name = "FILE [+-]SIZE")]
     args: Vec<String>,
 }
 
@@ -475,7 +478,9 @@ fn parse_format(f: Option<&str>) -> Result<Option<Format>, CliError> {
         .transpose()
 }
 
-fn run(cli: Cli) -> Result<(), CliError> {
+/// `run` with the size argument of `resize` taken off the command line beforehand (as
+/// qemu-img does, so that "-1G" is not read as an option).
+fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
     match cli.command {
         Command::Create(a) => {
             if let Some(x) = a.extra.first() {
@@ -566,14 +571,24 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Err(CliError::unavailable("amend", "qcow2-image"))
         }
         Command::Resize(a) => {
-            if a.args.len() != 2 {
+            let (Some(size), [file]) = (size_arg, a.args.as_slice()) else {
                 return Err(CliError::usage(
                     "resize",
                     "Expecting image file name and size",
                 ));
+            };
+            if let Some(p) = a.preallocation.as_deref().filter(|p| *p != "off") {
+                return Err(CliError::new(format!(
+                    "resize: --preallocation={p} is not available yet"
+                )));
             }
-            let _ = (a.format, a.shrink, a.preallocation, a.quiet);
-            Err(CliError::unavailable("resize", "qcow2-image"))
+            resize::run(
+                file,
+                parse_format(a.format.as_deref())?,
+                &size,
+                a.shrink,
+                a.quiet,
+            )
         }
         Command::Bench(a) => {
             let params = bench::BenchParams::from_options(&bench::BenchOptions {
@@ -689,11 +704,21 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    let mut args = args;
+    // qemu-img takes the size off the end of a resize command line before parsing options.
+    let size_arg = if args.get(1).map(String::as_str) == Some("resize")
+        && args.len() > 3
+        && !args.iter().skip(2).any(|a| a == "-h" || a == "--help")
+    {
+        args.pop()
+    } else {
+        None
+    };
     let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => return clap_error(e, &args),
     };
-    match run(cli) {
+    match run(cli, size_arg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // An empty message means the command already reported what failed.
