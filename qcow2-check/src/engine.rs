@@ -908,8 +908,10 @@ impl<'s, 'p> Run<'s, 'p> {
     /// to `offset + cluster_size`). The outer error aborts the check (no memory for the
     /// bigger IMRT); the inner one is a failed resize.
     ///
-    /// Growth is refused (`EFBIG`, as a file system would) beyond 16 TiB so that a corrupt
-    /// entry cannot make the storage allocate unbounded space.
+    /// Unlike QEMU, growth is refused (`EFBIG`, as a file system refuses a too-large file)
+    /// beyond twice the file length or 1 GiB past its end, whichever is more: a corrupt
+    /// entry must not make the storage (or the IMRT) allocate unbounded space. Refused
+    /// entries are handled by the rebuild, as when QEMU's resize fails.
     fn grow_for_refblock(
         &mut self,
         res: &mut Res,
@@ -921,8 +923,11 @@ impl<'s, 'p> Run<'s, 'p> {
             return Ok(Err(EINVAL));
         }
         let new_len = offset + cs;
-        const GROW_LIMIT: u64 = 1 << 44;
-        if new_len > GROW_LIMIT {
+        let limit = self
+            .file_len
+            .saturating_mul(2)
+            .max(self.file_len.saturating_add(1 << 30));
+        if new_len > limit {
             self.push(Finding::ResizeErrorReport {
                 message: format!("Could not resize file: {}", errno_text(EFBIG)),
             });
