@@ -6,6 +6,7 @@
 //! with a nonzero exit status; none pretends to work.
 
 mod bench;
+mod check;
 mod create;
 mod image;
 mod info;
@@ -510,18 +511,18 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             info::run(&file, parse_format(a.format.as_deref())?, output)
         }
         Command::Check(a) => {
-            let _ = OutputFormat::parse(a.output.as_deref())?;
-            match a.repair.as_deref() {
-                None | Some("leaks") | Some("all") => {}
-                Some(other) => {
-                    return Err(CliError::new(format!(
-                        "--repair (-r) expects 'leaks' or 'all' not '{other}'"
-                    )))
-                }
-            }
-            let _ = one_file("check", &a.files)?;
-            let _ = (a.quiet, a.progress, a.cache, a.force_share, a.format);
-            Err(CliError::unavailable("check", "qcow2-check"))
+            let output = OutputFormat::parse(a.output.as_deref())?;
+            let repair = check::parse_repair(a.repair.as_deref())?;
+            let file = one_file("check", &a.files)?;
+            let _ = (a.cache, a.force_share);
+            check::run(check::CheckRequest {
+                file,
+                format: parse_format(a.format.as_deref())?,
+                repair,
+                output,
+                quiet: a.quiet,
+                progress: a.progress,
+            })
         }
         Command::Snapshot(a) => {
             let file = one_file("snapshot", &a.files)?;
