@@ -613,11 +613,13 @@ fn undo_increase<H: SnapshotHost + ?Sized>(host: &mut H, source: L1Source<'_>) -
     }
 }
 
-/// End of an operation: everything it changed is durable, so clusters it freed may be
-/// handed out again (invariant 2).
+/// End of an operation: clusters freed during it may be handed out again (invariant 2).
+/// Every one of them was unreferenced by a write that is durable already (the header switch
+/// for old tables and deleted trees, the synchronous active L1 write for apply's old tree),
+/// and every operation flushed both caches after it started, so whatever the image had
+/// quarantined before is durable too.
 fn finish<H: SnapshotHost + ?Sized>(host: &mut H) -> Result<(), Error> {
     let p = host.parts();
-    flush_all(p.caches)?;
     p.refcounts.release_quarantine(p.caches);
     Ok(())
 }

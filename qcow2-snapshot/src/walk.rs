@@ -23,10 +23,11 @@
 //!   one block at a time, and every entry gets COPIED iff its cluster's refcount is 1
 //!   (compressed never). Changed slices go through the L2 cache when cached there, else
 //!   straight to storage.
-//! - **D, flush** everything (QEMU's `bdrv_flush`).
-//! - **E, L1.** For addend >= 0, if an L1 entry's COPIED flag changed, the whole L1 is
-//!   rewritten synchronously at its offset (for the active L1 also in memory). A pass with
-//!   addend -1 never rewrites its L1 (it is going away), as in QEMU.
+//! - **D, E: write back and L1.** Both caches are written back; for addend >= 0, if an L1
+//!   entry's COPIED flag changed, the whole L1 is rewritten at its offset (for the active L1
+//!   also in memory); then one storage flush makes all of it durable (QEMU: `bdrv_flush`,
+//!   then a synchronous L1 write). A pass with addend -1 never rewrites its L1 (it is going
+//!   away), as in QEMU.
 //!
 //! A pass with addend -1 leaves the COPIED flags of the tables it walked alone: those tables
 //! are no longer reachable from the active L1 or are about to be re-examined by the addend-0
@@ -279,6 +280,11 @@ struct Ones {
 }
 
 impl Ones {
+    /// Whether any cluster has refcount 1.
+    fn any(&self) -> bool {
+        self.bits.iter().any(|&w| w != 0)
+    }
+
     fn is_one(&self, cluster: u64) -> bool {
         let k = self.segs.partition_point(|s| s.start <= cluster);
         let Some(k) = k.checked_sub(1) else {
@@ -699,11 +705,12 @@ pub(crate) fn walk<H: SnapshotHost + ?Sized>(
             host, &ctx, &tables, &groups, &mut kept, &strip, false, &mut stats,
         )
         .map_err(PassFailure::clean)?;
-        flush_all(host.parts().caches).map_err(PassFailure::clean)?;
         let stripped: Vec<u64> = l1.iter().map(|&e| e & !OFLAG_COPIED).collect();
         if stripped != l1 {
+            // L2 and L1 strips need no order among themselves; one barrier covers both.
             write_l1(host, &ctx, source, &stripped, &mut stats).map_err(PassFailure::clean)?;
         }
+        flush_all(host.parts().caches).map_err(PassFailure::clean)?;
     }
 
     // Phase B.
@@ -731,11 +738,16 @@ pub(crate) fn walk<H: SnapshotHost + ?Sized>(
     if addend != Addend::Decrease {
         let ones = {
             let p = host.parts();
-            // The refcounts are durable before any COPIED flag is set on disk.
-            p.caches
-                .flush(CacheId::Refblock)
-                .map_err(|e| fail(e.into()))?;
-            Ones::read(p.caches, p.refcounts, &geometry, segs).map_err(fail)?
+            let ones = Ones::read(p.caches, p.refcounts, &geometry, segs).map_err(fail)?;
+            // This pass's refcount changes are durable before any COPIED flag is set on disk
+            // (a recompute pass follows passes that ended with a flush; after a +1 pass
+            // nothing usually has refcount 1, and then nothing is set).
+            if changed && ones.any() {
+                p.caches
+                    .flush(CacheId::Refblock)
+                    .map_err(|e| fail(e.into()))?;
+            }
+            ones
         };
         let copied = |cluster: u64| ones.is_one(cluster);
         rewrite_copied(
@@ -774,18 +786,26 @@ pub(crate) fn walk<H: SnapshotHost + ?Sized>(
         }
     }
 
-    // Phase D.
-    flush_all(host.parts().caches).map_err(fail)?;
-
-    // Phase E.
+    // Phases D and E: write back both caches, then the L1 (its flags agree with refcounts
+    // that are durable already), then one barrier for all of it.
+    {
+        let caches = host.parts().caches;
+        caches.write(CacheId::L2).map_err(|e| fail(e.into()))?;
+        caches
+            .write(CacheId::Refblock)
+            .map_err(|e| fail(e.into()))?;
+    }
     if let Some(entries) = new_l1 {
         write_l1(host, &ctx, source, &entries, &mut stats).map_err(fail)?;
     }
+    ctx.storage
+        .flush()
+        .map_err(|e| fail(Error::io("Failed to flush the image", e)))?;
     Ok(stats)
 }
 
-/// Writes `entries` as the pass's L1 table (synchronously), and into memory for the active
-/// one. Caller-supplied entries are never written anywhere.
+/// Writes `entries` as the pass's L1 table (not flushed: the caller issues the barrier), and
+/// into memory for the active one. Caller-supplied entries are never written anywhere.
 fn write_l1<H: SnapshotHost + ?Sized>(
     host: &mut H,
     ctx: &Ctx,
@@ -806,7 +826,7 @@ fn write_l1<H: SnapshotHost + ?Sized>(
     let bytes = l1_bytes(entries);
     host.check_overlap(offset, bytes.len() as u64, target)?;
     ctx.storage
-        .write_sync(&bytes, offset)
+        .write_at(&bytes, offset)
         .map_err(|e| Error::io("Failed to write the L1 table", e))?;
     stats.l1_rewritten = true;
     Ok(())
