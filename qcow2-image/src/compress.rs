@@ -204,8 +204,14 @@ mod tests {
             decompress(kind, &input, &mut out).unwrap();
             assert_eq!(out, data);
         }
-        let noise: Vec<u8> = (0..4096u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
             .collect();
         assert!(compress(CompressionType::Deflate, &noise, 4095).is_none());
     }

@@ -622,7 +622,7 @@ impl Image {
         op: Op,
         l2_offset: u64,
         l2_index: u64,
-        cluster_guest: u64,
+        _cluster_guest: u64,
         run: u64,
         cow: Cow,
         olds: Vec<L2Entry>,
@@ -634,7 +634,6 @@ impl Image {
             Err(e) => return Err(self.rc_err(op, e)),
         };
         self.sync_overlap_refcounts();
-        let _ = cluster_guest;
         let result = fill(self).and_then(|buf| {
             let whole = buf.len() as u64 == run * cs;
             let cow_flag = !whole;

@@ -43,7 +43,12 @@ fn run(c: &Case, seed: u64) {
         let bdata = rng.data(blen as usize);
         std::fs::write(d.join("base.raw"), &bdata).unwrap();
         mirror[..blen as usize].copy_from_slice(&bdata);
-        qemu_create(&img_path, c.opts, c.size, Some((Path::new("base.raw"), "raw")));
+        qemu_create(
+            &img_path,
+            c.opts,
+            c.size,
+            Some((Path::new("base.raw"), "raw")),
+        );
     } else {
         qemu_create(&img_path, c.opts, c.size, None);
     }
@@ -122,16 +127,86 @@ fn run(c: &Case, seed: u64) {
 #[test]
 fn qemu_to_ours_matrix() {
     let cases = [
-        Case { name: "q-default", opts: "", size: 4 << 20, cs: 65536, v2: false, backing: false },
-        Case { name: "q-512-rc1", opts: "cluster_size=512,refcount_bits=1", size: 1 << 20, cs: 512, v2: false, backing: false },
-        Case { name: "q-2M-rc64", opts: "cluster_size=2M,refcount_bits=64", size: 8 << 20, cs: 2 << 20, v2: false, backing: false },
-        Case { name: "q-v2", opts: "compat=0.10", size: 4 << 20, cs: 65536, v2: true, backing: false },
-        Case { name: "q-lazy", opts: "lazy_refcounts=on,cluster_size=4k", size: 2 << 20, cs: 4096, v2: false, backing: false },
-        Case { name: "q-zstd", opts: "compression_type=zstd", size: 4 << 20, cs: 65536, v2: false, backing: false },
-        Case { name: "q-extl2", opts: "extended_l2=on", size: 4 << 20, cs: 65536, v2: false, backing: false },
-        Case { name: "q-backing", opts: "", size: 4 << 20, cs: 65536, v2: false, backing: true },
-        Case { name: "q-backing-v2", opts: "compat=0.10", size: 2 << 20, cs: 65536, v2: true, backing: true },
-        Case { name: "q-backing-extl2", opts: "extended_l2=on,cluster_size=16k", size: 2 << 20, cs: 16384, v2: false, backing: true },
+        Case {
+            name: "q-default",
+            opts: "",
+            size: 4 << 20,
+            cs: 65536,
+            v2: false,
+            backing: false,
+        },
+        Case {
+            name: "q-512-rc1",
+            opts: "cluster_size=512,refcount_bits=1",
+            size: 1 << 20,
+            cs: 512,
+            v2: false,
+            backing: false,
+        },
+        Case {
+            name: "q-2M-rc64",
+            opts: "cluster_size=2M,refcount_bits=64",
+            size: 8 << 20,
+            cs: 2 << 20,
+            v2: false,
+            backing: false,
+        },
+        Case {
+            name: "q-v2",
+            opts: "compat=0.10",
+            size: 4 << 20,
+            cs: 65536,
+            v2: true,
+            backing: false,
+        },
+        Case {
+            name: "q-lazy",
+            opts: "lazy_refcounts=on,cluster_size=4k",
+            size: 2 << 20,
+            cs: 4096,
+            v2: false,
+            backing: false,
+        },
+        Case {
+            name: "q-zstd",
+            opts: "compression_type=zstd",
+            size: 4 << 20,
+            cs: 65536,
+            v2: false,
+            backing: false,
+        },
+        Case {
+            name: "q-extl2",
+            opts: "extended_l2=on",
+            size: 4 << 20,
+            cs: 65536,
+            v2: false,
+            backing: false,
+        },
+        Case {
+            name: "q-backing",
+            opts: "",
+            size: 4 << 20,
+            cs: 65536,
+            v2: false,
+            backing: true,
+        },
+        Case {
+            name: "q-backing-v2",
+            opts: "compat=0.10",
+            size: 2 << 20,
+            cs: 65536,
+            v2: true,
+            backing: true,
+        },
+        Case {
+            name: "q-backing-extl2",
+            opts: "extended_l2=on,cluster_size=16k",
+            size: 2 << 20,
+            cs: 16384,
+            v2: false,
+            backing: true,
+        },
     ];
     for (i, c) in cases.iter().enumerate() {
         run(c, 0xbeef_0000 + i as u64);
