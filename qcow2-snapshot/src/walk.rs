@@ -949,3 +949,36 @@ fn rewrite_copied<H: SnapshotHost + ?Sized>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Runs, Seg};
+
+    fn seg(start: u64, len: u64, count: u64) -> Seg {
+        Seg { start, len, count }
+    }
+
+    #[test]
+    fn contiguous_runs_merge() {
+        let mut r = Runs::default();
+        for c in [10, 11, 12, 20, 21] {
+            r.push(c, 1, 1);
+        }
+        r.push(13, 1, 1);
+        assert_eq!(r.into_segments(), vec![seg(10, 4, 1), seg(20, 2, 1)]);
+    }
+
+    #[test]
+    fn overlapping_runs_sum_their_counts() {
+        // Two compressed clusters sharing host cluster 5, a table named twice (count 2).
+        let mut r = Runs::default();
+        r.push(4, 2, 1);
+        r.push(5, 1, 1);
+        r.push(9, 1, 2);
+        r.push(5, 3, 1);
+        assert_eq!(
+            r.into_segments(),
+            vec![seg(4, 1, 1), seg(5, 1, 3), seg(6, 2, 1), seg(9, 1, 2)]
+        );
+    }
+}
