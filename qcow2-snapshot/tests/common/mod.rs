@@ -1,5 +1,5 @@
 //! Shared helpers of the integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub use qcow2_snapshot::test_utils::{qemu_create, qemu_io, qemu_list, run, TestImage};
 use std::path::{Path, PathBuf};
