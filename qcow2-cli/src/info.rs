@@ -3,6 +3,7 @@
 use qcow2_format::features::{
     CompressionType, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
+use qcow2_format::header::Header;
 use qcow2_format::snapshot::{SnapshotEntry, ICOUNT_DISABLED};
 
 use crate::image::{self, Format, Opened};
@@ -123,7 +124,22 @@ fn snapshot_json(sn: &SnapshotEntry) -> Json {
 /// The qcow2 "format-specific" data (QEMU's `ImageInfoSpecificQCow2`).
 fn qcow2_specific(o: &Opened) -> Option<Json> {
     let q = o.qcow2.as_ref()?;
-    let h = &q.first.header;
+    Some(qcow2_specific_for(&q.first.header))
+}
+
+/// The "Format specific information" lines of a qcow2 header, as qemu-io's `info` prints
+/// them (without indentation).
+pub fn format_specific_lines(h: &Header) -> Vec<String> {
+    let mut s = String::new();
+    if let Json::Object(spec) = qcow2_specific_for(h) {
+        if let Some((_, data)) = spec.iter().find(|(k, _)| k == "data") {
+            dump_flat(data, 0, &mut s);
+        }
+    }
+    s.lines().map(str::to_string).collect()
+}
+
+fn qcow2_specific_for(h: &Header) -> Json {
     let compression = match h.compression() {
         Some(CompressionType::Zstd) => "zstd",
         _ => "zlib",
@@ -148,11 +164,9 @@ fn qcow2_specific(o: &Opened) -> Option<Json> {
             .with("refcount-bits", Json::UInt(1 << h.refcount_order))
             .with("compression-type", Json::str(compression))
     };
-    Some(
-        Json::object()
-            .with("type", Json::str("qcow2"))
-            .with("data", data),
-    )
+    Json::object()
+        .with("type", Json::str("qcow2"))
+        .with("data", data)
 }
 
 /// The protocol ("file") node under the image.

@@ -12,7 +12,9 @@ mod image;
 mod info;
 mod io;
 mod json;
+mod map;
 mod opts;
+mod qcowdev;
 mod rawdev;
 mod resize;
 mod size;
@@ -544,10 +546,16 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             snapshot::list(&file, format)
         }
         Command::Map(a) => {
-            let _ = OutputFormat::parse(a.output.as_deref())?;
-            let _ = one_file("map", &a.files)?;
-            let _ = (a.format, a.start_offset, a.max_length, a.force_share);
-            Err(CliError::unavailable("map", "qcow2-image"))
+            let output = OutputFormat::parse(a.output.as_deref())?;
+            let file = one_file("map", &a.files)?;
+            let _ = a.force_share;
+            map::run(
+                &file,
+                parse_format(a.format.as_deref())?,
+                output,
+                a.start_offset.as_deref(),
+                a.max_length.as_deref(),
+            )
         }
         Command::Convert(a) => {
             if a.files.len() < 2 {
@@ -620,10 +628,14 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     })?;
                     bench::run(&mut dev, &params)
                 }
-                Format::Qcow2 => Err(CliError::unavailable(
-                    "bench on qcow2 images",
-                    "qcow2-image",
-                )),
+                Format::Qcow2 => {
+                    let image = qcowdev::open_image(&file, !params.write)
+                        .map_err(|e| image::open_error(&file, e))?;
+                    let mut dev = qcowdev::QcowDev::from_image(image, !params.write);
+                    bench::run(&mut dev, &params)?;
+                    dev.close()
+                        .map_err(|e| CliError::new(format!("Error while closing the image: {e}")))
+                }
             }
         }
         Command::Io(a) => {
@@ -648,7 +660,22 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                         })
                     }
                 }
-                Format::Qcow2 => Err(CliError::unavailable("io on qcow2 images", "qcow2-image")),
+                Format::Qcow2 => {
+                    let mut dev =
+                        qcowdev::QcowDev::open(&file, a.read_only).map_err(CliError::new)?;
+                    let ok = io::run_all(&mut dev, &a.commands);
+                    dev.close().map_err(|e| {
+                        CliError::new(format!("Error while closing the image: {e}"))
+                    })?;
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(CliError {
+                            msg: String::new(),
+                            code: 1,
+                        })
+                    }
+                }
             }
         }
     }

@@ -1,0 +1,301 @@
+//! `qcow2 map`: qemu-img map's extents (through the qcow2-image facade, following qcow2
+//! backing files) in its human and JSON forms.
+
+use qcow2_image::{ExtentKind, Image};
+
+use crate::image::{self, Format};
+use crate::qcowdev::{error_text, open_image};
+use crate::size::{parse_size, SizeError};
+use crate::{out, CliError, OutputFormat};
+
+/// One entry of qemu-img map (QAPI `MapEntry`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Guest offset.
+    pub start: u64,
+    /// Length.
+    pub length: u64,
+    /// Backing-chain depth the answer comes from.
+    pub depth: u64,
+    /// Whether some layer holds the range.
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Holds data.
+    pub data: bool,
+    /// Compressed.
+    pub compressed: bool,
+    /// Host offset in `filename`.
+    pub offset: Option<u64>,
+    /// The file the offset refers to.
+    pub filename: String,
+}
+
+impl MapEntry {
+    fn mergeable(&self, next: &MapEntry) -> bool {
+        self.start + self.length == next.start
+            && self.depth == next.depth
+            && self.present == next.present
+            && self.zero == next.zero
+            && self.data == next.data
+            && self.compressed == next.compressed
+            && self.filename == next.filename
+            && match (self.offset, next.offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a + self.length == b,
+                _ => false,
+            }
+    }
+
+    /// The JSON object qemu-img prints for the entry.
+    pub fn json(&self) -> String {
+        let mut s = format!(
+            "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+            self.start, self.length, self.depth, self.present, self.zero, self.data, self.compressed
+        );
+        if let Some(o) = self.offset {
+            s.push_str(&format!(", \"offset\": {o}"));
+        }
+        s.push('}');
+        s
+    }
+}
+
+/// C's `%#-16x` (zero prints as "0").
+fn hex16(v: u64) -> String {
+    let s = if v == 0 {
+        "0".to_string()
+    } else {
+        format!("{v:#x}")
+    };
+    format!("{s:<16}")
+}
+
+/// Appends `e`, merging it into the previous entry when qemu-img would.
+fn push(entries: &mut Vec<MapEntry>, e: MapEntry) {
+    if e.length == 0 {
+        return;
+    }
+    if let Some(last) = entries.last_mut() {
+        if last.mergeable(&e) {
+            last.length += e.length;
+            return;
+        }
+    }
+    entries.push(e);
+}
+
+/// Maps `[start, start + len)` of `img` (called `name`) at `depth`, descending into the
+/// backing file for ranges this layer does not hold.
+fn map_layer(
+    img: &mut Image,
+    name: &str,
+    depth: u64,
+    start: u64,
+    len: u64,
+    entries: &mut Vec<MapEntry>,
+) -> Result<(), CliError> {
+    let extents = img
+        .map(start, len)
+        .map_err(|e| CliError::new(error_text(&e)))?;
+    let mut backing: Option<(Option<Image>, String, u64)> = None;
+    // Host bytes beyond the end of the file read as zeros: qemu-img reports that part of a
+    // data extent as "zero": true (the file layer's block status).
+    let file_len = std::fs::metadata(name).map(|m| m.len()).unwrap_or(u64::MAX);
+    for x in extents {
+        let base = MapEntry {
+            start: x.offset,
+            length: x.length,
+            depth,
+            present: true,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            filename: name.to_string(),
+        };
+        match x.kind {
+            ExtentKind::Data => {
+                let host = x.host_offset.unwrap_or(0);
+                let inside = file_len.saturating_sub(host).min(x.length);
+                push(
+                    entries,
+                    MapEntry {
+                        data: true,
+                        offset: x.host_offset,
+                        length: inside,
+                        ..base.clone()
+                    },
+                );
+                push(
+                    entries,
+                    MapEntry {
+                        start: x.offset + inside,
+                        length: x.length - inside,
+                        data: true,
+                        zero: true,
+                        offset: x.host_offset.map(|h| h + inside),
+                        ..base
+                    },
+                );
+            }
+            ExtentKind::Zero => push(
+                entries,
+                MapEntry {
+                    zero: true,
+                    offset: x.host_offset,
+                    ..base
+                },
+            ),
+            ExtentKind::Compressed => push(
+                entries,
+                MapEntry {
+                    data: true,
+                    compressed: true,
+                    ..base
+                },
+            ),
+            ExtentKind::Unallocated => push(
+                entries,
+                MapEntry {
+                    present: false,
+                    zero: true,
+                    ..base
+                },
+            ),
+            ExtentKind::Backing => {
+                if backing.is_none() {
+                    backing = Some(open_backing(img, name)?);
+                }
+                let Some((bimg, bname, bsize)) = backing.as_mut() else {
+                    continue;
+                };
+                // Beyond the backing file's end the range reads as zeros.
+                let inside = bsize.saturating_sub(x.offset).min(x.length);
+                if inside > 0 {
+                    match bimg {
+                        Some(b) => map_layer(b, bname, depth + 1, x.offset, inside, entries)?,
+                        None => push(
+                            entries,
+                            MapEntry {
+                                depth: depth + 1,
+                                data: true,
+                                offset: Some(x.offset),
+                                filename: bname.clone(),
+                                length: inside,
+                                ..base.clone()
+                            },
+                        ),
+                    }
+                }
+                if inside < x.length {
+                    push(
+                        entries,
+                        MapEntry {
+                            start: x.offset + inside,
+                            length: x.length - inside,
+                            depth: depth + 1,
+                            present: false,
+                            zero: true,
+                            ..base
+                        },
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens the backing file of `img`: a qcow2 image, or (None) a raw file, with its name and
+/// size.
+fn open_backing(img: &Image, name: &str) -> Result<(Option<Image>, String, u64), CliError> {
+    let Some(b) = img.backing_file() else {
+        return Err(CliError::new("backing file missing"));
+    };
+    let path = image::path_combine(name, &b);
+    let opened = image::open(&path, None, false)?;
+    match opened.format {
+        Format::Raw => Ok((None, path, opened.file_len.next_multiple_of(512))),
+        Format::Qcow2 => {
+            let bimg = open_image(&path, true).map_err(|e| image::open_error(&path, e))?;
+            let size = bimg.virtual_size();
+            Ok((Some(bimg), path, size))
+        }
+    }
+}
+
+fn parse_offset(what: &str, v: &str) -> Result<u64, CliError> {
+    match parse_size(v) {
+        Ok(n) if n <= i64::MAX as u64 => Ok(n),
+        Ok(_) | Err(SizeError::Overflow) => Err(CliError::new(format!(
+            "Invalid {what} specified. Must be between 0 and 9223372036854775807."
+        ))),
+        Err(SizeError::Invalid) => Err(CliError::new(format!("Invalid {what} specified: '{v}'."))),
+    }
+}
+
+/// Runs `map`.
+pub fn run(
+    file: &str,
+    format: Option<Format>,
+    output: OutputFormat,
+    start_offset: Option<&str>,
+    max_length: Option<&str>,
+) -> Result<(), CliError> {
+    let start = start_offset
+        .map(|v| parse_offset("start offset", v))
+        .transpose()?
+        .unwrap_or(0);
+    let max_len = max_length
+        .map(|v| parse_offset("max length", v))
+        .transpose()?;
+    let opened = image::open(file, format, false)?;
+    if opened.format == Format::Raw {
+        return Err(CliError::new(
+            "map of raw images is not available yet (it needs the file's hole map)",
+        ));
+    }
+    let mut img = open_image(file, true).map_err(|e| image::open_error(file, e))?;
+    let size = img.virtual_size();
+    let end = match max_len {
+        Some(l) => start.saturating_add(l).min(size),
+        None => size,
+    };
+    let mut entries = Vec::new();
+    if start < end {
+        map_layer(&mut img, file, 0, start, end - start, &mut entries)?;
+    }
+    match output {
+        OutputFormat::Json => {
+            let body: Vec<String> = entries.iter().map(MapEntry::json).collect();
+            out(&format!("[{}]\n", body.join(",\n")));
+            Ok(())
+        }
+        OutputFormat::Human => {
+            let mut text = format!(
+                "{:<16}{:<16}{:<16}{}\n",
+                "Offset", "Length", "Mapped to", "File"
+            );
+            for e in &entries {
+                if e.data && e.offset.is_none() {
+                    out(&text);
+                    return Err(CliError::new(
+                        "File contains external, encrypted or compressed clusters.",
+                    ));
+                }
+                if e.data && !e.zero {
+                    text.push_str(&format!(
+                        "{}{}{}{}\n",
+                        hex16(e.start),
+                        hex16(e.length),
+                        hex16(e.offset.unwrap_or(0)),
+                        e.filename
+                    ));
+                }
+            }
+            out(&text);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! qcow2 images (through the qcow2-image facade) as a [`BlockDev`] for `io` and `bench`.
+
+use std::sync::Arc;
+
+use qcow2_image::{BackingPolicy, Image, ImageError, OpenOptions};
+use qcow2_io::FileStorage;
+
+use crate::info::format_specific_lines;
+use crate::io::BlockDev;
+
+/// `EPERM`, QEMU's answer to a write on a read-only node.
+const EPERM: i32 = 1;
+
+/// An opened qcow2 image.
+pub struct QcowDev {
+    image: Option<Image>,
+    read_only: bool,
+}
+
+/// Opens `path` with the backing chain resolved next to it (as qemu-io and qemu-img do).
+/// The error is the text qemu-img prints after "Could not open 'FILE': ".
+pub fn open_image(path: &str, read_only: bool) -> Result<Image, String> {
+    let storage = FileStorage::open(path, !read_only)
+        .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
+    let base_dir = std::path::Path::new(path)
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
+    let opts = OpenOptions {
+        read_only,
+        backing: BackingPolicy::Open {
+            base_dir,
+            max_depth: 16,
+            // qemu-img follows backing file names anywhere; so does this command-line tool
+            // (the restriction is for services that open untrusted images).
+            allowed_dirs: vec![std::path::PathBuf::from("/")],
+        },
+        ..OpenOptions::default()
+    };
+    let image = Image::open(Arc::new(storage), &opts).map_err(|e| error_text(&e))?;
+    for m in image.messages() {
+        eprintln!("{m}");
+    }
+    Ok(image)
+}
+
+/// The message of an image error without the engine's operation prefix where QEMU has none.
+pub fn error_text(e: &ImageError) -> String {
+    match e {
+        ImageError::Header(h) => h.to_string(),
+        other => other.to_string(),
+    }
+}
+
+impl QcowDev {
+    /// Opens `path`; errors are qemu-io's "can't open device" messages.
+    pub fn open(path: &str, read_only: bool) -> Result<Self, String> {
+        let image =
+            open_image(path, read_only).map_err(|e| format!("can't open device {path}: {e}"))?;
+        Ok(QcowDev {
+            image: Some(image),
+            read_only,
+        })
+    }
+
+    /// Wraps an image opened by [`open_image`].
+    pub fn from_image(image: Image, read_only: bool) -> Self {
+        QcowDev {
+            image: Some(image),
+            read_only,
+        }
+    }
+
+    fn img(&mut self) -> Result<&mut Image, i32> {
+        self.image.as_mut().ok_or(5)
+    }
+
+    fn writable(&mut self) -> Result<&mut Image, i32> {
+        if self.read_only {
+            return Err(EPERM);
+        }
+        self.img()
+    }
+
+    /// Flushes and closes the image, reporting the error text if that fails.
+    pub fn close(&mut self) -> Result<(), String> {
+        match self.image.take() {
+            Some(img) => img.close().map_err(|e| error_text(&e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for QcowDev {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+fn errno(e: ImageError) -> i32 {
+    if e.is_corruption() {
+        eprintln!("qcow2: {}", error_text(&e));
+    }
+    e.errno()
+}
+
+impl BlockDev for QcowDev {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+    fn length(&mut self) -> Result<u64, i32> {
+        Ok(self.img()?.virtual_size())
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        self.img()?.read(offset, buf).map_err(errno)
+    }
+    fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        self.writable()?.write(offset, buf).map_err(errno)
+    }
+    fn write_compressed(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        let img = self.writable()?;
+        let cs = img.cluster_size() as usize;
+        // qemu-io splits a compressed write into whole clusters.
+        for (i, chunk) in buf.chunks(cs.max(1)).enumerate() {
+            img.write_compressed(offset + (i * cs) as u64, chunk)
+                .map_err(errno)?;
+        }
+        Ok(())
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), i32> {
+        self.writable()?
+            .write_zeroes(offset, len, unmap)
+            .map_err(errno)
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), i32> {
+        self.writable()?.discard(offset, len).map_err(errno)
+    }
+    fn flush(&mut self) -> Result<(), i32> {
+        self.img()?.flush().map_err(errno)
+    }
+    fn truncate(&mut self, len: u64) -> Result<(), i32> {
+        self.writable()?.resize(len).map_err(errno)
+    }
+    fn is_allocated(&mut self, offset: u64, len: u64) -> Result<(bool, u64), i32> {
+        let e = self.img()?.block_status(offset, len).map_err(errno)?;
+        Ok((e.is_allocated(), e.length))
+    }
+    fn info(&mut self) -> (u64, u64) {
+        match self.img() {
+            Ok(img) => {
+                let g = *img.geometry();
+                let l1 = g.l1_entries_for(img.virtual_size());
+                (g.cluster_size(), l1.saturating_mul(g.l2_coverage()))
+            }
+            Err(_) => (0, 0),
+        }
+    }
+    fn specific_info(&mut self) -> Vec<String> {
+        match self.img() {
+            Ok(img) => format_specific_lines(img.header()),
+            Err(_) => Vec::new(),
+        }
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
