@@ -217,7 +217,15 @@ pub(crate) struct Run<'s, 'p> {
     overrides: Overrides,
     progress_done: u64,
     progress_total: u64,
+    /// A reusable read buffer for table batches.
+    spare: Vec<u8>,
+    /// The active L2 tables as the last walk read (and repaired) them, for the COPIED
+    /// pass; `None` when they did not fit the memory budget.
+    active_l2: Option<Vec<TableBatch>>,
 }
+
+/// Memory budget for keeping the active L2 tables between the walk and the COPIED pass.
+const ACTIVE_L2_BUDGET: usize = 256 << 20;
 
 /// Byte budget of one batch of L2 tables or refcount blocks.
 const BATCH_BYTES: u64 = 32 << 20;
@@ -242,6 +250,8 @@ impl<'s, 'p> Run<'s, 'p> {
             overrides: Vec::new(),
             progress_done: 0,
             progress_total: 0,
+            spare: Vec::new(),
+            active_l2: None,
         }
     }
 
@@ -403,6 +413,18 @@ impl<'s, 'p> Run<'s, 'p> {
             return Ok(());
         }
         let cs = self.img.cs;
+        // Fast path: one aligned cluster inside the table and the file.
+        if size as u64 == cs && offset >= 0 && offset as u64 & (cs - 1) == 0 {
+            let o = offset as u64;
+            let k = o >> self.img.bits;
+            if k < self.imrt.len() && o < self.file_len {
+                if !self.imrt.inc(k) {
+                    self.push(Finding::RefcountOverflow { cluster_offset: o });
+                    res.corruptions += 1;
+                }
+                return Ok(());
+            }
+        }
         let over = offset.wrapping_add(size).wrapping_sub(self.file_len as i64);
         if over >= cs as i64 {
             self.push(Finding::RegionBeyondEof {
@@ -632,6 +654,9 @@ impl<'s, 'p> Run<'s, 'p> {
         drop(buf);
         let cs = self.img.cs;
         let per_batch = (BATCH_BYTES / cs).max(1) as usize;
+        if active {
+            self.active_l2 = Some(Vec::new());
+        }
         let mut i = 0usize;
         while i < l1.len() {
             // One batch: the next `per_batch` allocated entries.
@@ -643,9 +668,9 @@ impl<'s, 'p> Run<'s, 'p> {
                 }
                 j += 1;
             }
-            let mut batch = TableBatch::load(&*self.img.storage, &offsets, cs as usize);
-            for (idx, &entry) in l1.iter().enumerate().take(j).skip(i) {
-                let _ = idx;
+            let spare = std::mem::take(&mut self.spare);
+            let mut batch = TableBatch::load(&*self.img.storage, &offsets, cs as usize, spare);
+            for &entry in l1.iter().take(j).skip(i) {
                 if entry == 0 {
                     continue;
                 }
@@ -663,6 +688,22 @@ impl<'s, 'p> Run<'s, 'p> {
             }
             self.tick((j - i) as u64);
             i = j;
+            // Keep the active tables for the COPIED pass while they fit the budget.
+            let keep = active
+                && self.active_l2.as_ref().is_some_and(|v| {
+                    v.iter().map(TableBatch::bytes).sum::<usize>() + batch.bytes()
+                        <= ACTIVE_L2_BUDGET
+                });
+            if keep {
+                if let Some(v) = self.active_l2.as_mut() {
+                    v.push(batch);
+                }
+            } else {
+                if active {
+                    self.active_l2 = None;
+                }
+                self.spare = batch.into_buffer();
+            }
         }
         Ok(())
     }
@@ -677,9 +718,9 @@ impl<'s, 'p> Run<'s, 'p> {
         fix: Fix,
         active: bool,
     ) -> Result<(), i32> {
-        // A private copy: repairs below patch it and the batch copy.
-        let mut table = match batch.get_mut(l2_offset) {
-            Ok(t) => t.to_vec(),
+        // Repairs below patch this batch copy, which later references of the table see.
+        let table = match batch.get_mut(l2_offset) {
+            Ok(t) => t,
             Err(e) => {
                 self.push(Finding::L2ReadFailed);
                 res.check_errors += 1;
@@ -694,8 +735,8 @@ impl<'s, 'p> Run<'s, 'p> {
         let data_file = self.img.has_data_file;
         let mut next_contiguous = 0u64;
         for i in 0..n {
-            let mut entry = be64_at(&table, i * esz);
-            let bitmap = if ext { be64_at(&table, i * esz + 8) } else { 0 };
+            let mut entry = be64_at(table, i * esz);
+            let bitmap = if ext { be64_at(table, i * esz + 8) } else { 0 };
             if entry == 0 && bitmap == 0 {
                 continue;
             }
@@ -769,12 +810,7 @@ impl<'s, 'p> Run<'s, 'p> {
                         offset,
                     });
                     if fix.errors {
-                        let r = self.fix_l2_entry_by_zero(res, l2_offset, &mut table, i, active);
-                        // Later references to this table in the batch see the repair.
-                        if let Ok(t) = batch.get_mut(l2_offset) {
-                            t.copy_from_slice(&table);
-                        }
-                        match r {
+                        match self.fix_l2_entry_by_zero(res, l2_offset, table, i, active) {
                             ZeroFix::Fixed => continue,
                             ZeroFix::Overlap(e) => return Err(e),
                             ZeroFix::WriteFailed => {}
@@ -980,7 +1016,8 @@ impl<'s, 'p> Run<'s, 'p> {
                     offsets.push(o);
                 }
             }
-            let mut batch = TableBatch::load(&*self.img.storage, &offsets, cs as usize);
+            let spare = std::mem::take(&mut self.spare);
+            let mut batch = TableBatch::load(&*self.img.storage, &offsets, cs as usize, spare);
             // Refcount blocks repaired earlier in this session are still "in the cache".
             for (off, b) in &self.s.pending {
                 if let Ok(t) = batch.get_mut(*off) {
@@ -1025,8 +1062,14 @@ impl<'s, 'p> Run<'s, 'p> {
                     }
                 };
                 let mut fixed_clusters: Vec<u64> = Vec::new();
+                let order16 = codec.order() == 4;
                 for c in start..end {
                     let r1 = match &block {
+                        Some(b) if order16 => {
+                            let i = ((c - start) * 2) as usize;
+                            b.get(i..i + 2)
+                                .map_or(0, |w| u64::from(u16::from_be_bytes([w[0], w[1]])))
+                        }
                         Some(b) => codec.get(b, c - start).unwrap_or(0),
                         None => 0,
                     };
@@ -1092,6 +1135,7 @@ impl<'s, 'p> Run<'s, 'p> {
             }
             self.tick(b1 - b0);
             b0 = b1;
+            self.spare = batch.into_buffer();
         }
         if wrote_any {
             // QEMU_DISCARD_ALWAYS: clusters whose refcount dropped to 0 are discarded, in
@@ -1123,6 +1167,9 @@ impl<'s, 'p> Run<'s, 'p> {
     /// the last comparison (and its repairs).
     fn disk_refcount(&mut self, cluster: u64, cache: &mut RefblockCache) -> Result<u64, i32> {
         if cluster < self.imrt.len() {
+            if self.overrides.is_empty() {
+                return Ok(self.imrt.get(cluster));
+            }
             return match self.overrides.binary_search_by_key(&cluster, |o| o.0) {
                 Ok(i) => self.overrides[i].1,
                 Err(_) => Ok(self.imrt.get(cluster)),
@@ -1168,6 +1215,8 @@ impl<'s, 'p> Run<'s, 'p> {
         let mut cache = RefblockCache::default();
         let l1_len = self.img.l1.len();
         let per_batch = (BATCH_BYTES / cs).max(1) as usize;
+        // Owned here so that tables can be borrowed while `self` reports findings.
+        let mut kept = self.active_l2.take();
         let mut i0 = 0usize;
         while i0 < l1_len {
             let mut i1 = i0;
@@ -1179,7 +1228,21 @@ impl<'s, 'p> Run<'s, 'p> {
                 }
                 i1 += 1;
             }
-            let mut batch = TableBatch::load(&*self.img.storage, &offsets, cs as usize);
+            // The walk's copies when it kept them all, else a fresh batched read.
+            let cached = kept
+                .as_ref()
+                .is_some_and(|v| offsets.iter().all(|o| v.iter().any(|b| b.contains(*o))));
+            let mut fresh = if cached {
+                None
+            } else {
+                let spare = std::mem::take(&mut self.spare);
+                Some(TableBatch::load(
+                    &*self.img.storage,
+                    &offsets,
+                    cs as usize,
+                    spare,
+                ))
+            };
             for i in i0..i1 {
                 let l1_entry = self.img.l1[i];
                 let l2_offset = l1_entry & L1E_OFFSET_MASK;
@@ -1212,8 +1275,16 @@ impl<'s, 'p> Run<'s, 'p> {
                         res.corruptions_fixed += 1;
                     }
                 }
-                let mut table = match batch.get_mut(l2_offset) {
-                    Ok(t) => t.to_vec(),
+                let got = match fresh.as_mut() {
+                    Some(b) => b.get_mut(l2_offset),
+                    None => kept
+                        .as_mut()
+                        .and_then(|v| v.iter_mut().find(|b| b.contains(l2_offset)))
+                        .map_or(Err(EIO), |b| b.get_mut(l2_offset)),
+                };
+                // Repairs patch this copy in place, so later references see them.
+                let table = match got {
+                    Ok(t) => t,
                     Err(e) => {
                         self.push(Finding::CopiedL2ReadFailed {
                             error: errno_text(e),
@@ -1224,7 +1295,7 @@ impl<'s, 'p> Run<'s, 'p> {
                 };
                 let mut dirty = 0i64;
                 for j in 0..n {
-                    let entry = be64_at(&table, j * esz);
+                    let entry = be64_at(table, j * esz);
                     if entry & OFLAG_COMPRESSED != 0 {
                         continue;
                     }
@@ -1259,7 +1330,7 @@ impl<'s, 'p> Run<'s, 'p> {
                             } else {
                                 entry & !OFLAG_COPIED
                             };
-                            put_be64(&mut table, j * esz, new);
+                            put_be64(table, j * esz, new);
                             dirty += 1;
                         }
                     }
@@ -1276,21 +1347,21 @@ impl<'s, 'p> Run<'s, 'p> {
                         res.check_errors += 1;
                         return Err(EIO);
                     }
-                    if let Err(e) = pwrite(&*self.img.storage, &table, l2_offset) {
+                    if let Err(e) = pwrite(&*self.img.storage, table, l2_offset) {
                         self.push(Finding::CopiedL2WriteFailed {
                             error: strerror(&e),
                         });
                         res.check_errors += 1;
                         return Err(errno_of(&e));
                     }
-                    if let Ok(t) = batch.get_mut(l2_offset) {
-                        t.copy_from_slice(&table);
-                    }
                     res.corruptions -= dirty;
                     res.corruptions_fixed += dirty;
                 }
             }
             i0 = i1;
+            if let Some(b) = fresh {
+                self.spare = b.into_buffer();
+            }
         }
         let _ = self.img.storage.flush();
         Ok(())

@@ -47,28 +47,31 @@ pub(crate) fn pwrite_sync(storage: &dyn Storage, buf: &[u8], offset: u64) -> io:
 /// into the copy that later references of the same table will see.
 pub(crate) struct TableBatch {
     table_len: usize,
-    /// Offset -> (buffer index, start within that buffer), or the read error.
-    slots: HashMap<u64, Result<(usize, usize), i32>>,
-    buffers: Vec<Vec<u8>>,
+    /// Offset -> start within `buf`, or the read error.
+    slots: HashMap<u64, Result<usize, i32>>,
+    buf: Vec<u8>,
 }
 
 impl TableBatch {
     /// Reads every table in `offsets` (duplicates allowed) with reads sorted by offset and
-    /// coalesced across small gaps. A failing batched read is retried table by table so
-    /// that only the tables that really fail report an error.
-    pub(crate) fn load(storage: &dyn Storage, offsets: &[u64], table_len: usize) -> Self {
+    /// coalesced across small gaps, into `buf` (reused to avoid fresh allocations). A
+    /// failing batched read is retried table by table so that only the tables that really
+    /// fail report an error.
+    pub(crate) fn load(
+        storage: &dyn Storage,
+        offsets: &[u64],
+        table_len: usize,
+        mut buf: Vec<u8>,
+    ) -> Self {
         let mut sorted: Vec<u64> = offsets.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
         let tl = table_len as u64;
-        let mut batch = TableBatch {
-            table_len,
-            slots: HashMap::with_capacity(sorted.len()),
-            buffers: Vec::new(),
-        };
+        // Plan the runs first so that one buffer holds them all.
+        let mut runs: Vec<(usize, usize, u64, u64)> = Vec::new();
         let mut i = 0;
+        let mut total = 0u64;
         while i < sorted.len() {
-            // Grow a run [start, end) while the next table starts close enough.
             let start = sorted[i];
             let mut end = start.saturating_add(tl);
             let mut j = i + 1;
@@ -81,52 +84,65 @@ impl TableBatch {
                 end = end.max(next_end);
                 j += 1;
             }
-            let run_len = (end - start) as usize;
-            let mut buf = vec![0u8; run_len];
-            match pread(storage, &mut buf, start) {
+            runs.push((i, j, start, end));
+            total += end - start;
+            i = j;
+        }
+        buf.clear();
+        buf.resize(total as usize, 0);
+        let mut slots = HashMap::with_capacity(sorted.len());
+        let mut pos = 0usize;
+        for (i, j, start, end) in runs {
+            let len = (end - start) as usize;
+            let run_buf = &mut buf[pos..pos + len];
+            match pread(storage, run_buf, start) {
                 Ok(()) => {
-                    let bi = batch.buffers.len();
-                    batch.buffers.push(buf);
                     for &o in &sorted[i..j] {
-                        batch.slots.insert(o, Ok((bi, (o - start) as usize)));
+                        slots.insert(o, Ok(pos + (o - start) as usize));
                     }
                 }
                 Err(_) => {
-                    // Find out which tables fail on their own.
                     for &o in &sorted[i..j] {
-                        let mut one = vec![0u8; table_len];
-                        match pread(storage, &mut one, o) {
-                            Ok(()) => {
-                                let bi = batch.buffers.len();
-                                batch.buffers.push(one);
-                                batch.slots.insert(o, Ok((bi, 0)));
-                            }
-                            Err(e) => {
-                                batch.slots.insert(o, Err(crate::finding::errno_of(&e)));
-                            }
-                        }
+                        let at = pos + (o - start) as usize;
+                        let r = pread(storage, &mut buf[at..at + table_len], o);
+                        slots.insert(o, r.map(|()| at).map_err(|e| crate::finding::errno_of(&e)));
                     }
                 }
             }
-            i = j;
+            pos += len;
         }
-        batch
+        TableBatch {
+            table_len,
+            slots,
+            buf,
+        }
+    }
+
+    /// Whether `offset` was requested in this batch.
+    pub(crate) fn contains(&self, offset: u64) -> bool {
+        self.slots.contains_key(&offset)
     }
 
     /// The table at `offset` (which must have been requested), or the errno of its read.
     pub(crate) fn get_mut(&mut self, offset: u64) -> Result<&mut [u8], i32> {
         match self.slots.get(&offset) {
-            Some(Ok((bi, start))) => {
-                let (bi, start) = (*bi, *start);
-                let tl = self.table_len;
-                self.buffers
-                    .get_mut(bi)
-                    .and_then(|b| b.get_mut(start..start + tl))
-                    .ok_or(EIO)
+            Some(Ok(start)) => {
+                let (start, tl) = (*start, self.table_len);
+                self.buf.get_mut(start..start + tl).ok_or(EIO)
             }
             Some(Err(e)) => Err(*e),
             None => Err(EIO),
         }
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Gives the buffer back for the next batch.
+    pub(crate) fn into_buffer(self) -> Vec<u8> {
+        self.buf
     }
 }
 
