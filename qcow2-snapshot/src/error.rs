@@ -32,6 +32,13 @@ pub enum Error {
         /// The current number of snapshots.
         count: usize,
     },
+    /// The header's `snapshots_offset` is unaligned or too large to hold a table (QEMU:
+    /// `-EINVAL`, "Snapshot table offset invalid").
+    #[error("Snapshot table offset invalid")]
+    TableOffsetInvalid {
+        /// The header's `snapshots_offset`.
+        offset: u64,
+    },
     /// The snapshot's L1 table has more entries than QEMU allows (32 MiB of entries).
     /// QEMU: `-EFBIG`, "Snapshot L1 table too large".
     #[error("Snapshot L1 table too large")]
@@ -232,7 +239,9 @@ impl Error {
         match self.root() {
             Error::NotFound { .. } => libc::ENOENT,
             Error::TooManySnapshots { .. } | Error::L1TooLarge { .. } => EFBIG,
-            Error::L1OffsetInvalid { .. } | Error::RefcountOverflow { .. } => EINVAL,
+            Error::L1OffsetInvalid { .. }
+            | Error::TableOffsetInvalid { .. }
+            | Error::RefcountOverflow { .. } => EINVAL,
             Error::L2TableUnaligned { .. }
             | Error::L1EntryInvalid { .. }
             | Error::ClusterUnaligned { .. }

@@ -143,9 +143,8 @@ impl Snapshots {
         if !geometry.is_cluster_aligned(snapshots_offset)
             || snapshots_offset.checked_add(MAX_READ).is_none()
         {
-            return Err(Error::Io {
-                context: "Snapshot table offset invalid",
-                source: std::io::Error::from_raw_os_error(qcow2_io::errno::EINVAL),
+            return Err(Error::TableOffsetInvalid {
+                offset: snapshots_offset,
             });
         }
         let opts = SnapshotReadOptions {
@@ -592,7 +591,9 @@ impl Snapshots {
         // (c) on the old tree, from memory; (d) whatever happened.
         let old: Vec<u64> = host.parts().active_l1.to_vec();
         let dec = walk::walk(host, L1Source::Entries(&old), Addend::Decrease);
-        host.parts().active_l1.copy_from_slice(&new_l1);
+        let active = host.parts().active_l1;
+        let n = active.len().min(new_l1.len());
+        active[..n].copy_from_slice(&new_l1[..n]);
         dec.map_err(|f| f.error)?;
         // (e)
         walk::walk(host, L1Source::Active, Addend::Recompute).map_err(|f| f.error)?;

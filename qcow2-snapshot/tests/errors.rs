@@ -269,3 +269,13 @@ fn data_file_images_are_refused() {
         Err(Error::DataFile)
     ));
 }
+
+#[test]
+fn unaligned_snapshot_table_is_refused_at_load() {
+    let (_d, p) = tmp_image();
+    with_snapshot(&p);
+    poke(&p, 64, &0x1234_5678_90ab_cdefu64.to_be_bytes());
+    let e = TestImage::open_file(&p).err().unwrap();
+    assert!(matches!(e, Error::TableOffsetInvalid { .. }), "{e:?}");
+    assert_eq!(e.to_string(), "Snapshot table offset invalid");
+}
