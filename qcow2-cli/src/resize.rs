@@ -59,10 +59,7 @@ pub fn run(
     let req = parse_request(size_arg)?;
     let opened = image::open(file, format, true)?;
     if opened.format == Format::Qcow2 {
-        return Err(CliError::unavailable(
-            "resize of qcow2 images",
-            "qcow2-image",
-        ));
+        return resize_qcow2(file, req, shrink, quiet);
     }
     let current = opened.file_len;
     let new = new_size(current, req)?;
@@ -77,6 +74,38 @@ pub fn run(
         .set_len(new)
         .and_then(|_| storage.flush())
         .map_err(|e| CliError::new(format!("Could not resize file: {}", image::strerror(&e))))?;
+    if !quiet {
+        out("Image resized.\n");
+    }
+    Ok(())
+}
+
+/// Grows a qcow2 image through the image facade (shrinking is not available yet).
+fn resize_qcow2(file: &str, req: SizeRequest, shrink: bool, quiet: bool) -> Result<(), CliError> {
+    let mut img =
+        crate::qcowdev::open_image(file, false).map_err(|e| image::open_error(file, e))?;
+    let current = img.virtual_size();
+    let new = new_size(current, req)?;
+    if new < current {
+        if !shrink {
+            return Err(CliError::new(
+                "Use the --shrink option to perform a shrink operation.",
+            ));
+        }
+        return Err(CliError::new(
+            "shrinking qcow2 images is not available yet (the image facade only grows)",
+        ));
+    }
+    // qcow2 rounds the virtual size up to whole sectors, as QEMU does.
+    let new = new.next_multiple_of(512);
+    img.resize(new)
+        .map_err(|e| CliError::new(crate::qcowdev::error_text(&e)))?;
+    img.close().map_err(|e| {
+        CliError::new(format!(
+            "Error while closing the image: {}",
+            crate::qcowdev::error_text(&e)
+        ))
+    })?;
     if !quiet {
         out("Image resized.\n");
     }
