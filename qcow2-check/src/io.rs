@@ -63,10 +63,20 @@ impl TableBatch {
         table_len: usize,
         mut buf: Vec<u8>,
     ) -> Self {
-        let mut sorted: Vec<u64> = offsets.to_vec();
+        let tl = table_len as u64;
+        let mut slots = HashMap::with_capacity(offsets.len());
+        // A table that would end beyond 2^64 cannot be read (found by fuzzing: the run
+        // arithmetic below saturates and the slice is shorter than a table).
+        let mut sorted: Vec<u64> = Vec::with_capacity(offsets.len());
+        for &o in offsets {
+            if o.checked_add(tl).is_some() {
+                sorted.push(o);
+            } else {
+                slots.insert(o, Err(libc_einval()));
+            }
+        }
         sorted.sort_unstable();
         sorted.dedup();
-        let tl = table_len as u64;
         // Plan the runs first so that one buffer holds them all.
         let mut runs: Vec<(usize, usize, u64, u64)> = Vec::new();
         let mut i = 0;
@@ -90,7 +100,6 @@ impl TableBatch {
         }
         buf.clear();
         buf.resize(total as usize, 0);
-        let mut slots = HashMap::with_capacity(sorted.len());
         let mut pos = 0usize;
         for (i, j, start, end) in runs {
             let len = (end - start) as usize;
@@ -176,4 +185,9 @@ pub(crate) fn put_be64(buf: &mut [u8], at: usize, v: u64) {
     if let Some(s) = buf.get_mut(at..at + 8) {
         s.copy_from_slice(&v.to_be_bytes());
     }
+}
+
+/// `EINVAL`, for table offsets that cannot be addressed.
+fn libc_einval() -> i32 {
+    qcow2_io::errno::EINVAL
 }

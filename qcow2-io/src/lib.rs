@@ -16,6 +16,7 @@
 mod event;
 mod file;
 mod mem;
+mod sparse;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod crash;
@@ -25,6 +26,7 @@ pub mod fault;
 pub use event::{Event, UnknownEvent};
 pub use file::FileStorage;
 pub use mem::MemStorage;
+pub use sparse::SparseStorage;
 
 use std::io;
 use std::sync::Arc;
