@@ -2,9 +2,7 @@
 
 use crate::error::Error;
 use crate::host::{MetadataWrite, SnapshotHost};
-use crate::walk::{
-    self, flush_all, l1_bytes, read_l1, validate_snapshot_l1, Addend, L1Source, Remains,
-};
+use crate::walk::{self, l1_bytes, read_l1, validate_snapshot_l1, Addend, L1Source, Remains};
 use qcow2_format::limits::{
     ENTRY_SIZE, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE, MAX_SNAPSHOT_EXTRA_DATA,
 };
@@ -243,8 +241,8 @@ impl Snapshots {
     }
 
     /// Writes `table` as the new snapshot table (QEMU's `qcow2_write_snapshots`): allocate
-    /// new clusters, flush (their refcounts are durable), write every entry, flush, one
-    /// synchronous 12-byte header write (`nb_snapshots`, `snapshots_offset`), then free the
+    /// new clusters, write every entry, flush (the new refcounts and the entries are
+    /// durable), one synchronous 12-byte header write (`nb_snapshots`, `snapshots_offset`), then free the
     /// old table. An empty table is recorded as offset 0 (as QEMU does). On failure before the
     /// header write the new clusters are freed and nothing changed; if the flush after the
     /// header write fails, neither table is freed ([`Error::TableSwitchUnknown`]).
@@ -278,8 +276,14 @@ impl Snapshots {
             }
         };
         let staged = (|| -> Result<(), Error> {
-            // The new clusters' refcounts are durable before anything points at them.
-            flush_all(host.parts().caches)?;
+            // The new clusters' refcounts and the entries are durable before the header
+            // points at them. (QEMU issues a barrier after the allocation and another after
+            // the entries; one after both gives the same guarantee.)
+            {
+                let caches = host.parts().caches;
+                caches.write(qcow2_cache::CacheId::L2)?;
+                caches.write(qcow2_cache::CacheId::Refblock)?;
+            }
             if len > 0 {
                 host.check_overlap(new_offset, len, MetadataWrite::NewSnapshotTable)?;
                 storage
