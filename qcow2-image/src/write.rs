@@ -117,6 +117,17 @@ impl Image {
             buf.extend_from_slice(&e.to_be_bytes());
         }
         let off = self.fc.header.l1_table_offset + start * 8;
+        if !self.refcount_covers(L2Entry::normal(off & !511, true).unwrap_or(L2Entry::UNALLOCATED))
+        {
+            return Err(self.corruption(
+                op,
+                true,
+                format!(
+                    "Active L1 table offset {} is not covered by the refcount structures",
+                    CHex(self.fc.header.l1_table_offset)
+                ),
+            ));
+        }
         self.storage.event(Event::L1Update);
         if let Err(e) = self.overlap.check(off, n * 8, bits::ACTIVE_L1) {
             return Err(self.corruption(op, true, e.to_string()));
@@ -218,6 +229,20 @@ impl Image {
         let raw = self.l1[l1_index as usize];
         let off = self.l2_offset(op, l1_index)?;
         if off != 0 && raw & OFLAG_COPIED != 0 {
+            if !self.refcount_covers(L2Entry::normal(off, true).unwrap_or(L2Entry::UNALLOCATED)) {
+                // A table no refcount block describes has refcount 0: updating it in place
+                // would write wherever a corrupted L1 entry points.
+                return Err(self.corruption(
+                    op,
+                    true,
+                    format!(
+                        "L2 table offset {} is not covered by the refcount structures \
+                         (L1 index: {})",
+                        CHex(off),
+                        CHex(l1_index)
+                    ),
+                ));
+            }
             return Ok(off);
         }
         self.l2_allocate(op, l1_index)
@@ -351,6 +376,20 @@ impl Image {
                         true,
                         format!(
                             "{what} cluster offset {} unaligned (guest offset: {})",
+                            CHex(host),
+                            CHex(guest_cluster)
+                        ),
+                    ));
+                }
+                if !self.refcount_covers(e) {
+                    // Refcount 0 while referenced: writing there would extend the file to an
+                    // offset from disk for a cluster no refcount block can describe.
+                    return Err(self.corruption(
+                        op,
+                        true,
+                        format!(
+                            "Cluster offset {} is not covered by the refcount structures \
+                             (guest offset: {})",
                             CHex(host),
                             CHex(guest_cluster)
                         ),

@@ -133,6 +133,35 @@ impl Image {
         self.sync_overlap_refcounts();
     }
 
+    /// Whether the host range `e` references lies within what the refcount table describes.
+    pub(crate) fn refcount_covers(&self, e: L2Entry) -> bool {
+        let (off, len) = match e.cluster_type(self.ctx) {
+            ClusterType::Compressed => {
+                let d = qcow2_format::compressed::CompressedFormat::for_geometry(&self.geo)
+                    .decode_raw(e.raw_entry());
+                (d.host_offset(), d.compressed_size())
+            }
+            ClusterType::Normal | ClusterType::ZeroAlloc => {
+                (e.host_offset(), self.geo.cluster_size())
+            }
+            _ => return true,
+        };
+        let Some(end) = off.checked_add(len.max(1)) else {
+            return false;
+        };
+        // Every cluster of the range needs an allocated refcount block (else its refcount is
+        // necessarily 0).
+        let table = self.engine.reftable();
+        let first = self.geo.reftable_index(self.geo.cluster_index(off));
+        let last = self.geo.reftable_index(self.geo.cluster_index(end - 1));
+        (first..=last).all(|b| {
+            usize::try_from(b)
+                .ok()
+                .and_then(|b| table.get(b))
+                .is_some_and(|&e| e != 0)
+        })
+    }
+
     /// Makes guest `[offset, offset + len)` read as zeros. On v3 images this changes only
     /// metadata where QEMU does (whole subclusters/clusters; unaligned edges whose
     /// remaining bytes already read as zero); `unmap` also releases host clusters. Elsewhere
