@@ -97,6 +97,16 @@ impl Machine {
     }
 }
 
+/// The 1-minute load average from /proc/loadavg, if readable.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The (type, source, mount point) of the filesystem holding `path`: the longest mount point
 /// in /proc/mounts that prefixes its canonical path, else `stat -f -c %T`.
 fn filesystem_of(path: &Path) -> (String, String, String) {

@@ -846,8 +846,14 @@ fn run(opts: &Options) -> Result<ExitCode, String> {
     let selected = select(workloads::all(&params), opts.workloads.as_deref())?;
     let caps = Capabilities::probe(&ours);
     let (date, time) = crate::util::utc_now();
+    let load_start = machine::load_average();
 
     eprintln!("== machine: {}", machine.one_line());
+    if let Some(l) = load_start.filter(|l| *l > 0.5) {
+        eprintln!(
+            "   note: load average {l:.2} before starting: other work on the machine will make the timings noisy"
+        );
+    }
     eprintln!("== qemu-img: {qemu_version}; ours: {}", ours.display());
     eprintln!(
         "== scale {scale}, {pairs} measured pair(s) after {warmup} warm-up pair(s), bench cache mode '{cache}', depth {}",
@@ -915,6 +921,7 @@ fn run(opts: &Options) -> Result<ExitCode, String> {
         warmup,
         cache: cache.to_string(),
         depth: opts.depth,
+        load: (load_start, machine::load_average()),
     };
     let table = report::markdown(&meta, &results);
     println!("{table}");

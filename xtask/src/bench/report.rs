@@ -36,6 +36,9 @@ pub struct Meta {
     pub cache: String,
     /// Queue depth of bench workloads.
     pub depth: u32,
+    /// 1-minute load average when the benchmark started and when it ended (other work on
+    /// the machine makes the numbers noisier).
+    pub load: (Option<f64>, Option<f64>),
 }
 
 /// Throughput of `bytes` moved in `secs`.
@@ -85,11 +88,14 @@ fn cell(side: Option<&SideResult>, bytes: u64, notes: &mut Vec<String>, who: &st
 pub fn markdown(meta: &Meta, results: &[WorkloadResult]) -> String {
     let mut out = String::new();
     let mut notes: Vec<String> = Vec::new();
+    let load = |l: Option<f64>| l.map_or("?".to_string(), |x| format!("{x:.2}"));
     out.push_str(&format!(
-        "Measured {} {} UTC on {}.\n\n",
+        "Measured {} {} UTC on {}; 1-minute load average {} at the start, {} at the end.\n\n",
         meta.date,
         meta.time,
-        meta.machine.one_line()
+        meta.machine.one_line(),
+        load(meta.load.0),
+        load(meta.load.1)
     ));
     out.push_str(&format!(
         "`{}` — {}; ours: `qcow2` at {}{}. Each workload: {} measured pair(s) after {} warm-up pair(s), runs alternating ours, QEMU; bench cache mode `-t {}`, depth `-d {}`. Times are medians; the ratio is ours / QEMU of the medians (below 1: ours is faster), with the min–max of the per-pair ratios; \"of floor\" is the throughput as a fraction of the plain-file floor's.\n\n",
@@ -239,6 +245,7 @@ pub fn json(meta: &Meta, results: &[WorkloadResult]) -> Value {
         "time_utc": meta.time,
         "command": meta.command,
         "machine": meta.machine.to_json(),
+        "load_average_1min": { "start": meta.load.0, "end": meta.load.1 },
         "qemu_img": meta.qemu_version,
         "ours": {
             "binary": meta.ours_binary,
