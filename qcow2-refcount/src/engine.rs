@@ -382,6 +382,16 @@ impl RefcountEngine {
         change: Change,
         discard: DiscardType,
     ) -> Result<(), Fail> {
+        // No refcount table QEMU accepts (8 MiB) can describe a cluster this far: refuse
+        // before any block or index state is created for it (a garbage offset from a damaged
+        // L2 entry must not make the index or the table grow without bound).
+        let max_blocks = MAX_REFTABLE_SIZE / 8;
+        if self.geometry.reftable_index(last) >= max_blocks {
+            return Err(Fail::Err(RefcountError::ReftableTooLarge {
+                clusters: (self.geometry.reftable_index(last) + 1)
+                    .div_ceil(self.geometry.table_entries_per_cluster()),
+            }));
+        }
         if matches!(change, Change::Decrease(_)) {
             // Invariant 1: the L2 tables that stopped referencing these clusters must reach
             // the disk before the refcount blocks that free them.

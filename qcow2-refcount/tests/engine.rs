@@ -571,3 +571,28 @@ fn freed_clusters_are_discarded_only_when_passthrough_allows_and_after_release()
         "DiscardType::Never kept"
     );
 }
+
+#[test]
+fn updates_beyond_any_refcount_table_are_refused_without_growing_anything() {
+    let mut f = mem_fixture(512, 16, 64 << 20);
+    let before = f.file_len();
+    // 512-byte clusters, 16-bit refcounts: an 8 MiB table covers 2^20 blocks of 256
+    // clusters, i.e. 128 GiB of host file. A garbage offset far beyond must be refused.
+    let far = 1u64 << 50;
+    let err = f.bump(far, Change::Increase(1)).unwrap_err();
+    assert!(
+        matches!(err, RefcountError::ReftableTooLarge { .. }),
+        "{err}"
+    );
+    assert_eq!(err.errno(), errno::EFBIG);
+    let err = f
+        .engine
+        .free_clusters(&mut f.caches, far, 512, DiscardType::Request)
+        .unwrap_err();
+    assert!(
+        matches!(err, RefcountError::ReftableTooLarge { .. }),
+        "{err}"
+    );
+    assert_eq!(f.file_len(), before);
+    assert_eq!(f.refcount(far / 512), 0);
+}
