@@ -51,6 +51,28 @@ pub fn sync_fs(dir: &Path) {
     }
 }
 
+/// Drops `p`'s pages from the page cache (`dd iflag=nocache count=0`, i.e.
+/// posix_fadvise DONTNEED on the whole file); clean pages only, so sync first.
+pub fn evict_from_page_cache(p: &Path) -> Result<(), String> {
+    let mut arg = std::ffi::OsString::from("if=");
+    arg.push(p);
+    let ok = Command::new("dd")
+        .arg(arg)
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "could not drop {} from the page cache (dd iflag=nocache)",
+            p.display()
+        ))
+    }
+}
+
 /// Whether files in `dir` can be opened with O_DIRECT (cache mode `none`); tmpfs cannot.
 pub fn supports_o_direct(dir: &Path) -> bool {
     let p = dir.join(".o_direct_probe");

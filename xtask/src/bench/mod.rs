@@ -40,6 +40,9 @@ options:
   --warmup N         warm-up pairs, not recorded (default 1; --quick: 0)
   --quick            smoke run for CI: tiny sizes, 1 pair, no warm-up (under a minute)
   --depth N          queue depth for bench workloads, -d (default 64, qemu-img's)
+  --cache MODE       cache mode for bench workloads, -t (default none, i.e. O_DIRECT; falls
+                     back to writeback where the filesystem refuses O_DIRECT); with none,
+                     the read workload's image is dropped from the page cache before each run
   --timeout SECS     time limit of one run, which is then killed (default 600; --quick 60)
   --out DIR          where results go (default: <workspace>/target/xtask-bench)
   --tmp DIR          parent of the temporary work directory (default: $TMPDIR or /tmp);
@@ -68,6 +71,7 @@ struct Options {
     ours: Option<PathBuf>,
     qemu_img: String,
     verify: bool,
+    cache: Option<String>,
 }
 
 fn parse_options(args: &[String]) -> Result<Option<Options>, String> {
@@ -86,6 +90,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>, String> {
         ours: None,
         qemu_img: "qemu-img".to_string(),
         verify: true,
+        cache: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -152,6 +157,15 @@ fn parse_options(args: &[String]) -> Result<Option<Options>, String> {
             }
             "--qemu-img" => o.qemu_img = value()?,
             "--no-verify" => o.verify = false,
+            "--cache" | "-t" => {
+                let v = value()?;
+                if !["none", "writeback", "writethrough", "directsync", "unsafe"]
+                    .contains(&v.as_str())
+                {
+                    return Err(format!("--cache: unknown cache mode '{v}'"));
+                }
+                o.cache = Some(v);
+            }
             other => return Err(format!("unknown option '{other}' (see --help)")),
         }
     }
@@ -491,12 +505,15 @@ fn fingerprint(p: &Path) -> Option<(u64, std::time::SystemTime)> {
 /// Runs one pair workload: warm-up and measured pairs, alternating ours and QEMU.
 fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> WorkloadResult {
     let Kind::Pair {
-        fresh_copy, output, ..
+        fresh_copy,
+        output,
+        evict_input,
+        ..
     } = &w.kind
     else {
         unreachable!("run_pair is only called for pair workloads")
     };
-    let (fresh_copy, has_output) = (*fresh_copy, *output);
+    let (fresh_copy, has_output, evict_input) = (*fresh_copy, *output, *evict_input);
     let mut ours = SideResult::new(w.command_text("qcow2"));
     let mut qemu = SideResult::new(w.command_text("qemu-img"));
     let mut result = WorkloadResult {
@@ -552,6 +569,12 @@ fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> Work
                 (Some(t), false) => t.clone(),
                 (None, _) => run_dir.join("none"),
             };
+            if evict_input {
+                if let Err(e) = files::evict_from_page_cache(&image) {
+                    res.status = Status::SetupFailed(e);
+                    continue;
+                }
+            }
             let out = run_dir.join(format!("{}.out.qcow2", side.label()));
             let _ = std::fs::remove_file(&out);
             let args = w.command_args(&image, &out);
@@ -833,10 +856,12 @@ fn run(opts: &Options) -> Result<ExitCode, String> {
     let _guard = TempDir(work.clone());
 
     let machine = Machine::probe(&work);
-    let cache = if files::supports_o_direct(&work) {
-        "none"
-    } else {
+    let wanted = opts.cache.as_deref().unwrap_or("none");
+    let direct = matches!(wanted, "none" | "directsync");
+    let cache = if direct && !files::supports_o_direct(&work) {
         "writeback"
+    } else {
+        wanted
     };
     let params = Params {
         scale,
@@ -859,7 +884,7 @@ fn run(opts: &Options) -> Result<ExitCode, String> {
         "== scale {scale}, {pairs} measured pair(s) after {warmup} warm-up pair(s), bench cache mode '{cache}', depth {}",
         opts.depth
     );
-    if cache != "none" {
+    if cache != wanted {
         eprintln!(
             "   (the temp dir's filesystem refuses O_DIRECT, so both sides use -t writeback)"
         );
@@ -990,6 +1015,9 @@ fn args_of(o: &Options) -> Vec<String> {
     }
     if !o.verify {
         v.push("--no-verify".to_string());
+    }
+    if let Some(c) = &o.cache {
+        v.push(format!("--cache {c}"));
     }
     v
 }

@@ -226,6 +226,9 @@ pub enum Kind {
         /// Whether the command creates an output file; its fsync is then part of the timed
         /// region (qemu-img convert does not flush by default, so both sides pay the same).
         output: bool,
+        /// Whether the input is dropped from the page cache before each run (reads with cache
+        /// mode `none`: a side that reads through the page cache reads from the disk too).
+        evict_input: bool,
     },
     /// The physical floor: a plain file written with buffered writes plus fdatasync.
     FloorWrite,
@@ -364,6 +367,7 @@ pub fn all(params: &Params) -> Vec<Workload> {
                 args,
                 fresh_copy: true,
                 output: false,
+                evict_input: false,
             },
             bytes: size,
             floor: Some("floor-write"),
@@ -433,6 +437,7 @@ pub fn all(params: &Params) -> Vec<Workload> {
             args,
             fresh_copy: true,
             output: false,
+            evict_input: false,
         },
         bytes: writes * 4 * KIB,
         floor: Some("floor-write"),
@@ -470,6 +475,7 @@ pub fn all(params: &Params) -> Vec<Workload> {
             args,
             fresh_copy: true,
             output: false,
+            evict_input: false,
         },
         bytes: big,
         floor: Some("floor-write"),
@@ -494,6 +500,7 @@ pub fn all(params: &Params) -> Vec<Workload> {
             args,
             fresh_copy: false,
             output: false,
+            evict_input: cache == "none",
         },
         bytes: big,
         floor: Some("floor-read"),
@@ -519,6 +526,7 @@ pub fn all(params: &Params) -> Vec<Workload> {
                 args,
                 fresh_copy: false,
                 output: true,
+                evict_input: false,
             },
             bytes: big,
             floor: None,
@@ -537,6 +545,7 @@ pub fn all(params: &Params) -> Vec<Workload> {
                 args,
                 fresh_copy: false,
                 output: false,
+                evict_input: false,
             },
             bytes: 0,
             floor: None,
@@ -588,6 +597,7 @@ pub fn all(params: &Params) -> Vec<Workload> {
                 args,
                 fresh_copy: true,
                 output: false,
+                evict_input: false,
             },
             bytes: 0,
             floor: None,
