@@ -168,6 +168,9 @@ pub struct RefcountEngine {
     /// cluster), and whether it has been freed since it was watched.
     watched: Option<u64>,
     watched_freed: bool,
+    /// Bumped whenever the refcount table changes (a block hooked in, the table moved), so
+    /// callers that mirror it (overlap checks) can tell cheaply whether to refresh.
+    reftable_generation: u64,
 }
 
 impl RefcountEngine {
@@ -223,6 +226,7 @@ impl RefcountEngine {
             pending_discards: Vec::new(),
             watched: None,
             watched_freed: false,
+            reftable_generation: 0,
         }
     }
 
@@ -244,6 +248,12 @@ impl RefcountEngine {
     /// The raw refcount-table entries.
     pub fn reftable(&self) -> &[u64] {
         &self.reftable
+    }
+
+    /// A counter that changes whenever the refcount table changes (new block hooked in, table
+    /// grown and moved). Equal values mean `reftable()` and `refblock_offsets()` are unchanged.
+    pub fn reftable_generation(&self) -> u64 {
+        self.reftable_generation
     }
 
     /// Host offsets of every allocated refcount block (for overlap checks).
@@ -882,6 +892,7 @@ impl RefcountEngine {
             if let Some(slot) = self.reftable.get_mut(block as usize) {
                 *slot = new_offset;
             }
+            self.reftable_generation += 1;
             return Ok(());
         }
 
@@ -1007,6 +1018,7 @@ impl RefcountEngine {
         let old_clusters = self.reftable_clusters();
         self.reftable = new_table;
         self.reftable_offset = table_offset;
+        self.reftable_generation += 1;
         for i in 0..area_blocks {
             let b = blocks_used + i;
             self.index.forget(b);
