@@ -695,21 +695,16 @@ fn verify(qemu_img: &Path, ours: &Path, qemu: Option<&Path>) -> Result<String, S
 /// Runs one floor workload in-process, as many times as a side of a pair runs.
 fn run_floor(ctx: &mut Context, w: &Workload) -> WorkloadResult {
     let mut plain = SideResult::new(w.command_text(""));
-    let mut notes = Vec::new();
     let template = ctx.template(w);
     let run_dir = ctx.work.join("run");
     let _ = std::fs::create_dir_all(&run_dir);
     match template {
         Err(e) => plain.status = Status::SetupFailed(e),
         Ok(template) => {
-            let mut direct_refused = false;
             for i in 0..(ctx.warmup + ctx.pairs) {
                 let r = match (&w.kind, &template) {
                     (Kind::FloorWrite, _) => files::floor_write(&run_dir.join("plain"), w.bytes),
-                    (Kind::FloorRead, Some(t)) => files::floor_read(t).map(|(s, direct)| {
-                        direct_refused |= !direct;
-                        s
-                    }),
+                    (Kind::FloorRead, Some(t)) => files::floor_read(t),
                     _ => Err("floor workload without input".to_string()),
                 };
                 let _ = std::fs::remove_file(run_dir.join("plain"));
@@ -727,10 +722,6 @@ fn run_floor(ctx: &mut Context, w: &Workload) -> WorkloadResult {
                     }
                 }
             }
-            if direct_refused {
-                notes
-                    .push("O_DIRECT refused by the filesystem: buffered reads (page cache)".into());
-            }
         }
     }
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -741,7 +732,7 @@ fn run_floor(ctx: &mut Context, w: &Workload) -> WorkloadResult {
         plain: Some(plain),
         verification: None,
         output_bytes: None,
-        notes,
+        notes: Vec::new(),
     }
 }
 

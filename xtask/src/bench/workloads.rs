@@ -232,7 +232,7 @@ pub enum Kind {
     },
     /// The physical floor: a plain file written with buffered writes plus fdatasync.
     FloorWrite,
-    /// The physical floor: the template raw file read with O_DIRECT.
+    /// The physical floor: the template raw file read from a cold page cache.
     FloorRead,
 }
 
@@ -295,7 +295,9 @@ impl Workload {
             Kind::FloorWrite => {
                 "(in-process) create OUT, buffered 1 MiB writes, fdatasync".to_string()
             }
-            Kind::FloorRead => "(in-process) read IMG with O_DIRECT in 1 MiB requests".to_string(),
+            Kind::FloorRead => {
+                "(in-process) drop IMG from the page cache, read it in 1 MiB requests".to_string()
+            }
         }
     }
 }
