@@ -73,7 +73,7 @@ pub fn evict_from_page_cache(p: &Path) -> Result<(), String> {
     }
 }
 
-/// Whether files in `dir` can be opened with O_DIRECT (cache mode `none`); tmpfs cannot.
+/// Whether files in `dir` can be opened with O_DIRECT (cache mode `none`) (older tmpfs cannot).
 pub fn supports_o_direct(dir: &Path) -> bool {
     let p = dir.join(".o_direct_probe");
     let result = (|| -> std::io::Result<()> {

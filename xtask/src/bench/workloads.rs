@@ -389,7 +389,7 @@ pub fn all(params: &Params) -> Vec<Workload> {
     w.push(Workload {
         name: "floor-read",
         title: format!(
-            "physical floor: plain file, O_DIRECT reads, {}",
+            "physical floor: plain file, cold page cache, buffered reads, {}",
             fmt_bytes(big)
         ),
         template: Some(Template::Raw { size: big }),
