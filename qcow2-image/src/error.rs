@@ -32,6 +32,14 @@ pub enum Op {
     Map,
     /// Resizing the image.
     Resize,
+    /// Creating an internal snapshot.
+    SnapshotCreate,
+    /// Reverting to an internal snapshot.
+    SnapshotApply,
+    /// Deleting an internal snapshot.
+    SnapshotDelete,
+    /// Changing image options in place (`qemu-img amend`).
+    Amend,
 }
 
 impl std::fmt::Display for Op {
@@ -48,6 +56,10 @@ impl std::fmt::Display for Op {
             Op::Close => "close",
             Op::Map => "map",
             Op::Resize => "resize",
+            Op::SnapshotCreate => "snapshot create",
+            Op::SnapshotApply => "snapshot apply",
+            Op::SnapshotDelete => "snapshot delete",
+            Op::Amend => "amend",
         })
     }
 }
@@ -176,6 +188,32 @@ pub enum ImageError {
         /// What went wrong.
         reason: String,
     },
+    /// An internal-snapshot operation failed (the snapshot engine's error: QEMU's messages
+    /// and errno via [`qcow2_snapshot::Error::errno`]).
+    #[error("{op} failed: {source}")]
+    Snapshot {
+        /// The operation.
+        op: Op,
+        /// The snapshot engine's error.
+        #[source]
+        source: qcow2_snapshot::Error,
+    },
+    /// A request QEMU refuses, with QEMU's message (e.g. amend's "Invalid parameter
+    /// 'cluster_size'", resize's "Can't resize a v2 image which has snapshots", open's
+    /// "Too much extra metadata in snapshot table entry 3"). `hint` is the second line QEMU
+    /// prints after some of them ("This option is only supported for image creation").
+    /// Nothing was changed unless the operation's documentation says otherwise.
+    #[error("{message}")]
+    Refused {
+        /// The operation.
+        op: Op,
+        /// QEMU's message.
+        message: String,
+        /// QEMU's hint line, if it prints one.
+        hint: Option<String>,
+        /// The errno QEMU returns.
+        errno: i32,
+    },
     /// The backing chain could not be opened or read.
     #[error("backing file {name:?}: {reason}")]
     Backing {
@@ -209,6 +247,8 @@ impl ImageError {
             ImageError::Alloc { source, .. } => source.errno(),
             ImageError::ReadOnly { .. } => libc_erofs(),
             ImageError::OutOfRange { .. } | ImageError::InvalidArgument { .. } => EINVAL,
+            ImageError::Snapshot { source, .. } => source.errno(),
+            ImageError::Refused { errno, .. } => *errno,
             ImageError::Header(HeaderError::RefcountTableTooLarge { .. })
             | ImageError::Header(HeaderError::L1TableTooLarge { .. }) => EFBIG,
             _ => EIO,
@@ -219,7 +259,18 @@ impl ImageError {
     pub fn is_corruption(&self) -> bool {
         matches!(self, ImageError::Corruption { .. })
     }
+
+    /// QEMU's hint line for this error, if it prints one after the message.
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            ImageError::Refused { hint, .. } => hint.as_deref(),
+            _ => None,
+        }
+    }
 }
+
+/// `ENOTSUP` (Linux): "Operation not supported".
+pub(crate) const ENOTSUP: i32 = 95;
 
 const fn libc_erofs() -> i32 {
     30

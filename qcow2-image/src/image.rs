@@ -21,7 +21,6 @@ use qcow2_format::features::{
 };
 use qcow2_format::header::{self, Header, HeaderError};
 use qcow2_format::limits::{MAX_CLUSTER_BITS, MAX_L1_SIZE, MIN_CLUSTER_BITS};
-use qcow2_format::snapshot::SnapshotTable;
 use qcow2_format::{Geometry, L1Entry, L2Context, L2Entry, SubclusterType};
 use qcow2_io::{Event, FileStorage, Storage, StorageExt};
 use qcow2_refcount::{DiscardPassthrough, RefcountEngine, RefcountError};
@@ -82,7 +81,13 @@ pub struct Image {
     pub(crate) discard_passthrough_request: bool,
     pub(crate) messages: Vec<String>,
     pub(crate) closed: bool,
-    pub(crate) snapshots: SnapshotTable,
+    /// The internal snapshot table (taken out while a snapshot operation runs).
+    pub(crate) snapshots: qcow2_snapshot::Snapshots,
+    /// The options the image was opened with (overlap level, caches; reused by a reopen
+    /// after amend).
+    pub(crate) opts: OpenOptions,
+    /// Depth in the backing chain (0: the top image).
+    pub(crate) depth: u32,
     /// Last decompressed cluster: (raw L2 entry word, cluster bytes).
     pub(crate) decompressed: Option<(u64, Vec<u8>)>,
 }
@@ -130,6 +135,49 @@ fn cache_options(
     Ok((l2, rb))
 }
 
+/// `open_inner` with `may_repair` false never asks for a repair; kept as an error, not a
+/// panic, should that change.
+fn unreachable_dirty() -> Result<()> {
+    Err(ImageError::DirtyImage {
+        reason: "the image is dirty".into(),
+    })
+}
+
+/// The text of `errno` as QEMU prints it (`strerror`): "Input/output error".
+pub(crate) fn strerror(errno: i32) -> String {
+    let s = std::io::Error::from_raw_os_error(errno).to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+/// QEMU's automatic repair of a dirty image (`qcow2_co_check_locked` with
+/// `BDRV_FIX_ERRORS | BDRV_FIX_LEAKS`): rebuilds what lazy refcounts left out and clears the
+/// dirty bit. Returns the checker's messages (what QEMU prints to stderr); a check that
+/// cannot complete or reports check errors fails the open with "Could not repair dirty
+/// image: <errno text>".
+fn repair_dirty(storage: Arc<dyn Storage>) -> Result<Vec<String>> {
+    let opts = qcow2_check::CheckOptions {
+        repair: Some(qcow2_check::RepairMode::All),
+    };
+    let report = qcow2_check::check(storage, &opts).map_err(|e| ImageError::DirtyImage {
+        reason: e.to_string(),
+    })?;
+    let messages: Vec<String> = report.findings.iter().map(ToString::to_string).collect();
+    let errno = match &report.failure {
+        Some(f) => Some(f.errno),
+        None if report.result.check_errors > 0 => Some(qcow2_io::errno::EIO),
+        None => None,
+    };
+    if let Some(errno) = errno {
+        return Err(ImageError::DirtyImage {
+            reason: strerror(errno),
+        });
+    }
+    Ok(messages)
+}
+
 impl Image {
     // ------------------------------------------------------------------ open / create
 
@@ -155,6 +203,29 @@ impl Image {
         opts: &OpenOptions,
         depth: u32,
     ) -> Result<Image> {
+        if let Some(img) = Self::open_inner(storage.clone(), opts, depth, Vec::new(), true)? {
+            return Ok(img);
+        }
+        // Reference §1.11 step 20 / §2.12: a dirty image (lazy refcounts, not closed) opened
+        // read-write is repaired first, as QEMU's open does (`-r all` semantics); the open
+        // then starts over on the repaired image.
+        let messages = repair_dirty(storage.clone())?;
+        Self::open_inner(storage, opts, depth, messages, false)?.ok_or_else(|| {
+            ImageError::DirtyImage {
+                reason: "the image is still dirty after the repair".into(),
+            }
+        })
+    }
+
+    /// Opens; `Ok(None)` when the image is dirty, opened read-write, `repair_dirty` is set
+    /// and `may_repair` (the caller repairs and retries).
+    fn open_inner(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        depth: u32,
+        messages: Vec<String>,
+        may_repair: bool,
+    ) -> Result<Option<Image>> {
         let op = Op::Open;
         let mut head = [0u8; header::V3_HEADER_SIZE];
         storage
@@ -216,33 +287,15 @@ impl Image {
         )
         .map_err(|source| ImageError::Refcount { op, source })?;
 
-        // Snapshot table: needed for the overlap checks (inactive L1/L2, table itself).
-        let mut snapshots = SnapshotTable::default();
-        let mut snapshots_size = 0u64;
-        if h.nb_snapshots > 0 {
-            let file_len = storage
-                .len()
-                .map_err(|e| ImageError::io(op, "image length", 0, e))?;
-            let max = qcow2_format::limits::MAX_SNAPSHOTS_SIZE + u64::from(h.nb_snapshots) * 1100;
-            let want = file_len.saturating_sub(h.snapshots_offset).min(max);
-            let buf = storage
-                .read_vec(h.snapshots_offset, want as usize)
-                .map_err(|e| ImageError::io(op, "read snapshot table", h.snapshots_offset, e))?;
-            let read = qcow2_format::snapshot::parse_snapshot_table(
-                &buf,
-                h.nb_snapshots,
-                &qcow2_format::snapshot::SnapshotReadOptions {
-                    virtual_size: h.size,
-                    repair: false,
-                },
-            )
-            .map_err(|e| ImageError::InvalidArgument {
-                op,
-                reason: e.to_string(),
-            })?;
-            snapshots = read.table;
-            snapshots_size = read.size;
-        }
+        // Snapshot table (reference §1.11 step 18): needed for the snapshot operations and
+        // the overlap checks (table, inactive L1/L2).
+        let snapshots = crate::snapshot::load(
+            storage.as_ref(),
+            &geo,
+            h.nb_snapshots,
+            h.snapshots_offset,
+            h.size,
+        )?;
 
         let (l2o, rbo) = cache_options(opts, h.size, &geo)?;
         let mut caches = Caches::new(storage.clone(), l2o, rbo)
@@ -291,17 +344,26 @@ impl Image {
             messages: Vec::new(),
             closed: false,
             snapshots,
+            opts: opts.clone(),
+            depth,
             decompressed: None,
         };
-        img.init_overlap(opts, snapshots_size)?;
+        img.messages = messages;
+        img.init_overlap(opts)?;
 
         if !opts.read_only {
             if img.fc.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+                if opts.repair_dirty && may_repair {
+                    // Nothing was written yet; the caller repairs and opens again.
+                    img.closed = true;
+                    return Ok(None);
+                }
+                // Only reachable when the repair was disabled (or left the bit set because
+                // corruptions remain, as QEMU then also keeps it): refuse, never write.
                 img.closed = true;
                 return Err(ImageError::DirtyImage {
                     reason: if opts.repair_dirty {
-                        "no repair is available in this build (qcow2-check is not integrated)"
-                            .into()
+                        "the repair left the image dirty".into()
                     } else {
                         "repair of dirty images is disabled by the open options".into()
                     },
@@ -326,44 +388,15 @@ impl Image {
                 }
             }
         }
-        Ok(img)
+        Ok(Some(img))
     }
 
-    fn init_overlap(&mut self, opts: &OpenOptions, snapshots_size: u64) -> Result<()> {
+    fn init_overlap(&mut self, opts: &OpenOptions) -> Result<()> {
         let h = &self.fc.header;
-        let mut inactive_l2 = std::collections::HashSet::new();
-        if opts.overlap_check == crate::OverlapLevel::All {
-            for s in &self.snapshots.entries {
-                let bytes = u64::from(s.l1_size) * 8;
-                if bytes > MAX_L1_SIZE {
-                    continue;
-                }
-                let raw = self
-                    .storage
-                    .read_vec(s.l1_table_offset, bytes as usize)
-                    .map_err(|e| {
-                        ImageError::io(Op::Open, "read snapshot L1 table", s.l1_table_offset, e)
-                    })?;
-                for c in raw.chunks_exact(8) {
-                    let e = u64::from_be_bytes(c.try_into().unwrap_or([0; 8])) & L1E_OFFSET_MASK;
-                    if e != 0 {
-                        inactive_l2.insert(e);
-                    }
-                }
-            }
-        }
         let state = OverlapState {
             mask: overlap::level_mask(opts.overlap_check),
             cluster_bits: self.geo.cluster_bits(),
             l1: (h.l1_table_offset, u64::from(h.l1_size) * 8),
-            snapshot_table: (h.snapshots_offset, snapshots_size),
-            inactive_l1: self
-                .snapshots
-                .entries
-                .iter()
-                .map(|s| (s.l1_table_offset, u64::from(s.l1_size) * 8))
-                .collect(),
-            inactive_l2,
             bitmap_dir: self
                 .fc
                 .extensions
@@ -373,6 +406,7 @@ impl Image {
             ..OverlapState::default()
         };
         self.overlap.with(|s| *s = state);
+        self.sync_overlap_snapshots(Op::Open)?;
         self.sync_overlap_l1();
         self.sync_overlap_refcounts();
         Ok(())
@@ -769,6 +803,36 @@ impl Image {
         self.flush_caches(Op::Close, true)?;
         self.engine.release_quarantine(&mut self.caches);
         self.mark_clean(Op::Close)
+    }
+
+    /// Makes everything durable and clean, then opens the image again from disk with the
+    /// same options, keeping the attached backing image and the messages (after amend
+    /// changed the geometry or the header, every derived structure is rebuilt from what is
+    /// on disk rather than patched). If the open fails the image is poisoned: the in-memory
+    /// state no longer describes the disk.
+    pub(crate) fn reopen(&mut self, op: Op) -> Result<()> {
+        self.flush_caches(op, true)?;
+        self.engine.release_quarantine(&mut self.caches);
+        self.mark_clean(op)?;
+        let mut opts = self.opts.clone();
+        opts.backing = crate::BackingPolicy::Ignore;
+        opts.read_only = false;
+        let messages = std::mem::take(&mut self.messages);
+        match Self::open_inner(self.storage.clone(), &opts, self.depth, messages, false) {
+            Ok(Some(mut new)) => {
+                new.opts = self.opts.clone();
+                new.backing = self.backing.take();
+                self.closed = true;
+                let old = std::mem::replace(self, new);
+                drop(old);
+                Ok(())
+            }
+            Ok(None) => unreachable_dirty(),
+            Err(e) => {
+                self.poison(format!("reopen after {op} failed: {e}"));
+                Err(e)
+            }
+        }
     }
 
     /// Drops the image without flushing anything, as if the process had been killed (for

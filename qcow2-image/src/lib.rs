@@ -30,6 +30,7 @@ mod image;
 mod map;
 mod options;
 mod overlap;
+mod snapshot;
 mod write;
 mod zero;
 
@@ -40,6 +41,7 @@ pub use map::{Extent, ExtentKind};
 pub use options::{BackingPolicy, CreateOptions, OpenOptions, OverlapLevel, Preallocation};
 pub use qcow2_format::features::CompressionType;
 pub use qcow2_format::layout::Compat;
+pub use qcow2_snapshot::{NewSnapshot, SnapshotEntry};
 
 #[cfg(test)]
 mod send_check {

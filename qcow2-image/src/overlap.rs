@@ -147,9 +147,11 @@ impl Overlap {
 
 impl OverlapCheck for Overlap {
     fn check_write(&self, id: CacheId, offset: u64, len: u64) -> Result<(), OverlapError> {
-        // A cache legitimately writes the kind of table it holds.
+        // A cache legitimately writes the kind of table it holds. The L2 cache also holds
+        // snapshot (inactive) L2 tables while a snapshot refcount pass updates their COPIED
+        // flags, and shared tables are both active and inactive.
         let ignore = match id {
-            CacheId::L2 => bits::ACTIVE_L2,
+            CacheId::L2 => bits::ACTIVE_L2 | bits::INACTIVE_L2,
             CacheId::Refblock => bits::REFCOUNT_BLOCK,
         };
         self.check(offset, len, ignore)

@@ -68,28 +68,39 @@ impl Image {
         Ok(())
     }
 
-    /// Grows the virtual disk to `new_size` bytes (shrinking is not supported). The L1 table
-    /// grows with QEMU's atomic switch, then the header's size field is rewritten.
+    /// Changes the virtual disk size to `new_size` bytes (`qemu-img resize`), with QEMU's
+    /// rules: a multiple of 512 ("The new size must be a multiple of 512"); a v2 image with
+    /// snapshots cannot be resized ("Can't resize a v2 image which has snapshots"). Growing:
+    /// the L1 table grows with QEMU's atomic switch, then the header's size field is
+    /// rewritten.
     pub fn resize(&mut self, new_size: u64) -> Result<()> {
-        let op = Op::Resize;
+        self.resize_as(Op::Resize, new_size)
+    }
+
+    /// [`Image::resize`] on behalf of `op` (snapshot apply resizes too).
+    pub(crate) fn resize_as(&mut self, op: Op, new_size: u64) -> Result<()> {
         self.check_writable(op)?;
         let old = self.virtual_size();
+        if self.fc.header.version < 3 && !self.snapshots.is_empty() {
+            return Err(ImageError::Refused {
+                op,
+                message: "Can't resize a v2 image which has snapshots".into(),
+                hint: None,
+                errno: crate::error::ENOTSUP,
+            });
+        }
+        if new_size % 512 != 0 {
+            return Err(ImageError::Refused {
+                op,
+                message: "The new size must be a multiple of 512".into(),
+                hint: None,
+                errno: qcow2_io::errno::EINVAL,
+            });
+        }
         if new_size < old {
             return Err(ImageError::Unsupported {
                 op,
                 what: "shrinking an image".into(),
-            });
-        }
-        if new_size % 512 != 0 {
-            return Err(ImageError::InvalidArgument {
-                op,
-                reason: format!("size {new_size} is not a multiple of 512"),
-            });
-        }
-        if self.fc.header.version < 3 && self.fc.header.nb_snapshots > 0 {
-            return Err(ImageError::Unsupported {
-                op,
-                what: "Can't resize a v2 image which has snapshots".into(),
             });
         }
         let needed = self.geo.l1_entries_for(new_size);

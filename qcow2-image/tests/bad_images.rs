@@ -109,12 +109,26 @@ fn corrupt_bit_refuses_read_write_only() {
 }
 
 #[test]
-fn dirty_image_needs_repair() {
+fn dirty_image_is_repaired_on_read_write_open() {
     let mut img = base();
     poke(&mut img, 72, &1u64.to_be_bytes());
-    let e = open(img.clone(), false).err().unwrap();
+    // Read-only: opened as it is, nothing written.
+    assert!(open(img.clone(), true).is_ok());
+    // Repair disabled: refused.
+    let s = Arc::new(MemStorage::from_bytes(img.clone()));
+    let opts = OpenOptions {
+        repair_dirty: false,
+        ..OpenOptions::default()
+    };
+    let e = Image::open(s, &opts).err().unwrap();
     assert!(matches!(e, ImageError::DirtyImage { .. }), "{e}");
-    assert!(open(img, true).is_ok());
+    assert!(e.to_string().starts_with("Could not repair dirty image: "), "{e}");
+    // Read-write (QEMU's default): repaired (nothing to fix here), bit cleared.
+    let s = Arc::new(MemStorage::from_bytes(img));
+    let i = Image::open(s.clone(), &OpenOptions::default()).unwrap();
+    assert!(!i.is_dirty());
+    i.close().unwrap();
+    assert_eq!(s.to_bytes()[79] & 1, 0);
 }
 
 #[test]
