@@ -184,8 +184,14 @@ impl Image {
     /// Opens an image on `storage` with QEMU's open-time validation (reference §1.11):
     /// unknown incompatible features are refused by name, the corrupt bit refuses a
     /// read-write open, unknown autoclear bits are cleared on a writable open (header
-    /// rewrite), and a dirty image (lazy refcounts after a crash) needs a repair for a
-    /// read-write open.
+    /// rewrite), the snapshot table is read with QEMU's limits and messages, and a dirty
+    /// image (lazy refcounts after a crash) opened read-write is repaired first as QEMU
+    /// does (`qemu-img check -r all` via `qcow2-check`; the checker's lines, e.g. "ERROR
+    /// cluster 5 refcount=0 reference=1", "Rebuilding refcount structure", go to
+    /// [`Image::messages`]). A repair that cannot complete fails the open with
+    /// [`ImageError::DirtyImage`] ("Could not repair dirty image: Input/output error"); so
+    /// does a dirty read-write open with [`OpenOptions::repair_dirty`] off. Read-only opens
+    /// never repair.
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
         Self::open_at_depth(storage, opts, 0)
     }

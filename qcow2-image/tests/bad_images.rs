@@ -122,7 +122,10 @@ fn dirty_image_is_repaired_on_read_write_open() {
     };
     let e = Image::open(s, &opts).err().unwrap();
     assert!(matches!(e, ImageError::DirtyImage { .. }), "{e}");
-    assert!(e.to_string().starts_with("Could not repair dirty image: "), "{e}");
+    assert!(
+        e.to_string().starts_with("Could not repair dirty image: "),
+        "{e}"
+    );
     // Read-write (QEMU's default): repaired (nothing to fix here), bit cleared.
     let s = Arc::new(MemStorage::from_bytes(img));
     let i = Image::open(s.clone(), &OpenOptions::default()).unwrap();
