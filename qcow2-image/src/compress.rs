@@ -11,23 +11,58 @@ use qcow2_io::Event;
 use qcow2_refcount::DiscardType;
 use std::io::Read;
 
-/// Compresses one cluster; `None` if the result would not be smaller than `limit` bytes.
-pub(crate) fn compress(kind: CompressionType, data: &[u8], limit: usize) -> Option<Vec<u8>> {
+/// Compresses one guest cluster for a compressed write (QEMU's `qcow2_co_compress` as
+/// `qcow2_co_pwritev_compressed_part` calls it): `data` is padded with zeros to
+/// `cluster_size` bytes (a short last cluster of the image) and compressed with
+/// `compression_type` (raw deflate with a 4 KiB window, as QEMU's reader expects, or zstd).
+/// Returns `None` when compression does not pay, that is when the result does not fit in
+/// `cluster_size - 1` bytes: QEMU then writes the cluster uncompressed, and so must the
+/// caller ([`Image::write`]). Also `None` for an invalid `cluster_size` (not a power of two
+/// in 512 ..= 2 MiB) or `data` longer than a cluster.
+///
+/// Pure and thread-safe (no image state): a converter compresses clusters on several
+/// threads, then hands the results to [`Image::write_compressed_prepared`] **in guest
+/// order** on the thread that owns the image, so that the byte allocator packs them exactly
+/// as a sequential `qemu-img convert -c` would.
+pub fn compress_cluster(
+    compression_type: CompressionType,
+    cluster_size: u64,
+    data: &[u8],
+) -> Option<Vec<u8>> {
+    if !cluster_size.is_power_of_two()
+        || !(512..=(2 << 20)).contains(&cluster_size)
+        || data.len() as u64 > cluster_size
+    {
+        return None;
+    }
+    let cs = cluster_size as usize;
+    if data.len() == cs {
+        compress(compression_type, data, cs - 1)
+    } else {
+        let mut cluster = data.to_vec();
+        cluster.resize(cs, 0);
+        compress(compression_type, &cluster, cs - 1)
+    }
+}
+
+/// Compresses `data`; `None` if the result does not fit in `max_out` bytes (QEMU: the
+/// output buffer is `max_out` bytes and a stream that does not end in it is -ENOMEM).
+pub(crate) fn compress(kind: CompressionType, data: &[u8], max_out: usize) -> Option<Vec<u8>> {
     match kind {
         CompressionType::Deflate => {
             // QEMU: deflateInit2(Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, ...); QEMU's
             // reader inflates with a 4 KiB window, so ours must not reach further back.
             let mut c =
                 flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
-            let mut out = Vec::with_capacity(limit);
+            let mut out = Vec::with_capacity(max_out);
             match c.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
-                Ok(flate2::Status::StreamEnd) if out.len() < limit => Some(out),
+                Ok(flate2::Status::StreamEnd) if out.len() <= max_out => Some(out),
                 _ => None,
             }
         }
         CompressionType::Zstd => {
             let out = zstd::bulk::compress(data, 0).ok()?;
-            (out.len() < limit).then_some(out)
+            (out.len() <= max_out).then_some(out)
         }
     }
 }
@@ -105,29 +140,75 @@ impl Image {
     /// image whose size is not a cluster multiple; it is padded with zeros). Data that does
     /// not compress is written as a normal cluster, as QEMU does. An existing cluster at
     /// `offset` is replaced (its clusters freed after the new entry is linked).
+    ///
+    /// This is [`compress_cluster`] followed by [`Image::write_compressed_prepared`] (or
+    /// [`Image::write`] when compression does not pay).
     pub fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let op = Op::WriteCompressed;
         self.check_writable(op)?;
-        self.check_range(op, offset, data.len() as u64)?;
+        self.check_compressed_target(op, offset, data.len() as u64)?;
+        match compress_cluster(self.compression_type(), self.geo.cluster_size(), data) {
+            Some(out) => self.link_compressed(op, offset, &out),
+            None => self.write_internal(op, offset, data),
+        }
+    }
+
+    /// Writes an already compressed cluster at guest `offset` (cluster aligned, inside the
+    /// image): `compressed` is what [`compress_cluster`] returned for this image's
+    /// [`Image::compression_type`] and cluster size (1 ..= cluster_size - 1 bytes). Only
+    /// metadata work happens here: the bytes are placed by the byte allocator (packed after
+    /// the previous compressed cluster, QEMU's `qcow2_alloc_bytes`), written, and linked
+    /// into the L2 table with a compressed descriptor; whatever the entry referenced before
+    /// is freed afterwards.
+    ///
+    /// For a parallel `convert -c`: compress on worker threads with [`compress_cluster`],
+    /// then call this (or [`Image::write`] with the raw data when it returned `None`) on the
+    /// image's thread in increasing guest order; the result is byte-identical to a
+    /// sequential conversion. The bytes are not validated beyond their length: data that
+    /// does not decompress to one cluster makes reads of that cluster fail.
+    ///
+    /// Crash safety (invariants 1 and 3): the refcount of the new bytes is recorded before
+    /// the L2 cache may be written (dependency), the data is durable before the descriptor
+    /// (flush dependency); a failed data write gives the bytes back.
+    pub fn write_compressed_prepared(&mut self, offset: u64, compressed: &[u8]) -> Result<()> {
+        let op = Op::WriteCompressed;
+        self.check_writable(op)?;
         let cs = self.geo.cluster_size();
-        let at_end = offset + data.len() as u64 == self.virtual_size();
-        if !self.geo.is_cluster_aligned(offset)
-            || !(data.len() as u64 == cs || (at_end && (data.len() as u64) < cs))
-        {
+        let len = self.virtual_size().saturating_sub(offset).min(cs);
+        self.check_compressed_target(op, offset, len.max(1))?;
+        if compressed.is_empty() || compressed.len() as u64 >= cs {
+            return Err(ImageError::InvalidArgument {
+                op,
+                reason: format!(
+                    "a compressed cluster must be 1 to {} bytes; got {}",
+                    cs - 1,
+                    compressed.len()
+                ),
+            });
+        }
+        self.link_compressed(op, offset, compressed)
+    }
+
+    /// The target rules of a compressed write: cluster aligned, one cluster (or the short
+    /// last cluster of the image).
+    fn check_compressed_target(&self, op: Op, offset: u64, len: u64) -> Result<()> {
+        self.check_range(op, offset, len)?;
+        let cs = self.geo.cluster_size();
+        let at_end = offset.checked_add(len) == Some(self.virtual_size());
+        if !self.geo.is_cluster_aligned(offset) || !(len == cs || (at_end && len < cs)) {
             return Err(ImageError::InvalidArgument {
                 op,
                 reason: format!(
                     "compressed writes must cover exactly one cluster ({cs} bytes at a cluster \
-                     boundary); got {} bytes at {offset:#x}",
-                    data.len()
+                     boundary); got {len} bytes at {offset:#x}"
                 ),
             });
         }
-        let mut cluster = data.to_vec();
-        cluster.resize(cs as usize, 0);
-        let Some(out) = compress(self.compression_type(), &cluster, cs as usize - 1) else {
-            return self.write_internal(op, offset, data);
-        };
+        Ok(())
+    }
+
+    /// Allocates bytes for `out`, writes them and links the descriptor at `offset`.
+    fn link_compressed(&mut self, op: Op, offset: u64, out: &[u8]) -> Result<()> {
         let l2_offset = self.l2_for_write(op, offset)?;
         let l2_index = self.geo.l2_index(offset);
         let len = out.len() as u64;
@@ -157,7 +238,7 @@ impl Image {
             return Err(self.corruption(op, true, e.to_string()));
         }
         self.storage.event(Event::WriteCompressed);
-        if let Err(e) = self.storage.write_at(&out, host) {
+        if let Err(e) = self.storage.write_at(out, host) {
             // Invariant 3: the bytes were never referenced.
             let _ = self
                 .engine
@@ -214,5 +295,14 @@ mod tests {
             })
             .collect();
         assert!(compress(CompressionType::Deflate, &noise, 4095).is_none());
+        assert!(compress_cluster(CompressionType::Zstd, 4096, &noise).is_none());
+        assert!(compress_cluster(CompressionType::Zstd, 4096, &[0u8; 4097]).is_none());
+        assert!(compress_cluster(CompressionType::Zstd, 1000, &[0u8; 10]).is_none());
+        // A short last cluster is padded with zeros.
+        let c = compress_cluster(CompressionType::Deflate, 4096, &[1u8; 100]).unwrap();
+        let mut out = vec![9u8; 4096];
+        decompress(CompressionType::Deflate, &c, &mut out).unwrap();
+        assert_eq!(&out[..100], &[1u8; 100]);
+        assert!(out[100..].iter().all(|&b| b == 0));
     }
 }

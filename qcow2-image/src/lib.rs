@@ -35,6 +35,7 @@ mod write;
 mod zero;
 
 pub use backing::{BackingImage, BackingOpener, RawBacking};
+pub use compress::compress_cluster;
 pub use error::{ImageError, Op, Result};
 pub use image::Image;
 pub use map::{Extent, ExtentKind};
