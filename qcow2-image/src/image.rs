@@ -733,7 +733,7 @@ impl Image {
     }
 
     /// Clears the dirty bit after both caches are durable (QEMU's `qcow2_mark_clean`).
-    fn mark_clean(&mut self, op: Op) -> Result<()> {
+    pub(crate) fn mark_clean(&mut self, op: Op) -> Result<()> {
         if !self.is_dirty() {
             return Ok(());
         }
@@ -747,7 +747,7 @@ impl Image {
     // ------------------------------------------------------------------ flush / close
 
     /// Writes the caches (the refcount cache only when `refblocks`), then a storage flush.
-    fn flush_caches(&mut self, op: Op, refblocks: bool) -> Result<()> {
+    pub(crate) fn flush_caches(&mut self, op: Op, refblocks: bool) -> Result<()> {
         self.storage.event(Event::FlushToOs);
         if let Err(e) = self.caches.write(CacheId::L2) {
             return Err(self.cache_err(op, e));

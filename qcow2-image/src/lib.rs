@@ -23,6 +23,7 @@
 //! the invariant it keeps.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+mod amend;
 mod backing;
 mod compress;
 mod error;
@@ -34,6 +35,7 @@ mod snapshot;
 mod write;
 mod zero;
 
+pub use amend::AmendOptions;
 pub use backing::{BackingImage, BackingOpener, RawBacking};
 pub use compress::compress_cluster;
 pub use error::{ImageError, Op, Result};

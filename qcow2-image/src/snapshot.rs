@@ -192,7 +192,7 @@ impl Image {
     /// and refreshes everything derived from it (overlap view, byte allocator). Maps the
     /// engine's errors: corruption marks the image corrupt; errors after which the on-disk
     /// state is not known to be the old or the new one poison (invariant 7).
-    fn with_snapshots<T>(
+    pub(crate) fn with_snapshots<T>(
         &mut self,
         op: Op,
         f: impl FnOnce(&mut Snapshots, &mut Image) -> std::result::Result<T, SnapError>,
