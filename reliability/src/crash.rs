@@ -6,10 +6,9 @@
 
 use crate::verify;
 use crate::workload::{Model, Step, Workload};
-use qcow2_check::RepairMode;
 use qcow2_image::{Image, ImageError, OpenOptions};
 use qcow2_io::crash::{Checkpoint, CrashStateKind, CrashStorage, Op, SplitMix64};
-use qcow2_io::{MemStorage, Storage};
+use qcow2_io::Storage;
 use std::sync::{Arc, Mutex};
 
 /// How many crash states to build and how deeply to verify them.
@@ -115,13 +114,6 @@ impl CrashStats {
     }
 }
 
-/// Whether the dirty bit (incompatible bit 0) is set in a v3 header.
-fn is_dirty(image: &[u8]) -> bool {
-    image.len() >= 80
-        && u32::from_be_bytes([image[4], image[5], image[6], image[7]]) >= 3
-        && image[79] & 1 != 0
-}
-
 /// Verifies one post-crash image against `model`; counts into `stats`; returns the reason
 /// on failure.
 fn verify_state(
@@ -131,35 +123,9 @@ fn verify_state(
     index: u64,
     stats: &mut CrashStats,
 ) -> Result<(), String> {
-    let dirty = is_dirty(image);
-    let mut image = image.to_vec();
-    if dirty {
-        // A dirty image may lack refcounts of data clusters (lazy refcounts); QEMU repairs
-        // it on a read-write open. Use the open's repair when the facade has one, else the
-        // checker's `-r all`.
-        let s = Arc::new(MemStorage::from_bytes(image.clone()));
-        match Image::open(s.clone(), &OpenOptions::read_write()) {
-            Ok(img) => {
-                img.close()
-                    .map_err(|e| format!("close after repairing open: {e}"))?;
-                image = s.to_bytes();
-            }
-            Err(ImageError::DirtyImage { .. }) => {
-                let (report, repaired) = verify::our_check(&image, Some(RepairMode::All))?;
-                if report.result.corruptions > 0 || report.failure.is_some() {
-                    return Err(format!(
-                        "repair of the dirty image: {}",
-                        verify::describe(&report)
-                    ));
-                }
-                image = repaired;
-            }
-            Err(e) => return Err(format!("read-write open of the dirty image: {e}")),
-        }
+    let (image, repaired) = verify::settle(image)?;
+    if repaired {
         stats.repairs += 1;
-        if is_dirty(&image) {
-            return Err("the dirty bit survived the repair".into());
-        }
     }
     let report = verify::assert_our_check_clean(&image, false)?;
     if report.result.leaks > 0 {

@@ -2,7 +2,7 @@
 
 use crate::workload::Model;
 use qcow2_check::{check, CheckOptions, CheckReport, RepairMode};
-use qcow2_image::{Image, OpenOptions};
+use qcow2_image::{Image, ImageError, OpenOptions};
 use qcow2_io::{MemStorage, Storage};
 use std::process::Command;
 use std::sync::Arc;
@@ -135,4 +135,41 @@ pub fn reopen_and_write(image: &[u8]) -> Result<Vec<u8>, String> {
     let bytes = s.to_bytes();
     assert_our_check_clean(&bytes, false).map_err(|e| format!("after reopen+write: {e}"))?;
     Ok(bytes)
+}
+
+/// Whether the dirty bit (incompatible bit 0) is set in a v3 header.
+pub fn is_dirty(image: &[u8]) -> bool {
+    image.len() >= 80
+        && u32::from_be_bytes([image[4], image[5], image[6], image[7]]) >= 3
+        && image[79] & 1 != 0
+}
+
+/// Brings an image left by a crash or a failure into the state a read-write open by QEMU
+/// would: a dirty image (lazy refcounts) is repaired — by the facade's read-write open when
+/// it repairs dirty images, else by our checker's `-r all` — and must come out with no
+/// corruption and the dirty bit clear. Returns the image and whether it was repaired.
+pub fn settle(image: &[u8]) -> Result<(Vec<u8>, bool), String> {
+    if !is_dirty(image) {
+        return Ok((image.to_vec(), false));
+    }
+    let s = Arc::new(MemStorage::from_bytes(image.to_vec()));
+    let out = match Image::open(s.clone(), &OpenOptions::read_write()) {
+        Ok(img) => {
+            img.close()
+                .map_err(|e| format!("close after repairing open: {e}"))?;
+            s.to_bytes()
+        }
+        Err(ImageError::DirtyImage { .. }) => {
+            let (report, repaired) = our_check(image, Some(RepairMode::All))?;
+            if report.result.corruptions > 0 || report.failure.is_some() {
+                return Err(format!("repair of the dirty image: {}", describe(&report)));
+            }
+            repaired
+        }
+        Err(e) => return Err(format!("read-write open of the dirty image: {e}")),
+    };
+    if is_dirty(&out) {
+        return Err("the dirty bit survived the repair".into());
+    }
+    Ok((out, true))
 }

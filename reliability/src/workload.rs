@@ -48,6 +48,12 @@ pub enum Step {
     },
     /// `close()` then a read-write open of the same storage.
     Reopen,
+    /// `snapshot_create(name)`.
+    SnapshotCreate(&'static str),
+    /// `snapshot_apply(name)`: the guest contents revert to the snapshot's.
+    SnapshotApply(&'static str),
+    /// `snapshot_delete(name)`.
+    SnapshotDelete(&'static str),
 }
 
 impl Step {
@@ -58,7 +64,7 @@ impl Step {
             | Step::WriteZeroes { off, len, .. }
             | Step::Discard { off, len } => Some((off, len)),
             Step::WriteCompressed { off, .. } => Some((off, cluster_size)),
-            Step::Flush | Step::Resize { .. } | Step::Reopen => None,
+            _ => None,
         }
     }
 
@@ -76,6 +82,9 @@ impl Step {
             Step::Flush => img.flush(),
             Step::Resize { size } => img.resize(size),
             Step::Reopen => Ok(()),
+            Step::SnapshotCreate(name) => img.snapshot_create(name).map(|_| ()),
+            Step::SnapshotApply(name) => img.snapshot_apply(name),
+            Step::SnapshotDelete(name) => img.snapshot_delete(name).map(|_| ()),
         }
     }
 
@@ -101,6 +110,9 @@ impl Step {
             Step::Flush => "flush",
             Step::Resize { .. } => "resize",
             Step::Reopen => "reopen",
+            Step::SnapshotCreate(_) => "snapshot_create",
+            Step::SnapshotApply(_) => "snapshot_apply",
+            Step::SnapshotDelete(_) => "snapshot_delete",
         }
     }
 }
@@ -425,6 +437,76 @@ pub fn lazy_refcounts() -> Workload {
     }
 }
 
+/// Internal snapshots: create, rewrites of clusters shared with a snapshot (COW, COPIED
+/// cleared), apply (revert) and delete.
+pub fn snapshots() -> Workload {
+    let cs = 4096;
+    let setup = vec![
+        Step::Write {
+            off: 0,
+            len: 16 * cs,
+            seed: 200,
+        },
+        Step::WriteCompressed {
+            off: 20 * cs,
+            seed: 201,
+        },
+    ];
+    let steps = vec![
+        Step::SnapshotCreate("s1"),
+        // Partial and whole writes into clusters shared with s1.
+        Step::Write {
+            off: 100,
+            len: 300,
+            seed: 202,
+        },
+        Step::Write {
+            off: 4 * cs,
+            len: 2 * cs,
+            seed: 203,
+        },
+        Step::Write {
+            off: 20 * cs + 10,
+            len: 100,
+            seed: 204,
+        },
+        Step::Flush,
+        Step::SnapshotCreate("s2"),
+        Step::Discard {
+            off: 8 * cs,
+            len: 2 * cs,
+        },
+        Step::Write {
+            off: 30 * cs,
+            len: cs,
+            seed: 205,
+        },
+        Step::SnapshotApply("s1"),
+        Step::Write {
+            off: 2 * cs + 5,
+            len: 500,
+            seed: 206,
+        },
+        Step::Flush,
+        Step::SnapshotDelete("s2"),
+        Step::Write {
+            off: 6 * cs,
+            len: cs,
+            seed: 207,
+        },
+        Step::SnapshotDelete("s1"),
+        Step::Flush,
+    ];
+    Workload {
+        name: "snapshots-4k",
+        create: create(1 << 20, cs, 16, false),
+        guest_size: 1 << 20,
+        setup,
+        steps,
+        strict_write_aio_once: false,
+    }
+}
+
 /// A seeded random mix of every operation (used by the long crash run).
 pub fn random_mix(seed: u64) -> Workload {
     let mut rng = SplitMix64::new(seed);
@@ -483,6 +565,7 @@ pub fn all() -> Vec<Workload> {
         compressed(),
         iotest026(),
         lazy_refcounts(),
+        snapshots(),
     ]
 }
 
@@ -501,6 +584,8 @@ pub struct Model {
     /// Byte `i` was touched (by any operation, failed or not, or in flight) since the last
     /// successful flush: after a crash it may hold the old, the new or a mix.
     pub touched: Vec<bool>,
+    /// Guest contents (and certainty) of each internal snapshot, by name.
+    pub snapshots: std::collections::BTreeMap<&'static str, (Vec<u8>, Vec<bool>)>,
 }
 
 impl Model {
@@ -513,6 +598,7 @@ impl Model {
             durable: vec![0; n],
             durable_known: vec![true; n],
             touched: vec![false; n],
+            snapshots: Default::default(),
         }
     }
 
@@ -525,6 +611,9 @@ impl Model {
 
     /// Marks the range of `step` as in flight (call before running it).
     pub fn begin(&mut self, step: &Step, cluster_size: u64) {
+        if let Step::SnapshotApply(_) = step {
+            self.touched.fill(true);
+        }
         if let Some((off, len)) = step.range(cluster_size) {
             let r = self.span(off, len);
             self.touched[r].fill(true);
@@ -535,6 +624,21 @@ impl Model {
     pub fn finish(&mut self, step: &Step, cluster_size: u64, ok: bool) {
         match step {
             Step::Flush if ok => self.flushed(),
+            Step::Flush | Step::SnapshotCreate(_) | Step::SnapshotDelete(_) if !ok => {}
+            Step::SnapshotCreate(name) => {
+                let snap = (self.current.clone(), self.current_known.clone());
+                self.snapshots.insert(name, snap);
+            }
+            Step::SnapshotDelete(name) => {
+                self.snapshots.remove(name);
+            }
+            Step::SnapshotApply(name) => match self.snapshots.get(name) {
+                Some((data, known)) if ok => {
+                    self.current.copy_from_slice(data);
+                    self.current_known.copy_from_slice(known);
+                }
+                _ => self.current_known.fill(false),
+            },
             _ => {
                 if let (Some((off, len)), Some(data)) =
                     (step.range(cluster_size), step.data(cluster_size))
