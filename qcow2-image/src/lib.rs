@@ -31,6 +31,7 @@ mod image;
 mod map;
 mod options;
 mod overlap;
+mod shrink;
 mod snapshot;
 mod write;
 mod zero;

@@ -72,7 +72,12 @@ impl Image {
     /// rules: a multiple of 512 ("The new size must be a multiple of 512"); a v2 image with
     /// snapshots cannot be resized ("Can't resize a v2 image which has snapshots"). Growing:
     /// the L1 table grows with QEMU's atomic switch, then the header's size field is
-    /// rewritten.
+    /// rewritten. Shrinking (QEMU's `qcow2_co_truncate` with a smaller size, allowed on v3
+    /// images with snapshots as in QEMU 10): the clusters beyond the new end are discarded
+    /// (unreferenced, shared L2 tables copied first so snapshots keep theirs), the L2 tables
+    /// wholly beyond it are released (their L1 entries cleared; `l1_size` unchanged, as
+    /// QEMU), the file is truncated after the last cluster still in use, then the header's
+    /// size is rewritten. Data beyond the new end is lost.
     pub fn resize(&mut self, new_size: u64) -> Result<()> {
         self.resize_as(Op::Resize, new_size)
     }
@@ -98,10 +103,7 @@ impl Image {
             });
         }
         if new_size < old {
-            return Err(ImageError::Unsupported {
-                op,
-                what: "shrinking an image".into(),
-            });
+            return self.shrink(op, new_size);
         }
         let needed = self.geo.l1_entries_for(new_size);
         if needed > MAX_L1_SIZE / 8 {
