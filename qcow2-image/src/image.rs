@@ -441,9 +441,10 @@ impl Image {
                 engine.reftable_offset(),
                 engine.reftable_clusters().saturating_mul(cs),
             );
-            if s.reftable != table || s.reftable_raw.as_slice() != engine.reftable() {
+            let generation = Some(engine.reftable_generation());
+            if s.reftable != table || s.reftable_generation != generation {
                 s.reftable = table;
-                s.reftable_raw = engine.reftable().to_vec();
+                s.reftable_generation = generation;
                 s.refblocks = engine.refblock_offsets().collect();
             }
         });

@@ -49,7 +49,9 @@ pub(crate) struct OverlapState {
     pub active_l2: HashSet<u64>,
     pub reftable: (u64, u64),
     pub refblocks: HashSet<u64>,
-    pub reftable_raw: Vec<u64>,
+    /// `RefcountEngine::reftable_generation` when `reftable`/`refblocks` were last taken
+    /// (`None`: never), so a refresh costs one comparison unless the table changed.
+    pub reftable_generation: Option<u64>,
     pub snapshot_table: (u64, u64),
     pub inactive_l1: Vec<(u64, u64)>,
     pub inactive_l2: HashSet<u64>,

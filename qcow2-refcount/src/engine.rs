@@ -226,7 +226,7 @@ impl RefcountEngine {
             pending_discards: Vec::new(),
             watched: None,
             watched_freed: false,
-            reftable_generation: 0,
+            reftable_generation: next_generation(),
         }
     }
 
@@ -250,8 +250,9 @@ impl RefcountEngine {
         &self.reftable
     }
 
-    /// A counter that changes whenever the refcount table changes (new block hooked in, table
-    /// grown and moved). Equal values mean `reftable()` and `refblock_offsets()` are unchanged.
+    /// A value that changes whenever the refcount table changes (new block hooked in, table
+    /// grown and moved); unique across engine instances. Equal values mean `reftable()` and
+    /// `refblock_offsets()` are unchanged.
     pub fn reftable_generation(&self) -> u64 {
         self.reftable_generation
     }
@@ -892,7 +893,7 @@ impl RefcountEngine {
             if let Some(slot) = self.reftable.get_mut(block as usize) {
                 *slot = new_offset;
             }
-            self.reftable_generation += 1;
+            self.reftable_generation = next_generation();
             return Ok(());
         }
 
@@ -1018,7 +1019,7 @@ impl RefcountEngine {
         let old_clusters = self.reftable_clusters();
         self.reftable = new_table;
         self.reftable_offset = table_offset;
-        self.reftable_generation += 1;
+        self.reftable_generation = next_generation();
         for i in 0..area_blocks {
             let b = blocks_used + i;
             self.index.forget(b);
@@ -1039,6 +1040,14 @@ impl RefcountEngine {
         );
         Ok(())
     }
+}
+
+/// A fresh table generation, unique across engine instances (an image that reopens its
+/// engine must never see an old value again).
+fn next_generation() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Appends `r`, merging it into the last range when contiguous with the same discard type.
