@@ -6,6 +6,7 @@
 //!   for reference. See `cargo xtask bench --help`.
 
 mod bench;
+mod crash;
 mod util;
 
 use std::process::ExitCode;
@@ -17,6 +18,8 @@ tasks:
   bench    time the qcow2 command against qemu-img, workload by workload, on fresh copies of
            identical images (alternating runs, medians, ratios), and write a table, a JSON
            file and an SVG chart of the ratios (see `cargo xtask bench --help`)
+  crash    explore post-crash images of the reliability workloads at every flush boundary
+           (seeded, resumable: see `cargo xtask crash --help`)
   help     print this text
 
 `cargo xtask` is an alias for `cargo run --package xtask --release --`.
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     match task.as_deref() {
         Some("bench") => bench::main(&rest),
+        Some("crash") => crash::main(&rest),
         Some("help" | "--help" | "-h") => {
             print!("{HELP}");
             ExitCode::SUCCESS

@@ -863,6 +863,7 @@ fn run(opts: &Options) -> Result<ExitCode, String> {
     let caps = Capabilities::probe(&ours);
     let (date, time) = crate::util::utc_now();
     let load_start = machine::load_average();
+    let git = git_describe(&root);
 
     eprintln!("== machine: {}", machine.one_line());
     if let Some(l) = load_start.filter(|l| *l > 0.5) {
@@ -930,7 +931,7 @@ fn run(opts: &Options) -> Result<ExitCode, String> {
         qemu_version,
         ours_binary: ours.display().to_string(),
         ours_version: caps.version.clone(),
-        git: git_describe(&root),
+        git,
         command: command_line,
         scale,
         pairs,
