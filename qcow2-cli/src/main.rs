@@ -266,17 +266,17 @@ struct CheckArgs {
 #[derive(Args, Debug)]
 struct SnapshotArgs {
     /// List snapshots (the default).
-    #[arg(short = 'l', long = "list")]
-    list: bool,
-    /// Create a snapshot.
-    #[arg(short = 'c', long = "create", value_name = "NAME")]
-    create: Option<String>,
-    /// Revert the image to a snapshot (by ID or name).
-    #[arg(short = 'a', long = "apply", value_name = "SNAPSHOT")]
-    apply: Option<String>,
-    /// Delete a snapshot (by name).
-    #[arg(short = 'd', long = "delete", value_name = "NAME")]
-    delete: Option<String>,
+    #[arg(short = 'l', long = "list", action = clap::ArgAction::Count)]
+    list: u8,
+    /// Create a snapshot named NAME (names need not be unique).
+    #[arg(short = 'c', long = "create", value_name = "NAME", action = clap::ArgAction::Append)]
+    create: Vec<String>,
+    /// Revert the image to a snapshot (looked up by ID first, then by name).
+    #[arg(short = 'a', long = "apply", value_name = "SNAPSHOT", action = clap::ArgAction::Append)]
+    apply: Vec<String>,
+    /// Delete the first snapshot named NAME (names only, as qemu-img).
+    #[arg(short = 'd', long = "delete", value_name = "NAME", action = clap::ArgAction::Append)]
+    delete: Vec<String>,
     /// Image format.
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
@@ -527,23 +527,28 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             })
         }
         Command::Snapshot(a) => {
-            let file = one_file("snapshot", &a.files)?;
-            let ops = usize::from(a.list)
-                + usize::from(a.create.is_some())
-                + usize::from(a.apply.is_some())
-                + usize::from(a.delete.is_some());
+            // qemu-img counts every operation option, repeated ones included, before it
+            // looks at the file name.
+            let ops = usize::from(a.list) + a.create.len() + a.apply.len() + a.delete.len();
             if ops > 1 {
                 return Err(CliError::usage(
                     "snapshot",
                     "Cannot mix '-l', '-a', '-c', '-d'",
                 ));
             }
+            let file = one_file("snapshot", &a.files)?;
             let _ = (a.quiet, a.force_share);
             let format = parse_format(a.format.as_deref())?;
-            if a.create.is_some() || a.apply.is_some() || a.delete.is_some() {
-                return Err(CliError::unavailable("snapshot -c/-a/-d", "qcow2-snapshot"));
-            }
-            snapshot::list(&file, format)
+            let op = if let Some(n) = a.create.into_iter().next() {
+                snapshot::SnapshotOp::Create(n)
+            } else if let Some(n) = a.apply.into_iter().next() {
+                snapshot::SnapshotOp::Apply(n)
+            } else if let Some(n) = a.delete.into_iter().next() {
+                snapshot::SnapshotOp::Delete(n)
+            } else {
+                snapshot::SnapshotOp::List
+            };
+            snapshot::run(&file, format, &op)
         }
         Command::Map(a) => {
             let output = OutputFormat::parse(a.output.as_deref())?;
