@@ -19,7 +19,7 @@
 use qcow2_check::{check, CheckOptions, RepairMode};
 use qcow2_image::{Image, ImageError, OpenOptions};
 use qcow2_io::fault::{FaultStorage, IoKind, IoKinds, Rule};
-use qcow2_io::{errno, Event, MemStorage, Storage};
+use qcow2_io::{errno, Event, MemStorage};
 use reliability::verify;
 use reliability::workload::{self, Model, Step, Workload};
 use std::collections::BTreeMap;
