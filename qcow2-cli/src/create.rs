@@ -462,3 +462,54 @@ fn create_raw(filename: &str, size: u64, prealloc: Option<String>) -> Result<(),
     res.and_then(|_| file.sync_all())
         .map_err(|e| in_file(format!("Could not resize file: {}", image::strerror(&e))))
 }
+
+/// Prints `amend -o help` for qcow2, as qemu-img 10.0.2 does (the amend options only).
+pub fn print_amend_help() {
+    let rows: [(&str, &str); 13] = [
+        ("backing_file=<str>", "File name of a base image"),
+        ("backing_fmt=<str>", "Image format of the base image"),
+        (
+            "compat=<str>",
+            "Compatibility level (v2 [0.10] or v3 [1.1])",
+        ),
+        ("data_file=<str>", "File name of an external data file"),
+        (
+            "data_file_raw=<bool (on/off)>",
+            "The external data file must stay valid as a raw image",
+        ),
+        (
+            "encrypt.iter-time=<num>",
+            "Time to spend in PBKDF in milliseconds",
+        ),
+        (
+            "encrypt.keyslot=<num>",
+            "Select a single keyslot to modify explicitly",
+        ),
+        (
+            "encrypt.new-secret=<str>",
+            "New secret to set in the matching keyslots. Empty string to erase",
+        ),
+        (
+            "encrypt.old-secret=<str>",
+            "Select all keyslots that match this password",
+        ),
+        (
+            "encrypt.state=<str>",
+            "Select new state of affected keyslots (active/inactive)",
+        ),
+        (
+            "lazy_refcounts=<bool (on/off)>",
+            "Postpone refcount updates",
+        ),
+        (
+            "refcount_bits=<num>",
+            "Width of a reference count entry in bits",
+        ),
+        ("size=<size>", "Virtual disk size"),
+    ];
+    let mut text = String::from("Amend options for 'qcow2':\n");
+    for (left, help) in rows {
+        text.push_str(&format!("  {left:<22} - {help}\n"));
+    }
+    out(&text);
+}

@@ -5,6 +5,7 @@
 //! yet parse their arguments completely and then say clearly that they are not available,
 //! with a nonzero exit status; none pretends to work.
 
+mod amend;
 mod bench;
 mod check;
 mod create;
@@ -14,6 +15,7 @@ mod io;
 mod json;
 mod map;
 mod opts;
+mod progress;
 mod qcowdev;
 mod rawdev;
 mod resize;
@@ -580,9 +582,16 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             if a.options.is_empty() {
                 return Err(CliError::usage("amend", "Must specify options (-o)"));
             }
-            let _ = one_file("amend", &a.files)?;
-            let _ = (a.format, a.progress, a.quiet, a.force);
-            Err(CliError::unavailable("amend", "qcow2-image"))
+            let file = one_file("amend", &a.files)?;
+            // --force only matters for LUKS keyslot changes, which this tool does not do.
+            let _ = a.force;
+            amend::run(amend::AmendRequest {
+                file,
+                format: parse_format(a.format.as_deref())?,
+                options: a.options,
+                progress: a.progress,
+                quiet: a.quiet,
+            })
         }
         Command::Resize(a) => {
             let (Some(size), [file]) = (size_arg, a.args.as_slice()) else {
@@ -591,10 +600,14 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     "Expecting image file name and size",
                 ));
             };
-            if let Some(p) = a.preallocation.as_deref().filter(|p| *p != "off") {
-                return Err(CliError::new(format!(
-                    "resize: --preallocation={p} is not available yet"
-                )));
+            match a.preallocation.as_deref() {
+                None | Some("off") => {}
+                Some(p @ ("metadata" | "falloc" | "full")) => {
+                    return Err(CliError::new(format!(
+                        "resize: --preallocation={p} is not available yet"
+                    )))
+                }
+                Some(p) => return Err(CliError::new(format!("Invalid preallocation mode '{p}'"))),
             }
             resize::run(
                 file,

@@ -1,5 +1,5 @@
 //! `qcow2 resize`: qemu-img resize's size arithmetic, checks and messages. Raw files are
-//! resized here; qcow2 images wait on the image facade.
+//! resized here; qcow2 images grow and shrink through the image facade.
 
 use qcow2_io::Storage;
 
@@ -20,7 +20,13 @@ pub enum SizeRequest {
 
 /// Parses `[+-]SIZE` with qemu-img's message ("Parameter 'size' expects ...").
 pub fn parse_request(arg: &str) -> Result<SizeRequest, CliError> {
-    let bad = || CliError::new("Parameter 'size' expects a non-negative number below 2^64");
+    let bad = || {
+        CliError::new(
+            "Parameter 'size' expects a non-negative number below 2^64\n\
+             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+             and exabytes, respectively.",
+        )
+    };
     let (ctor, rest): (fn(u64) -> SizeRequest, &str) = match arg.as_bytes().first() {
         Some(b'+') => (SizeRequest::Grow, &arg[1..]),
         Some(b'-') => (SizeRequest::Shrink, &arg[1..]),
@@ -48,7 +54,7 @@ pub fn new_size(current: u64, req: SizeRequest) -> Result<u64, CliError> {
     }
 }
 
-/// Runs `resize` on a raw file.
+/// Runs `resize` (raw files here, qcow2 images through the facade).
 pub fn run(
     file: &str,
     format: Option<Format>,
@@ -64,9 +70,7 @@ pub fn run(
     let current = opened.file_len;
     let new = new_size(current, req)?;
     if new < current && !shrink {
-        return Err(CliError::new(
-            "Use the --shrink option to perform a shrink operation.",
-        ));
+        return Err(shrink_refusal());
     }
     let storage = qcow2_io::FileStorage::open(file, true)
         .map_err(|e| image::open_error(file, image::strerror(&e)))?;
@@ -80,26 +84,30 @@ pub fn run(
     Ok(())
 }
 
-/// Grows a qcow2 image through the image facade (shrinking is not available yet).
+/// qemu-img's refusal of a shrink without `--shrink`: the error and its warning line.
+fn shrink_refusal() -> CliError {
+    CliError::new(
+        "Use the --shrink option to perform a shrink operation.\n\
+         qcow2: warning: Shrinking an image will delete all data beyond the shrunken image's \
+         end. Before performing such an operation, make sure there is no important data there.",
+    )
+}
+
+/// Grows or shrinks a qcow2 image through the image facade (QEMU's `qcow2_co_truncate`:
+/// sizes must be multiples of 512, v2 images with snapshots cannot be resized; both refusals
+/// are the engine's, with QEMU's messages).
 fn resize_qcow2(file: &str, req: SizeRequest, shrink: bool, quiet: bool) -> Result<(), CliError> {
     let mut img =
         crate::qcowdev::open_image(file, false).map_err(|e| image::open_error(file, e))?;
     let current = img.virtual_size();
     let new = new_size(current, req)?;
-    if new < current {
-        if !shrink {
-            return Err(CliError::new(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
-        }
-        return Err(CliError::new(
-            "shrinking qcow2 images is not available yet (the image facade only grows)",
-        ));
+    if new < current && !shrink {
+        return Err(shrink_refusal());
     }
-    // qcow2 rounds the virtual size up to whole sectors, as QEMU does.
-    let new = new.next_multiple_of(512);
-    img.resize(new)
-        .map_err(|e| CliError::new(crate::qcowdev::error_text(&e)))?;
+    if let Err(e) = img.resize(new) {
+        let _ = img.close();
+        return Err(CliError::new(crate::qcowdev::error_text(&e)));
+    }
     img.close().map_err(|e| {
         CliError::new(format!(
             "Error while closing the image: {}",

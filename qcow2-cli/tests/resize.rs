@@ -1,11 +1,19 @@
-//! `qcow2 resize` against `qemu-img resize` on raw files (`-f raw`: qemu-img prints a
-//! three-line warning when it has to probe a raw image for writing; we do not). Same exit
-//! status, same stdout, same first stderr line (qemu-img's second line is a warning or a
-//! hint), same file length afterwards. qcow2 images wait on qcow2-image.
+//! `qcow2 resize` against `qemu-img resize`: raw files (qemu-img prints a three-line warning
+//! when it has to probe a raw image for writing; we do not), qcow2 growth (byte-identical)
+//! and qcow2 shrinking (same guest data, clean check). Same exit status, same stdout, same
+//! messages (with their warning and continuation lines).
 
 mod common;
 
 use common::{have_qemu, qcow2, qemu_img};
+
+/// qemu-img's stderr without the "WARNING: Image format was not specified" block.
+fn without_probe_warning(s: &str) -> String {
+    s.lines()
+        .filter(|l| !l.starts_with("WARNING: ") && !l.starts_with("         "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
 
 #[test]
 fn raw_resize_matches_qemu_img() {
@@ -42,15 +50,9 @@ fn raw_resize_matches_qemu_img() {
         let qemu = qemu_img(dir.path(), &with(args, "qemu.raw"));
         assert_eq!(ours.code, qemu.code, "{args:?}: {ours:?} {qemu:?}");
         assert_eq!(ours.stdout, qemu.stdout, "{args:?}");
-        let first = qemu
-            .stderr
-            .lines()
-            .next()
-            .map(|l| format!("{l}\n"))
-            .unwrap_or_default();
         assert_eq!(
             ours.stderr.replace("ours.raw", "X"),
-            first
+            without_probe_warning(&qemu.stderr)
                 .replace("qemu-img: ", "qcow2: ")
                 .replace("qemu.raw", "X"),
             "{args:?}"
@@ -61,7 +63,7 @@ fn raw_resize_matches_qemu_img() {
 }
 
 /// Growing a qcow2 image: same message and a byte-identical file as qemu-img resize;
-/// shrinking without --shrink refuses the same way. (Shrinking qcow2 is not available yet.)
+/// shrinking without --shrink refuses the same way, with the warning line.
 #[test]
 fn qcow2_grow_matches_qemu_img() {
     if !have_qemu() {
@@ -69,7 +71,7 @@ fn qcow2_grow_matches_qemu_img() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    for size in ["+1G", "3G", "+1M", "-1M", "1000"] {
+    for size in ["+1G", "3G", "+1M", "-1M", "1000", "+1000"] {
         for name in ["ours.qcow2", "qemu.qcow2"] {
             assert_eq!(
                 qemu_img(d, &["create", "-q", "-f", "qcow2", name, "1G"]).code,
@@ -84,19 +86,77 @@ fn qcow2_grow_matches_qemu_img() {
         let qemu = qemu_img(d, &["resize", "qemu.qcow2", size]);
         assert_eq!(ours.code, qemu.code, "{size}: {ours:?}");
         assert_eq!(ours.stdout, qemu.stdout, "{size}");
-        let first = qemu
-            .stderr
-            .lines()
-            .next()
-            .map(|l| format!("{l}\n"))
-            .unwrap_or_default();
         assert_eq!(
             ours.stderr,
-            first.replace("qemu-img: ", "qcow2: "),
+            qemu.stderr.replace("qemu-img: ", "qcow2: "),
             "{size}"
         );
         let a = std::fs::read(d.join("ours.qcow2")).expect("read");
         let b = std::fs::read(d.join("qemu.qcow2")).expect("read");
         assert!(a == b, "{size}: files differ");
+    }
+}
+
+/// `resize --shrink` of qcow2 images: the same messages as qemu-img ("Image resized.", the
+/// 512-byte rule, v2 with snapshots), the same guest data afterwards (qemu-img compare), a
+/// clean check, data below the new end kept, and a file no larger than qemu-img's.
+#[test]
+fn qcow2_shrink_matches_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--shrink", "X", "32M"], "1.1"),
+        (&["--shrink", "X", "-1k"], "1.1"),
+        (&["--shrink", "X", "1000"], "1.1"),
+        (&["--shrink", "X", "41M"], "1.1"),
+        (&["-q", "--shrink", "X", "1M"], "1.1"),
+        (&["--shrink", "X", "32M"], "0.10"),
+        (&["X", "32M"], "1.1"),
+    ];
+    for (args, compat) in cases {
+        for name in ["ours.qcow2", "qemu.qcow2"] {
+            let opt = format!("compat={compat}");
+            let r = qemu_img(d, &["create", "-q", "-f", "qcow2", "-o", &opt, name, "64M"]);
+            assert_eq!(r.code, 0);
+            let r = common::qemu_io(
+                d,
+                &[
+                    "-c",
+                    "write -P 1 0 1M",
+                    "-c",
+                    "write -P 2 40M 2M",
+                    "-c",
+                    "write -c -P 3 60M 64k",
+                    name,
+                ],
+            );
+            assert_eq!(r.code, 0);
+            if *compat == "0.10" {
+                assert_eq!(qemu_img(d, &["snapshot", "-c", "s", name]).code, 0);
+            }
+        }
+        let with = |name: &'static str| {
+            let mut v = vec!["resize"];
+            v.extend(args.iter().map(|a| if *a == "X" { name } else { *a }));
+            v
+        };
+        let ours = qcow2(d, &with("ours.qcow2"));
+        let qemu = qemu_img(d, &with("qemu.qcow2"));
+        assert_eq!(ours.code, qemu.code, "{args:?}: {ours:?} {qemu:?}");
+        assert_eq!(ours.text(), qemu.text(), "{args:?}");
+        let c = qemu_img(d, &["check", "ours.qcow2"]);
+        assert_eq!(c.code, 0, "{args:?}: {c:?}");
+        let cmp = qemu_img(d, &["compare", "ours.qcow2", "qemu.qcow2"]);
+        assert_eq!(cmp.code, 0, "{args:?}: {cmp:?}");
+        let len = |n: &str| std::fs::metadata(d.join(n)).expect("stat").len();
+        assert!(
+            len("ours.qcow2") <= len("qemu.qcow2"),
+            "{args:?}: {} > {}",
+            len("ours.qcow2"),
+            len("qemu.qcow2")
+        );
     }
 }
