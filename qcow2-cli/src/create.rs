@@ -189,7 +189,11 @@ fn typed(fmt: Format, name: &str, raw: &str) -> Result<(Kind, Value), String> {
     match kind {
         Kind::Size => {
             v.num = parse_size(raw).map_err(|_| {
-                format!("Parameter '{name}' expects a non-negative number below 2^64")
+                format!(
+                    "Parameter '{name}' expects a non-negative number below 2^64\n\
+                     Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                     and exabytes, respectively."
+                )
             })?;
             v.text = v.num.to_string();
         }
@@ -556,4 +560,37 @@ pub fn print_amend_help() {
         text.push_str(&format!("  {left:<22} - {help}\n"));
     }
     out(&text);
+}
+
+/// One checked `-o` option of a conversion target: the name, the value as qemu-img prints
+/// it, and the parsed number (sizes and numbers) or flag (booleans).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetOption {
+    /// Option name.
+    pub name: String,
+    /// Value text (sizes and numbers in decimal bytes).
+    pub text: String,
+    /// Parsed size or number (0 otherwise).
+    pub num: u64,
+    /// Parsed boolean (false otherwise).
+    pub flag: bool,
+}
+
+/// Parses the `-o` lists of `convert` against `fmt`'s create options, with qemu-img's
+/// messages ("Invalid option list: ", "Invalid parameter 'x'", "Parameter 'x' expects
+/// ..."). A later value of the same name replaces an earlier one.
+pub fn target_options(fmt: Format, lists: &[String]) -> Result<Vec<TargetOption>, CliError> {
+    let list =
+        OptList::parse(lists).map_err(|l| CliError::new(format!("Invalid option list: {l}")))?;
+    let mut out = Vec::new();
+    for (name, raw) in &list.items {
+        let (_, v) = typed(fmt, name, raw).map_err(CliError::new)?;
+        out.push(TargetOption {
+            name: name.clone(),
+            text: v.text,
+            num: v.num,
+            flag: v.flag,
+        });
+    }
+    Ok(out)
 }

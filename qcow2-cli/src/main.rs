@@ -1,13 +1,14 @@
 //! The `qcow2` command: qemu-img's habits (command names, options, output and messages) on
 //! top of the qcow2 engine crates, so that scripts can switch from `qemu-img` without edits.
 //!
-//! Each subcommand lives in its own module. Subcommands whose engine crate has not landed
-//! yet parse their arguments completely and then say clearly that they are not available,
-//! with a nonzero exit status; none pretends to work.
+//! Each subcommand lives in its own module. Options the engine cannot honour yet (resize
+//! --preallocation other than off, encrypted or external-data-file images) are refused with
+//! a clear message and a nonzero exit status; nothing pretends to work.
 
 mod amend;
 mod bench;
 mod check;
+mod convert;
 mod create;
 mod image;
 mod info;
@@ -565,18 +566,16 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             )
         }
         Command::Convert(a) => {
-            if a.files.len() < 2 {
-                return Err(CliError::usage("convert", "Expecting image file name"));
-            }
-            let _ = (
-                a.format,
-                a.output_format,
-                a.compress,
-                a.options,
-                a.progress,
-                a.quiet,
-            );
-            Err(CliError::unavailable("convert", "qcow2-image"))
+            let source_format = parse_format(a.format.as_deref())?;
+            convert::run(convert::ConvertRequest {
+                source_format,
+                target_format: a.output_format,
+                compress: a.compress,
+                options: a.options,
+                progress: a.progress,
+                quiet: a.quiet,
+                files: a.files,
+            })
         }
         Command::Amend(a) => {
             if a.options.is_empty() {
