@@ -197,6 +197,18 @@ impl Image {
         op: Op,
         f: impl FnOnce(&mut Snapshots, &mut Image) -> std::result::Result<T, SnapError>,
     ) -> Result<T> {
+        // A snapshot pass changes refcounts and COPIED flags in different clusters; no write
+        // order keeps both exact at every instant (QEMU's leaves COPIED on clusters whose
+        // refcount is already 2, ours leaves refcount-1 clusters without COPIED). On a v3
+        // image the dirty bit covers the window: set (synchronously) before the first
+        // change, cleared after the last one is durable, so a crash or a failure in between
+        // is repaired on the next read-write open (QEMU's and ours) and never reads as
+        // corruption. v2 has no dirty bit; there a crash can leave harmless COPIED
+        // mismatches, as QEMU does.
+        let guard = self.fc.header.version >= 3 && !self.is_dirty();
+        if guard {
+            self.mark_dirty(op)?;
+        }
         let mut snaps = std::mem::take(&mut self.snapshots);
         let r = f(&mut snaps, self);
         self.snapshots = snaps;
@@ -210,9 +222,20 @@ impl Image {
         match r {
             Ok(v) => {
                 synced?;
+                if guard {
+                    self.mark_clean(op)?;
+                }
                 Ok(v)
             }
-            Err(e) => Err(self.snapshot_err(op, e)),
+            Err(e) => {
+                let err = self.snapshot_err(op, e);
+                // Nothing changed (a refusal), or the image is consistent again: clear the
+                // bit. Otherwise it stays set and the next read-write open repairs.
+                if guard && self.poisoned().is_none() && !self.is_corrupt() {
+                    let _ = self.mark_clean(op);
+                }
+                Err(err)
+            }
         }
     }
 
