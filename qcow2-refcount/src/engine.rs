@@ -403,6 +403,25 @@ impl RefcountEngine {
                     .div_ceil(self.geometry.table_entries_per_cluster()),
             }));
         }
+        // Every refcount block of the range must exist before anything is applied: a block
+        // allocated midway would be placed while the first part of the range is still
+        // counted, land beyond it, and leave a hole when that part is rolled back. Placed
+        // first, the block takes the cluster the range was meant to start at and the retry
+        // moves the range one cluster on (reference §2.4, iotest 121).
+        let bits = self.geometry.refcount_block_bits();
+        for block in (first >> bits)..=(last >> bits) {
+            if self.refblock_offset(block)?.is_none() {
+                let at = first.max(block << bits);
+                return match change {
+                    Change::Increase(_) => Err(self.alloc_refcount_block(caches, at)),
+                    Change::Decrease(n) => Err(Fail::Err(RefcountError::Underflow {
+                        cluster_offset: at << self.geometry.cluster_bits(),
+                        refcount: 0,
+                        subtrahend: n,
+                    })),
+                };
+            }
+        }
         if matches!(change, Change::Decrease(_)) {
             // Invariant 1: the L2 tables that stopped referencing these clusters must reach
             // the disk before the refcount blocks that free them.

@@ -596,3 +596,22 @@ fn updates_beyond_any_refcount_table_are_refused_without_growing_anything() {
     assert_eq!(f.file_len(), before);
     assert_eq!(f.refcount(far / 512), 0);
 }
+
+#[test]
+fn runs_crossing_a_refcount_block_boundary_leave_no_hole() {
+    // 4 KiB clusters, 16-bit refcounts: one block covers 2048 clusters. Alternating one
+    // cluster (an L2 table) and runs of 512 (its data), as a sequential guest write does.
+    let mut f = mem_fixture(4096, 16, 1 << 30);
+    let mut last_end = 0;
+    for _ in 0..8 {
+        let l2 = f.engine.alloc_clusters(&mut f.caches, 1).unwrap() / 4096;
+        let run = f.engine.alloc_clusters(&mut f.caches, 512).unwrap() / 4096;
+        assert!(
+            run <= l2 + 2,
+            "hole before the run: L2 at {l2}, run at {run}"
+        );
+        last_end = run + 512;
+    }
+    let free = (0..last_end).filter(|&c| f.refcount(c) == 0).count();
+    assert_eq!(free, 0, "free clusters below the end");
+}
