@@ -269,6 +269,9 @@ impl Image {
     ) -> Result<()> {
         let op = Op::Amend;
         self.check_writable(op)?;
+        if !self.l1_dirty.is_empty() {
+            self.flush_caches(op, true)?;
+        }
         if let Some(bits) = opts.refcount_bits {
             validate_refcount_bits(bits)?;
         }

@@ -81,6 +81,10 @@ pub struct Image {
     pub(crate) discard_passthrough_request: bool,
     pub(crate) messages: Vec<String>,
     pub(crate) closed: bool,
+    /// 64-entry groups (by first index) of the active L1 whose on-disk copy is older than
+    /// memory: new L2 tables are linked in memory and reach the disk at the next flush,
+    /// after their own refcounts and contents (see [`Image::commit_l1`]).
+    pub(crate) l1_dirty: std::collections::BTreeSet<u64>,
     /// The internal snapshot table (taken out while a snapshot operation runs).
     pub(crate) snapshots: qcow2_snapshot::Snapshots,
     /// The options the image was opened with (overlap level, caches; reused by a reopen
@@ -349,6 +353,7 @@ impl Image {
             discard_passthrough_request: opts.pass_discard_request,
             messages: Vec::new(),
             closed: false,
+            l1_dirty: std::collections::BTreeSet::new(),
             snapshots,
             opts: opts.clone(),
             depth,
@@ -686,8 +691,23 @@ impl Image {
         }
     }
 
-    /// A direct metadata write (L1 entry, header field) with a durability barrier; a
-    /// failure poisons the image.
+    /// A direct metadata write (L1 entry, header field) without a barrier; a failure
+    /// poisons the image.
+    pub(crate) fn metadata_write(
+        &mut self,
+        op: Op,
+        context: &'static str,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<()> {
+        if let Err(e) = self.storage.write_at(buf, offset) {
+            self.poison(format!("{context} at {offset:#x} failed: {e}"));
+            return Err(ImageError::io(op, context, offset, e));
+        }
+        Ok(())
+    }
+
+    /// A metadata write followed by a storage flush; a failure poisons the image.
     pub(crate) fn metadata_write_sync(
         &mut self,
         op: Op,
@@ -749,6 +769,8 @@ impl Image {
 
     /// Writes the caches (the refcount cache only when `refblocks`), then a storage flush.
     pub(crate) fn flush_caches(&mut self, op: Op, refblocks: bool) -> Result<()> {
+        // Deferred L1 entries point at tables whose refcounts must be durable first.
+        let refblocks = refblocks || !self.l1_dirty.is_empty();
         self.storage.event(Event::FlushToOs);
         if let Err(e) = self.caches.write(CacheId::L2) {
             return Err(self.cache_err(op, e));
@@ -759,6 +781,29 @@ impl Image {
             }
         }
         self.storage.event(Event::FlushToDisk);
+        if let Err(e) = self.storage.flush() {
+            self.poison(format!("storage flush failed: {e}"));
+            return Err(ImageError::io(op, "flush the storage", 0, e));
+        }
+        self.commit_l1(op)
+    }
+
+    /// Writes the deferred L1 entries, then a barrier. Called only after both caches were
+    /// written and a storage flush succeeded, so every L2 table a deferred entry points at
+    /// has its contents and its refcount on disk before the entry does (invariants 1 and 3:
+    /// a crash before this point leaks the new tables, never exposes them half-written).
+    pub(crate) fn commit_l1(&mut self, op: Op) -> Result<()> {
+        if self.l1_dirty.is_empty() {
+            return Ok(());
+        }
+        let groups: Vec<u64> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
+        for (i, &start) in groups.iter().enumerate() {
+            if let Err(e) = self.write_l1_group(op, start, false) {
+                // Keep what was not written: a retry (or nothing, if poisoned) follows.
+                self.l1_dirty.extend(groups[i..].iter().copied());
+                return Err(e);
+            }
+        }
         if let Err(e) = self.storage.flush() {
             self.poison(format!("storage flush failed: {e}"));
             return Err(ImageError::io(op, "flush the storage", 0, e));

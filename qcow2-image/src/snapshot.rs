@@ -205,6 +205,11 @@ impl Image {
         // is repaired on the next read-write open (QEMU's and ours) and never reads as
         // corruption. v2 has no dirty bit; there a crash can leave harmless COPIED
         // mismatches, as QEMU does.
+        // The snapshot engine copies and rewrites the in-memory active L1: deferred entries
+        // (new L2 tables) must be durable before any copy of them is.
+        if !self.l1_dirty.is_empty() {
+            self.flush_caches(op, true)?;
+        }
         let guard = self.fc.header.version >= 3 && !self.is_dirty();
         if guard {
             self.mark_dirty(op)?;

@@ -123,7 +123,11 @@ impl Image {
     /// Writes the 512-byte-aligned group of L1 entries holding `l1_index` (QEMU's
     /// `qcow2_write_l1_entry`), synchronously.
     pub(crate) fn write_l1_entry(&mut self, op: Op, l1_index: u64) -> Result<()> {
-        let start = l1_index & !63;
+        self.write_l1_group(op, l1_index & !63, true)
+    }
+
+    /// Writes the 64 L1 entries starting at `start` (a multiple of 64), synchronously or not.
+    pub(crate) fn write_l1_group(&mut self, op: Op, start: u64, sync: bool) -> Result<()> {
         let n = (self.l1.len() as u64 - start).min(64);
         let mut buf = Vec::with_capacity(n as usize * 8);
         for e in &self.l1[start as usize..(start + n) as usize] {
@@ -145,7 +149,11 @@ impl Image {
         if let Err(e) = self.overlap.check(off, n * 8, bits::ACTIVE_L1) {
             return Err(self.corruption(op, true, e.to_string()));
         }
-        self.metadata_write_sync(op, "write an L1 entry", &buf, off)
+        if sync {
+            self.metadata_write_sync(op, "write an L1 entry", &buf, off)
+        } else {
+            self.metadata_write(op, "write an L1 entry", &buf, off)
+        }
     }
 
     /// Grows the active L1 table to at least `min_size` entries (QEMU's
@@ -156,6 +164,10 @@ impl Image {
         let cur = self.l1.len() as u64;
         if min_size <= cur {
             return Ok(());
+        }
+        // The new table is a copy of memory: deferred entries must be durable first.
+        if !self.l1_dirty.is_empty() {
+            self.flush_caches(op, true)?;
         }
         let max = MAX_L1_SIZE / 8;
         if min_size > max {
@@ -280,8 +292,16 @@ impl Image {
             ));
         }
         self.sync_overlap_refcounts();
-        if let Err(e) = self.caches.flush(CacheId::Refblock) {
-            return Err(self.cache_err(op, e));
+        // A brand-new table (nothing to copy, nothing to free) is linked lazily: its L1
+        // entry changes in memory now and reaches the disk at the next flush, after the
+        // table's refcount and contents (see `commit_l1`). This saves QEMU's three
+        // barriers per new L2 table. Replacing a shared table, or lazy refcounts (where
+        // refcounts may never be written before a crash), keeps QEMU's synchronous order.
+        let deferred = old == 0 && !self.lazy;
+        if !deferred {
+            if let Err(e) = self.caches.flush(CacheId::Refblock) {
+                return Err(self.cache_err(op, e));
+            }
         }
         let slice = self.caches.entry_size(CacheId::L2) as u64;
         for s in 0..cs / slice {
@@ -311,6 +331,12 @@ impl Image {
             self.put(op, hn)?;
         }
         self.storage.event(Event::L2AllocWrite);
+        if deferred {
+            self.l1[l1_index as usize] = new | OFLAG_COPIED;
+            self.l1_dirty.insert(l1_index & !63);
+            self.sync_overlap_l1();
+            return Ok(new);
+        }
         if let Err(e) = self.caches.flush(CacheId::L2) {
             return Err(self.cache_err(op, e));
         }
