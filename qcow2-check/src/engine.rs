@@ -1363,7 +1363,10 @@ impl<'s, 'p> Run<'s, 'p> {
                 self.spare = b.into_buffer();
             }
         }
-        let _ = self.img.storage.flush();
+        // Only a repair wrote anything; a read-only check issues no barrier.
+        if self.s.writable {
+            let _ = self.img.storage.flush();
+        }
         Ok(())
     }
 

@@ -16,7 +16,7 @@ pub(crate) const MAX_LENGTH: u64 = (i64::MAX as u64) & !((1u64 << 31) - 1);
 const MAX_RUN: u64 = 8 << 20;
 /// Gaps up to this size between wanted tables are read through rather than split, because
 /// one larger sequential read is cheaper than two requests.
-const MAX_GAP: u64 = 256 << 10;
+const MAX_GAP: u64 = 64 << 10;
 
 /// `bdrv_pread`: fails with `EIO` for requests beyond [`MAX_LENGTH`], reads zeros past EOF.
 pub(crate) fn pread(storage: &dyn Storage, buf: &mut [u8], offset: u64) -> io::Result<()> {

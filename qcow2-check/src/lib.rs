@@ -147,7 +147,9 @@ pub fn check_with_progress(
     if writable && !session.poisoned && session.incompat & INCOMPAT_DIRTY != 0 {
         let _ = session.mark_clean();
     }
-    let _ = storage.flush();
+    if writable {
+        let _ = storage.flush();
+    }
     report.findings = std::mem::take(&mut session.findings);
     Ok(report)
 }
