@@ -6,9 +6,8 @@ use std::os::unix::fs::MetadataExt;
 
 use qcow2_format::extensions::FirstCluster;
 use qcow2_format::header::{open_first_cluster, OpenOptions, QCOW_MAGIC};
-use qcow2_format::limits::{MAX_CLUSTER_BITS, MAX_SNAPSHOTS_SIZE};
+use qcow2_format::limits::MAX_CLUSTER_BITS;
 use qcow2_format::snapshot::SnapshotEntry;
-use qcow2_format::SnapshotTable;
 use qcow2_io::{FileStorage, Storage};
 
 use crate::CliError;
@@ -134,7 +133,8 @@ fn read_qcow2(storage: &FileStorage, writable: bool) -> Result<Qcow2Meta, String
     Ok(Qcow2Meta { first, snapshots })
 }
 
-/// Reads and parses the snapshot table with QEMU's limits.
+/// Reads and parses the snapshot table with QEMU's limits (through the snapshot crate,
+/// which reads only as much as the entries need).
 fn read_snapshots(
     storage: &FileStorage,
     first: &FirstCluster,
@@ -143,19 +143,16 @@ fn read_snapshots(
     if h.nb_snapshots == 0 {
         return Ok(Vec::new());
     }
-    let file_len = storage.len().map_err(|e| strerror(&e))?;
-    // The table is at most 64 MiB plus per-entry padding and truncated extra data; a
-    // little more is read so the parser, not the read, reports an oversized table.
-    let cap = MAX_SNAPSHOTS_SIZE + 8 * 1024 * 1024;
-    let avail = file_len.saturating_sub(h.snapshots_offset).min(cap);
-    let len = usize::try_from(avail).map_err(|_| "Snapshot table too large".to_string())?;
-    let mut buf = vec![0u8; len];
-    storage
-        .read_at(&mut buf, h.snapshots_offset)
-        .map_err(|e| strerror(&e))?;
-    SnapshotTable::parse(&buf, h.nb_snapshots, h.size)
-        .map(|t| t.entries)
-        .map_err(|e| e.to_string())
+    let geometry = h.geometry().map_err(|e| e.to_string())?;
+    qcow2_snapshot::Snapshots::load(
+        storage,
+        &geometry,
+        h.nb_snapshots,
+        h.snapshots_offset,
+        h.size,
+    )
+    .map(|t| t.entries().to_vec())
+    .map_err(|e| e.to_string())
 }
 
 /// QEMU's `path_combine`: `name` relative to the directory of `base`.

@@ -26,7 +26,6 @@ use qcow2_cache::CacheId;
 use qcow2_format::entry::{L1E_OFFSET_MASK, OFLAG_COPIED};
 use qcow2_format::features::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY};
 use qcow2_format::layout::Compat;
-use qcow2_format::limits::MAX_L1_SIZE;
 use qcow2_format::refcount::{RefcountCodec, REFT_OFFSET_MASK};
 use qcow2_format::{ClusterType, L2Entry};
 use qcow2_io::errno::EINVAL;
@@ -549,20 +548,7 @@ impl Image {
         let active = self.l1.clone();
         push(&active, &mut tables);
         for s in self.snapshots.entries().to_vec() {
-            let bytes = u64::from(s.l1_size) * 8;
-            if bytes > MAX_L1_SIZE {
-                continue;
-            }
-            let raw = self
-                .storage
-                .read_vec(s.l1_table_offset, bytes as usize)
-                .map_err(|e| {
-                    ImageError::io(op, "read a snapshot L1 table", s.l1_table_offset, e)
-                })?;
-            let l1: Vec<u64> = raw
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect();
+            let l1 = self.read_snapshot_l1(op, &s)?;
             push(&l1, &mut tables);
         }
         let n = tables.len() as u64;

@@ -715,7 +715,8 @@ impl Image {
         buf: &[u8],
         offset: u64,
     ) -> Result<()> {
-        if let Err(e) = self.storage.write_sync(buf, offset) {
+        self.metadata_write(op, context, buf, offset)?;
+        if let Err(e) = self.storage.flush() {
             self.poison(format!("{context} at {offset:#x} failed: {e}"));
             return Err(ImageError::io(op, context, offset, e));
         }

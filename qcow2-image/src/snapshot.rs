@@ -288,6 +288,23 @@ impl Image {
         ImageError::Snapshot { op, source: e }
     }
 
+    /// Reads a snapshot's L1 table (raw entries); one larger than QEMU's limit reads as
+    /// empty (the snapshot is unusable and its tables are not walked).
+    pub(crate) fn read_snapshot_l1(&self, op: Op, s: &SnapshotEntry) -> Result<Vec<u64>> {
+        let bytes = u64::from(s.l1_size) * 8;
+        if bytes > MAX_L1_SIZE {
+            return Ok(Vec::new());
+        }
+        let raw = self
+            .storage
+            .read_vec(s.l1_table_offset, bytes as usize)
+            .map_err(|e| ImageError::io(op, "read a snapshot L1 table", s.l1_table_offset, e))?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect())
+    }
+
     /// Mirrors the snapshot table and the snapshot L1 tables (and, at overlap level
     /// [`OverlapLevel::All`](crate::OverlapLevel::All), their L2 tables) into the overlap
     /// view (invariant 5).
@@ -302,18 +319,8 @@ impl Image {
         let mut inactive_l2 = std::collections::HashSet::new();
         if self.opts.overlap_check == crate::OverlapLevel::All {
             for s in self.snapshots.entries() {
-                let bytes = u64::from(s.l1_size) * 8;
-                if bytes > MAX_L1_SIZE {
-                    continue;
-                }
-                let raw = self
-                    .storage
-                    .read_vec(s.l1_table_offset, bytes as usize)
-                    .map_err(|e| {
-                        ImageError::io(op, "read snapshot L1 table", s.l1_table_offset, e)
-                    })?;
-                for c in raw.chunks_exact(8) {
-                    let e = u64::from_be_bytes(c.try_into().unwrap_or([0; 8])) & L1E_OFFSET_MASK;
+                for e in self.read_snapshot_l1(op, s)? {
+                    let e = e & L1E_OFFSET_MASK;
                     if e != 0 {
                         inactive_l2.insert(e);
                     }
