@@ -77,6 +77,10 @@ impl TableBatch {
         }
         sorted.sort_unstable();
         sorted.dedup();
+        // Reading through a gap pays only while the gap is small next to the tables: with
+        // 512-byte clusters the L2 tables of a preallocated image sit every 32 KiB, and
+        // reading through would read the whole file (twice the data per table pass).
+        let max_gap = tl.max(4096).min(MAX_GAP);
         // Plan the runs first so that one buffer holds them all.
         let mut runs: Vec<(usize, usize, u64, u64)> = Vec::new();
         let mut i = 0;
@@ -88,7 +92,7 @@ impl TableBatch {
             while j < sorted.len() {
                 let next = sorted[j];
                 let next_end = next.saturating_add(tl);
-                if next > end.saturating_add(MAX_GAP) || next_end - start > MAX_RUN {
+                if next > end.saturating_add(max_gap) || next_end - start > MAX_RUN {
                     break;
                 }
                 end = end.max(next_end);
