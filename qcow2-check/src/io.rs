@@ -80,7 +80,7 @@ impl TableBatch {
         // Reading through a gap pays only while the gap is small next to the tables: with
         // 512-byte clusters the L2 tables of a preallocated image sit every 32 KiB, and
         // reading through would read the whole file (twice the data per table pass).
-        let max_gap = tl.max(4096).min(MAX_GAP);
+        let max_gap = tl.clamp(4096, MAX_GAP);
         // Plan the runs first so that one buffer holds them all.
         let mut runs: Vec<(usize, usize, u64, u64)> = Vec::new();
         let mut i = 0;
