@@ -567,6 +567,21 @@ pub fn all(params: &Params) -> Vec<Workload> {
         ),
         prealloc(None),
     ));
+    // The same number of clusters at 512 bytes: tables are small and scattered between
+    // the data, so this is the case where batching reads must not read the data too.
+    w.push(check(
+        "check-500k-c512",
+        format!(
+            "check of a {}-cluster image (512 B clusters, {} allocated)",
+            huge / (4 * KIB),
+            fmt_bytes(huge / 8)
+        ),
+        Template::Prealloc {
+            cluster: 512,
+            size: huge / 8,
+            snapshot: None,
+        },
+    ));
     w.push(check(
         "check-20snap",
         format!(
