@@ -855,8 +855,14 @@ impl RefcountEngine {
     ) -> Result<(), Fail> {
         let storage = caches.storage().clone();
         storage.event(Event::RefblockAlloc);
-        // The refcount table is about to change; L2 tables that depend on it go first.
-        caches.flush(CacheId::L2)?;
+        // QEMU flushes the L2 cache here, so that the new block cannot overwrite a cluster an
+        // on-disk L2 table still references. Quarantine (invariant 2) already guarantees
+        // that: no cluster freed since the last durable flush is handed out, so the new
+        // block's cluster is unreferenced on disk and that barrier is not needed — unless
+        // the quarantine is off.
+        if !self.quarantine_enabled {
+            caches.flush(CacheId::L2)?;
+        }
 
         let block = self.geometry.reftable_index(cluster);
         let new_cluster = self.find_free(caches, 1)?;
@@ -882,7 +888,9 @@ impl RefcountEngine {
             self.index.mark_used(new_cluster);
             h
         } else {
-            // Counted by another block, which may itself need allocating (then: again).
+            // Counted by another block, which may itself need allocating (then: again). That
+            // increment and the new block reach the disk together in the flush below, before
+            // the table entry points at the block (QEMU flushes once more in between).
             self.update_clusters(
                 caches,
                 new_cluster,
@@ -890,7 +898,6 @@ impl RefcountEngine {
                 Change::Increase(1),
                 DiscardType::Never,
             )?;
-            caches.flush(CacheId::Refblock)?;
             let h = caches.get_empty(CacheId::Refblock, new_offset)?;
             caches.data_mut(&h).fill(0);
             self.index.insert(block, |_| false);

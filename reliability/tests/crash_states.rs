@@ -29,10 +29,10 @@ fn crash_states_of_every_workload() {
         .into_iter()
         .filter(|w| !w.name.starts_with("snapshots"));
     for (i, w) in workloads.enumerate() {
-        // Flush-heavy workloads (one barrier per allocation) are sampled every few
-        // boundaries; the phase varies with the workload.
+        // Flush-heavy workloads (a few barriers per refcount-block allocation) are sampled
+        // every few boundaries; the phase varies with the workload.
         let stride = if w.name.starts_with("alloc-growth") {
-            9
+            3
         } else {
             1
         };
