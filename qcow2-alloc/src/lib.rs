@@ -173,14 +173,18 @@ impl Allocator {
                     offset = new_offset;
                 }
             }
-            match engine.update(
+            match engine.try_update(
                 caches,
                 offset,
                 size,
                 Change::Increase(1),
                 DiscardType::Never,
             ) {
-                Ok(()) => {
+                // A refcount block was placed first and may sit where the bytes were meant
+                // to go (found by fuzzing: compressed data written over it): search again,
+                // as QEMU's loop on -EAGAIN does.
+                Ok(false) => continue,
+                Ok(true) => {
                     caches
                         .set_dependency(CacheId::L2, CacheId::Refblock)
                         .map_err(RefcountError::from)?;

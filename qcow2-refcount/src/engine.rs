@@ -371,6 +371,29 @@ impl RefcountEngine {
         })
     }
 
+    /// [`RefcountEngine::update`] for allocators: if a refcount block had to be placed
+    /// first, nothing is applied and `Ok(false)` is returned, because the block may have
+    /// taken a cluster of the range (QEMU's `-EAGAIN`): search for space again. `Ok(true)`:
+    /// the change was applied.
+    pub fn try_update(
+        &mut self,
+        caches: &mut Caches,
+        offset: u64,
+        length: u64,
+        change: Change,
+        discard: DiscardType,
+    ) -> Result<bool, RefcountError> {
+        if length == 0 {
+            return Ok(true);
+        }
+        let (first, last) = self.cluster_range(offset, length)?;
+        match self.update_clusters(caches, first, last, change, discard) {
+            Ok(()) => Ok(true),
+            Err(Fail::Again) => Ok(false),
+            Err(Fail::Err(e)) => Err(e),
+        }
+    }
+
     /// First and last cluster index of a byte range, checked against the addressable limit.
     fn cluster_range(&self, offset: u64, length: u64) -> Result<(u64, u64), RefcountError> {
         let end = offset
