@@ -666,40 +666,44 @@ impl L2Entry {
 // Table buffers
 // ------------------------------------------------------------------------------------------
 
-/// The `N`-byte slot `index` of `table`, if it lies wholly inside the buffer (a trailing
-/// partial entry is not an entry).
-fn slot<const N: usize>(table: &[u8], index: u64) -> Result<&[u8; N], EntryError> {
-    let entries = table.len() / N;
+/// The byte range of the `N`-byte slot `index` in a table of `len` bytes, if it lies wholly
+/// inside the buffer (a trailing partial entry is not an entry).
+fn slot_range<const N: usize>(
+    len: usize,
+    index: u64,
+) -> Result<std::ops::Range<usize>, EntryError> {
+    let entries = len / N;
     let out_of_range = EntryError::IndexOutOfRange {
         index,
         entries: entries as u64,
     };
-    let i = usize::try_from(index).map_err(|_| out_of_range)?;
-    if i >= entries {
-        return Err(out_of_range);
+    match usize::try_from(index) {
+        // i < entries = len / N, so i * N + N <= len: no overflow, in bounds.
+        Ok(i) if i < entries => Ok(i * N..i * N + N),
+        _ => Err(out_of_range),
     }
-    // i < entries = len / N, so i * N + N <= len: no overflow, in bounds.
+}
+
+/// The `N`-byte slot `index` of `table` (see [`slot_range`]).
+fn slot<const N: usize>(table: &[u8], index: u64) -> Result<&[u8; N], EntryError> {
+    let r = slot_range::<N>(table.len(), index)?;
     table
-        .get(i * N..i * N + N)
+        .get(r)
         .and_then(|s| s.try_into().ok())
-        .ok_or(out_of_range)
+        .ok_or(EntryError::IndexOutOfRange {
+            index,
+            entries: (table.len() / N) as u64,
+        })
 }
 
 /// Mutable counterpart of [`slot`].
 fn slot_mut<const N: usize>(table: &mut [u8], index: u64) -> Result<&mut [u8; N], EntryError> {
-    let entries = table.len() / N;
-    let out_of_range = EntryError::IndexOutOfRange {
-        index,
-        entries: entries as u64,
-    };
-    let i = usize::try_from(index).map_err(|_| out_of_range)?;
-    if i >= entries {
-        return Err(out_of_range);
-    }
+    let r = slot_range::<N>(table.len(), index)?;
+    let entries = (table.len() / N) as u64;
     table
-        .get_mut(i * N..i * N + N)
+        .get_mut(r)
         .and_then(|s| s.try_into().ok())
-        .ok_or(out_of_range)
+        .ok_or(EntryError::IndexOutOfRange { index, entries })
 }
 
 /// Splits a 16-byte extended entry into its two big-endian words.
