@@ -546,69 +546,55 @@ impl Header {
             return Err(HeaderError::NoRefcountTable);
         }
         // 14
-        match validate_table(
+        validate_table(
             self.refcount_table_offset,
             u64::from(self.refcount_table_clusters),
             cluster_size,
             MAX_REFTABLE_SIZE,
             cluster_size,
-        ) {
-            TableCheck::Ok => {}
-            TableCheck::TooLarge => {
-                return Err(HeaderError::RefcountTableTooLarge {
-                    clusters: self.refcount_table_clusters,
-                })
-            }
-            TableCheck::OffsetInvalid => {
-                return Err(HeaderError::RefcountTableOffsetInvalid {
-                    offset: self.refcount_table_offset,
-                })
-            }
-        }
+            || HeaderError::RefcountTableTooLarge {
+                clusters: self.refcount_table_clusters,
+            },
+            || HeaderError::RefcountTableOffsetInvalid {
+                offset: self.refcount_table_offset,
+            },
+        )?;
         if !opts.check_mode {
-            match validate_table(
+            validate_table(
                 self.snapshots_offset,
                 u64::from(self.nb_snapshots),
                 SNAPSHOT_ENTRY_FIXED_SIZE,
                 SNAPSHOT_ENTRY_FIXED_SIZE * MAX_SNAPSHOTS,
                 cluster_size,
-            ) {
-                TableCheck::Ok => {}
-                TableCheck::TooLarge => {
-                    return Err(HeaderError::SnapshotTableTooLarge {
-                        nb_snapshots: self.nb_snapshots,
-                    })
-                }
-                TableCheck::OffsetInvalid => {
-                    return Err(HeaderError::SnapshotTableOffsetInvalid {
-                        offset: self.snapshots_offset,
-                    })
-                }
-            }
+                || HeaderError::SnapshotTableTooLarge {
+                    nb_snapshots: self.nb_snapshots,
+                },
+                || HeaderError::SnapshotTableOffsetInvalid {
+                    offset: self.snapshots_offset,
+                },
+            )?;
         }
-        match validate_table(
+        validate_table(
             self.l1_table_offset,
             u64::from(self.l1_size),
             ENTRY_SIZE,
             MAX_L1_SIZE,
             cluster_size,
-        ) {
-            TableCheck::Ok => {}
-            TableCheck::TooLarge => {
-                return Err(HeaderError::L1TableTooLarge {
-                    l1_size: self.l1_size,
-                })
-            }
-            TableCheck::OffsetInvalid => {
-                return Err(HeaderError::L1TableOffsetInvalid {
-                    offset: self.l1_table_offset,
-                })
-            }
-        }
-        // 15: size_to_l1 uses the L2 coverage of this image's entry width.
-        let l2_bits = self.cluster_bits - if self.extended_l2() { 4 } else { 3 };
-        let shift = l2_bits + self.cluster_bits;
-        let needed = (self.size >> shift) + u64::from(self.size & ((1u64 << shift) - 1) != 0);
+            || HeaderError::L1TableTooLarge {
+                l1_size: self.l1_size,
+            },
+            || HeaderError::L1TableOffsetInvalid {
+                offset: self.l1_table_offset,
+            },
+        )?;
+        // 15: size_to_l1 uses the L2 coverage of this image's entry width (steps 3, 10 and
+        // 11 made the geometry valid).
+        let needed = self
+            .geometry()
+            .map_err(|_| HeaderError::UnsupportedClusterSize {
+                cluster_bits: self.cluster_bits,
+            })?
+            .l1_entries_for(self.size);
         if needed > i32::MAX as u64 {
             return Err(HeaderError::ImageTooBig { size: self.size });
         }
@@ -646,30 +632,28 @@ impl Header {
     }
 }
 
-enum TableCheck {
-    Ok,
-    TooLarge,
-    OffsetInvalid,
-}
-
 /// QEMU's `qcow2_validate_table`: at most `max_bytes / entry_len` entries, offset aligned,
-/// and the whole table below `i64::MAX` (values are later used as signed offsets).
+/// and the whole table below `i64::MAX` (values are later used as signed offsets). The two
+/// closures build the caller's "too large" and "offset invalid" errors.
+#[allow(clippy::too_many_arguments)]
 fn validate_table(
     offset: u64,
     entries: u64,
     entry_len: u64,
     max_bytes: u64,
     cluster_size: u64,
-) -> TableCheck {
+    too_large: impl FnOnce() -> HeaderError,
+    offset_invalid: impl FnOnce() -> HeaderError,
+) -> Result<(), HeaderError> {
     if entries > max_bytes / entry_len {
-        return TableCheck::TooLarge;
+        return Err(too_large());
     }
     // entries * entry_len <= max_bytes (< 2^27 here): no overflow.
     let bytes = entries * entry_len;
     if (i64::MAX as u64) - bytes < offset || offset & (cluster_size - 1) != 0 {
-        return TableCheck::OffsetInvalid;
+        return Err(offset_invalid());
     }
-    TableCheck::Ok
+    Ok(())
 }
 
 /// Parses and validates the first cluster of an image the way `qcow2_do_open` does
