@@ -16,7 +16,7 @@ use crate::finding::{
     ENOMEM,
 };
 use crate::image::{Image, Ol, INCOMPAT_OFFSET};
-use crate::imrt::Imrt;
+use crate::imrt::{Imrt, PlainWalk};
 use crate::io::{be64_at, pread, put_be64, pwrite, pwrite_sync, TableBatch};
 use crate::report::CheckCounts;
 use crate::{CheckError, RepairMode};
@@ -113,6 +113,9 @@ pub(crate) struct Session<'p> {
     /// refcount-block cache until a flush, and loses them if a fatal corruption event
     /// makes the image unusable first.
     pub(crate) pending: std::collections::BTreeMap<u64, Vec<u8>>,
+    /// The image as the initial open read it, used by the first run instead of reading
+    /// the header and tables again.
+    pub(crate) opened: Option<Image>,
 }
 
 impl Session<'_> {
@@ -158,6 +161,11 @@ impl Session<'_> {
         for (offset, block) in &pending {
             pwrite(&*self.storage, block, *offset).map_err(|e| errno_of(&e))?;
         }
+        // A read-only open has nothing to make durable (QEMU's flush of a read-only node
+        // is a no-op); an fdatasync would cost more than a small check itself.
+        if !self.writable {
+            return Ok(());
+        }
         self.storage.flush().map_err(|e| errno_of(&e))
     }
 
@@ -190,7 +198,10 @@ impl Session<'_> {
         if self.poisoned {
             return Ok(Err(ENOMEDIUM));
         }
-        let img = Image::open(self.storage.clone(), self.writable)?;
+        let img = match self.opened.take() {
+            Some(img) => img,
+            None => Image::open(self.storage.clone(), self.writable)?,
+        };
         let mut run = Run::new(self, img, fix);
         let r = run.check();
         // Closing (or checking again) writes what QEMU's cache still holds, unless the
@@ -734,102 +745,134 @@ impl<'s, 'p> Run<'s, 'p> {
         let fmt = CompressedFormat::for_geometry(&self.img.geo);
         let data_file = self.img.has_data_file;
         let mut next_contiguous = 0u64;
-        for i in 0..n {
-            let mut entry = be64_at(table, i * esz);
-            let bitmap = if ext { be64_at(table, i * esz + 8) } else { 0 };
-            if entry == 0 && bitmap == 0 {
-                continue;
+        // An entry with none of these bits is a plain allocated data cluster (or only
+        // COPIED/unallocated): nothing to report, one reference to count. Runs of them go
+        // through the IMRT's tight loop; the first other entry takes the full path below.
+        let mut plain = (!ext && !data_file).then(|| PlainWalk {
+            plain_mask: OFLAG_COMPRESSED
+                | L2E_STD_RESERVED_MASK
+                | OFLAG_ZERO
+                | (L2E_OFFSET_MASK & (cs - 1)),
+            offset_mask: L2E_OFFSET_MASK,
+            bits: self.img.bits,
+            limit: self.img.size_to_clusters(self.file_len),
+            allocated: 0,
+            fragmented: 0,
+            next_contiguous: 0,
+        });
+        let mut i = 0usize;
+        while i < n {
+            if let Some(w) = plain.as_mut() {
+                w.next_contiguous = next_contiguous;
+                i = self.imrt.inc_plain_l2(&table[..n * 8], i, w);
+                next_contiguous = w.next_contiguous;
+                if i >= n {
+                    break;
+                }
             }
-            let compressed = entry & OFLAG_COMPRESSED != 0;
-            if !compressed && entry & L2E_STD_RESERVED_MASK != 0 {
-                self.push(Finding::L2ReservedBits { entry });
-                res.corruptions += 1;
-            }
-            let offset = entry & L2E_OFFSET_MASK;
-            if compressed {
-                if entry & OFLAG_COPIED != 0 {
-                    self.push(Finding::CompressedCopied {
-                        coffset: fmt.decode_raw(entry).host_offset(),
-                    });
-                    entry &= !OFLAG_COPIED;
+            // The full per-entry logic (QEMU's loop body) for entry `i`.
+            'entry: {
+                let mut entry = be64_at(table, i * esz);
+                let bitmap = if ext { be64_at(table, i * esz + 8) } else { 0 };
+                if entry == 0 && bitmap == 0 {
+                    break 'entry;
+                }
+                let compressed = entry & OFLAG_COMPRESSED != 0;
+                if !compressed && entry & L2E_STD_RESERVED_MASK != 0 {
+                    self.push(Finding::L2ReservedBits { entry });
                     res.corruptions += 1;
                 }
-                if data_file {
-                    self.push(Finding::CompressedWithDataFile {
-                        index: i as u64,
-                        entry,
-                    });
-                    res.corruptions += 1;
-                    continue;
+                let offset = entry & L2E_OFFSET_MASK;
+                if compressed {
+                    if entry & OFLAG_COPIED != 0 {
+                        self.push(Finding::CompressedCopied {
+                            coffset: fmt.decode_raw(entry).host_offset(),
+                        });
+                        entry &= !OFLAG_COPIED;
+                        res.corruptions += 1;
+                    }
+                    if data_file {
+                        self.push(Finding::CompressedWithDataFile {
+                            index: i as u64,
+                            entry,
+                        });
+                        res.corruptions += 1;
+                        break 'entry;
+                    }
+                    if bitmap != 0 {
+                        self.push(Finding::CompressedWithBitmap {
+                            index: i as u64,
+                            entry,
+                        });
+                        res.corruptions += 1;
+                        break 'entry;
+                    }
+                    let d = fmt.decode_raw(entry);
+                    self.inc(res, d.host_offset() as i64, d.compressed_size() as i64)?;
+                    if frag {
+                        res.allocated_clusters += 1;
+                        res.compressed_clusters += 1;
+                        res.fragmented_clusters += 1;
+                    }
+                    break 'entry;
                 }
-                if bitmap != 0 {
-                    self.push(Finding::CompressedWithBitmap {
-                        index: i as u64,
-                        entry,
-                    });
-                    res.corruptions += 1;
-                    continue;
+                // QEMU's qcow2_get_cluster_type for non-compressed entries.
+                let zero_flag = !ext && entry & OFLAG_ZERO != 0;
+                let allocated = if zero_flag {
+                    offset != 0
+                } else {
+                    offset != 0 || (data_file && entry & OFLAG_COPIED != 0)
+                };
+                if !allocated {
+                    if !zero_flag && bitmap & L2_BITMAP_ALL_ALLOC != 0 {
+                        self.push(Finding::UnallocatedWithAllocBits);
+                        res.corruptions += 1;
+                    }
+                    break 'entry;
                 }
-                let d = fmt.decode_raw(entry);
-                self.inc(res, d.host_offset() as i64, d.compressed_size() as i64)?;
+                if (bitmap >> 32) & bitmap != 0 {
+                    res.corruptions += 1;
+                    self.push(Finding::AllocatedBitmapOverlap { offset });
+                }
+                if offset & (cs - 1) != 0 {
+                    res.corruptions += 1;
+                    let contains_data = if ext {
+                        bitmap & L2_BITMAP_ALL_ALLOC != 0
+                    } else {
+                        entry & OFLAG_ZERO == 0
+                    };
+                    if !contains_data {
+                        self.push(Finding::UnalignedPreallocated {
+                            label: Label::from_fix(fix.errors),
+                            offset,
+                        });
+                        if fix.errors {
+                            match self.fix_l2_entry_by_zero(res, l2_offset, table, i, active) {
+                                ZeroFix::Fixed => break 'entry,
+                                ZeroFix::Overlap(e) => return Err(e),
+                                ZeroFix::WriteFailed => {}
+                            }
+                        }
+                    } else {
+                        self.push(Finding::UnalignedData { offset });
+                    }
+                }
                 if frag {
                     res.allocated_clusters += 1;
-                    res.compressed_clusters += 1;
-                    res.fragmented_clusters += 1;
-                }
-                continue;
-            }
-            // QEMU's qcow2_get_cluster_type for non-compressed entries.
-            let zero_flag = !ext && entry & OFLAG_ZERO != 0;
-            let allocated = if zero_flag {
-                offset != 0
-            } else {
-                offset != 0 || (data_file && entry & OFLAG_COPIED != 0)
-            };
-            if !allocated {
-                if !zero_flag && bitmap & L2_BITMAP_ALL_ALLOC != 0 {
-                    self.push(Finding::UnallocatedWithAllocBits);
-                    res.corruptions += 1;
-                }
-                continue;
-            }
-            if (bitmap >> 32) & bitmap != 0 {
-                res.corruptions += 1;
-                self.push(Finding::AllocatedBitmapOverlap { offset });
-            }
-            if offset & (cs - 1) != 0 {
-                res.corruptions += 1;
-                let contains_data = if ext {
-                    bitmap & L2_BITMAP_ALL_ALLOC != 0
-                } else {
-                    entry & OFLAG_ZERO == 0
-                };
-                if !contains_data {
-                    self.push(Finding::UnalignedPreallocated {
-                        label: Label::from_fix(fix.errors),
-                        offset,
-                    });
-                    if fix.errors {
-                        match self.fix_l2_entry_by_zero(res, l2_offset, table, i, active) {
-                            ZeroFix::Fixed => continue,
-                            ZeroFix::Overlap(e) => return Err(e),
-                            ZeroFix::WriteFailed => {}
-                        }
+                    if next_contiguous != 0 && offset != next_contiguous {
+                        res.fragmented_clusters += 1;
                     }
-                } else {
-                    self.push(Finding::UnalignedData { offset });
+                    next_contiguous = offset.wrapping_add(cs);
+                }
+                if !data_file {
+                    self.inc(res, offset as i64, cs as i64)?;
                 }
             }
-            if frag {
-                res.allocated_clusters += 1;
-                if next_contiguous != 0 && offset != next_contiguous {
-                    res.fragmented_clusters += 1;
-                }
-                next_contiguous = offset.wrapping_add(cs);
-            }
-            if !data_file {
-                self.inc(res, offset as i64, cs as i64)?;
-            }
+            i += 1;
+        }
+        if let (Some(w), true) = (plain, frag) {
+            res.allocated_clusters += w.allocated;
+            res.fragmented_clusters += w.fragmented;
         }
         Ok(())
     }

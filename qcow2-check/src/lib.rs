@@ -98,7 +98,8 @@ pub fn check_with_progress(
 ) -> Result<CheckReport, CheckError> {
     let fix = Fix::from_mode(opts.repair);
     let writable = opts.repair.is_some();
-    // The open validates the header; the session keeps the in-memory feature bits.
+    // The open validates the header; the session keeps the in-memory feature bits and
+    // the first run starts from this open.
     let probe = image::Image::open(storage.clone(), writable)?;
     let mut session = Session {
         storage: storage.clone(),
@@ -110,8 +111,9 @@ pub fn check_with_progress(
         version: probe.header.version,
         progress,
         pending: Default::default(),
+        opened: None,
     };
-    drop(probe);
+    session.opened = Some(probe);
 
     let first = session.run(fix)?;
     let mut report = CheckReport {

@@ -475,9 +475,16 @@ fn random_pokes_agree_with_qemu_img() {
         let img = Img { path: p };
         let pokes = 1 + rng.below(2);
         for _ in 0..pokes {
-            let (off, val) = match rng.below(6) {
+            let (off, val) = match rng.below(7) {
                 0 => (l1 + 8 * rng.below(2), rng.word()),
                 1 => (l2 + 8 * rng.below(24), rng.word()),
+                // A well-formed entry (aligned offset, maybe COPIED) pointing anywhere in
+                // or past the 64 KiB-cluster file: the checker's fast path must report
+                // metadata hits, double references and beyond-EOF exactly as QEMU does.
+                6 => (
+                    l2 + 8 * rng.below(24),
+                    (rng.below(2) << 63) | (rng.below(160) << 16),
+                ),
                 2 => (0x10000 + 8 * rng.below(2), rng.word() & !(1 << 62)),
                 3 => {
                     let at = 0x20000 + 2 * rng.below(16);

@@ -43,7 +43,7 @@ pub fn run(req: CheckRequest) -> Result<(), CliError> {
     let file = &req.file;
     let format = match req.format {
         Some(f) => f,
-        None => image::open(file, None, false)?.format,
+        None => image::probe(file)?,
     };
     if format == Format::Raw {
         return Err(CliError {

@@ -86,6 +86,27 @@ fn probe_qcow2(buf: &[u8]) -> bool {
     magic == QCOW_MAGIC && version >= 2
 }
 
+/// QEMU's format probe alone: reads the first 8 bytes of `path` (qcow2 if they hold the
+/// magic and a version >= 2, raw otherwise). Commands that reopen the image through their
+/// own engine use this instead of [`open`], which also reads the first cluster (up to
+/// 2 MiB) and the snapshot table.
+pub fn probe(path: &str) -> Result<Format, CliError> {
+    let fail = |e: std::io::Error| {
+        open_error(
+            path,
+            format_args!("Could not open '{path}': {}", strerror(&e)),
+        )
+    };
+    let storage = FileStorage::open(path, false).map_err(fail)?;
+    let mut head = [0u8; 8];
+    storage.read_at(&mut head, 0).map_err(fail)?;
+    Ok(if probe_qcow2(&head) {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
 /// Opens `path` read-only (or read-write), probing the format unless `format` is given,
 /// and validates a qcow2 header the way QEMU's open does.
 pub fn open(path: &str, format: Option<Format>, writable: bool) -> Result<Opened, CliError> {
