@@ -3,10 +3,13 @@
 //! The workload: COUNT requests of SIZE bytes, the first at OFFSET, each next one STEP bytes
 //! further, wrapping at the end of the image (offset modulo the virtual size); reads, or
 //! writes of a buffer filled with PATTERN; with `--flush-interval N` a flush after every N
-//! completed requests. qemu-img keeps DEPTH requests in flight through its AIO engine; the
-//! engine here is synchronous, so the requests run one after another in qemu-img's
-//! submission order (same offsets, same bytes, same number of flushes); DEPTH only limits
-//! what the flush interval may be, as in qemu-img.
+//! completed requests. qemu-img keeps DEPTH requests in flight through its AIO engine. The
+//! engine here is synchronous, so DEPTH is spent differently: the requests in flight at a
+//! time that continue each other in the guest are merged into one engine call (as the
+//! block layer merges adjacent requests), so a sequential run reaches the engine as large
+//! requests and a scattered one as single requests, in qemu-img's submission order (same
+//! offsets, same bytes, same flush points). `-t` (cache mode) is accepted and ignored: I/O
+//! is buffered and made durable by the flushes and the final flush at close.
 
 use std::time::Instant;
 
@@ -156,27 +159,99 @@ impl BenchParams {
     }
 }
 
+/// The largest guest range one merged engine call covers.
+const MERGE_BYTES: u64 = 8 << 20;
+
+/// One engine call: `len` guest bytes at `offset`, covering `requests` requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submission {
+    /// First guest byte.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Requests merged into it.
+    pub requests: u64,
+}
+
+impl BenchParams {
+    /// The requests grouped as this engine submits them: `depth` requests are in flight at
+    /// a time (fewer where a flush must follow), and requests in flight that continue each
+    /// other in the guest are merged into one call of at most [`MERGE_BYTES`] — the block
+    /// layer's request merging, which is what a queue depth buys a synchronous engine.
+    /// `Err(())` marks a request outside the image (it fails, after those before it).
+    pub fn submissions(
+        &self,
+        image_size: u64,
+    ) -> impl Iterator<Item = Result<Submission, ()>> + '_ {
+        let mut offsets = self.offsets(image_size).peekable();
+        let mut done = 0u64;
+        let mut in_batch = 0u64;
+        let max_merge = (MERGE_BYTES / self.bufsize).max(1);
+        let fits = move |off: u64| {
+            off.checked_add(self.bufsize)
+                .is_some_and(|e| e <= image_size)
+        };
+        std::iter::from_fn(move || {
+            let first = offsets.next()?;
+            if !fits(first) {
+                return Some(Err(()));
+            }
+            // A batch is `depth` requests, cut at every flush point.
+            if in_batch == 0 {
+                in_batch = self.depth;
+                if self.flush_interval > 0 {
+                    in_batch = in_batch.min(self.flush_interval - done % self.flush_interval);
+                }
+            }
+            let mut sub = Submission {
+                offset: first,
+                len: self.bufsize,
+                requests: 1,
+            };
+            in_batch -= 1;
+            while in_batch > 0 && sub.requests < max_merge {
+                match offsets.peek() {
+                    Some(&next) if next == sub.offset + sub.len && fits(next) => {
+                        offsets.next();
+                        sub.len += self.bufsize;
+                        sub.requests += 1;
+                        in_batch -= 1;
+                    }
+                    _ => break,
+                }
+            }
+            done += sub.requests;
+            Some(Ok(sub))
+        })
+    }
+}
+
 /// Runs the benchmark on `dev`; prints qemu-img's lines.
 pub fn run(dev: &mut dyn BlockDev, p: &BenchParams) -> Result<(), CliError> {
     out(&p.banner());
     let size = dev
         .length()
         .map_err(|e| CliError::new(format!("Failed request: {}", strerror(e))))?;
-    let mut buf = vec![p.pattern; p.bufsize as usize];
+    let max_len = p.bufsize.max(MERGE_BYTES.min(p.bufsize * p.depth));
+    let mut buf = vec![p.pattern; max_len as usize];
     let start = Instant::now();
-    for (done, off) in p.offsets(size).enumerate() {
-        let r = match off.checked_add(p.bufsize) {
-            Some(end) if end <= size => {
-                if p.write {
-                    dev.write(off, &buf)
+    let mut done = 0u64;
+    for sub in p.submissions(size) {
+        let r = match sub {
+            Ok(s) => {
+                let b = &mut buf[..s.len as usize];
+                let r = if p.write {
+                    dev.write(s.offset, b)
                 } else {
-                    dev.read(off, &mut buf)
-                }
+                    dev.read(s.offset, b)
+                };
+                done += s.requests;
+                r
             }
-            _ => Err(5),
+            Err(()) => Err(5),
         };
         r.map_err(|e| CliError::new(format!("Failed request: {}", strerror(e))))?;
-        if p.flush_interval > 0 && (done as u64 + 1) % p.flush_interval == 0 {
+        if p.flush_interval > 0 && done % p.flush_interval == 0 {
             dev.flush()
                 .map_err(|e| CliError::new(format!("Failed flush request: {}", strerror(e))))?;
         }
@@ -212,6 +287,72 @@ mod tests {
         let offs: Vec<u64> = p.offsets(32768).collect();
         assert_eq!(offs[..5], [4096, 12288, 20480, 28672, 4096]);
         assert_eq!(p.pattern, 0x5a);
+    }
+
+    fn params(count: u64, depth: u64, step: u64, flush: u64) -> BenchParams {
+        BenchParams {
+            count,
+            depth,
+            offset: 0,
+            bufsize: 4096,
+            step,
+            write: true,
+            pattern: 0,
+            flush_interval: flush,
+            drain: true,
+        }
+    }
+
+    fn subs(p: &BenchParams, size: u64) -> Vec<Result<(u64, u64, u64), ()>> {
+        p.submissions(size)
+            .map(|s| s.map(|s| (s.offset, s.len, s.requests)))
+            .collect()
+    }
+
+    #[test]
+    fn requests_in_flight_merge_when_contiguous() {
+        const K: u64 = 4096;
+        // Batches of `depth`, the last one short.
+        assert_eq!(
+            subs(&params(10, 4, K, 0), 1 << 20),
+            [
+                Ok((0, 4 * K, 4)),
+                Ok((4 * K, 4 * K, 4)),
+                Ok((8 * K, 2 * K, 2))
+            ]
+        );
+        // A flush point cuts a batch: flushes stay after requests 6 and 12.
+        assert_eq!(
+            subs(&params(12, 4, K, 6), 1 << 20),
+            [
+                Ok((0, 4 * K, 4)),
+                Ok((4 * K, 2 * K, 2)),
+                Ok((6 * K, 4 * K, 4)),
+                Ok((10 * K, 2 * K, 2))
+            ]
+        );
+        // Scattered requests are never merged.
+        assert_eq!(
+            subs(&params(3, 64, 3 * K, 0), 1 << 20),
+            [Ok((0, K, 1)), Ok((3 * K, K, 1)), Ok((6 * K, K, 1))]
+        );
+        // Wrapping at the end of the image starts a new call.
+        assert_eq!(
+            subs(&params(4, 64, K, 0), 3 * K),
+            [Ok((0, 3 * K, 3)), Ok((0, K, 1))]
+        );
+        // A request past the end fails after the ones before it.
+        assert_eq!(
+            subs(&params(3, 64, K, 0), 5 * K / 2),
+            [Ok((0, 2 * K, 2)), Err(())]
+        );
+        // Each request is counted exactly once, and no call exceeds the merge limit.
+        let p = params(5000, 64, K, 0);
+        let all: Vec<_> = p.submissions(1 << 30).map(|s| s.unwrap()).collect();
+        assert_eq!(all.iter().map(|s| s.requests).sum::<u64>(), 5000);
+        assert!(all
+            .iter()
+            .all(|s| s.len <= MERGE_BYTES && s.len == s.requests * K));
     }
 
     #[test]
