@@ -447,16 +447,10 @@ fn create_preallocated(
     preallocation: Preallocation,
 ) -> Result<(), CliError> {
     let in_file = |m: String| CliError::new(format!("{filename}: {m}"));
-    let mut opts = qcow2_image::CreateOptions::new(layout.size);
-    opts.cluster_size = layout.cluster_size;
-    opts.refcount_bits = layout.refcount_bits;
-    opts.compat = layout.compat;
-    opts.lazy_refcounts = layout.lazy_refcounts;
-    opts.compression_type = layout.compression_type;
-    opts.extended_l2 = layout.extended_l2;
-    opts.backing_file = layout.backing_file.clone();
-    opts.backing_format = layout.backing_format.clone();
-    opts.preallocation = preallocation;
+    let opts = qcow2_image::CreateOptions {
+        layout: layout.clone(),
+        preallocation,
+    };
     // qemu-img refuses this before it touches the file.
     if opts.backing_file.is_some() && !opts.extended_l2 {
         return Err(in_file(

@@ -491,7 +491,7 @@ impl Image {
                     .into(),
             });
         }
-        let fresh = qcow2_format::layout::fresh_image(&opts.layout())?;
+        let fresh = qcow2_format::layout::fresh_image(&opts.layout)?;
         let io = |e| ImageError::io(op, "write new image", 0, e);
         storage.set_len(0).map_err(io)?;
         for (off, bytes) in &fresh.writes {

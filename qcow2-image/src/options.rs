@@ -1,8 +1,7 @@
 //! Create and open options.
 
 use crate::backing::BackingOpener;
-use qcow2_format::features::CompressionType;
-use qcow2_format::layout::Compat;
+use qcow2_format::layout::CreateOptions as LayoutOptions;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -20,27 +19,14 @@ pub enum Preallocation {
     Full,
 }
 
-/// The options of `qemu-img create -f qcow2`.
+/// The options of `qemu-img create -f qcow2`: the on-disk layout options, which the format
+/// crate owns (size, cluster size, refcount width, compat, lazy refcounts, compression type,
+/// extended L2, backing file), plus what only a live image can do (preallocation). The
+/// layout fields are reachable directly (`opts.cluster_size`) through `Deref`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateOptions {
-    /// Virtual size in bytes (rounded up to 512 as qemu-img does).
-    pub size: u64,
-    /// Cluster size in bytes (512 ..= 2 MiB, power of two).
-    pub cluster_size: u64,
-    /// Refcount width in bits (1, 2, 4, ..., 64; only 16 with compat 0.10).
-    pub refcount_bits: u32,
-    /// `compat=0.10` (v2) or `compat=1.1` (v3).
-    pub compat: Compat,
-    /// `lazy_refcounts=on`.
-    pub lazy_refcounts: bool,
-    /// `compression_type=zlib|zstd`.
-    pub compression_type: CompressionType,
-    /// `extended_l2=on`.
-    pub extended_l2: bool,
-    /// `-b`: backing file name, stored as given.
-    pub backing_file: Option<String>,
-    /// `-F`: backing file format (`qcow2` or `raw`).
-    pub backing_format: Option<String>,
+    /// The layout of the fresh image.
+    pub layout: LayoutOptions,
     /// `preallocation=`.
     pub preallocation: Preallocation,
 }
@@ -48,33 +34,30 @@ pub struct CreateOptions {
 impl CreateOptions {
     /// qemu-img's defaults for an image of `size` bytes.
     pub fn new(size: u64) -> Self {
-        let d = qcow2_format::layout::CreateOptions::new(size);
+        LayoutOptions::new(size).into()
+    }
+}
+
+impl From<LayoutOptions> for CreateOptions {
+    /// The layout with no preallocation.
+    fn from(layout: LayoutOptions) -> Self {
         Self {
-            size,
-            cluster_size: d.cluster_size,
-            refcount_bits: d.refcount_bits,
-            compat: d.compat,
-            lazy_refcounts: d.lazy_refcounts,
-            compression_type: d.compression_type,
-            extended_l2: d.extended_l2,
-            backing_file: None,
-            backing_format: None,
+            layout,
             preallocation: Preallocation::Off,
         }
     }
+}
 
-    pub(crate) fn layout(&self) -> qcow2_format::layout::CreateOptions {
-        qcow2_format::layout::CreateOptions {
-            size: self.size,
-            cluster_size: self.cluster_size,
-            refcount_bits: self.refcount_bits,
-            compat: self.compat,
-            lazy_refcounts: self.lazy_refcounts,
-            compression_type: self.compression_type,
-            extended_l2: self.extended_l2,
-            backing_file: self.backing_file.clone(),
-            backing_format: self.backing_format.clone(),
-        }
+impl std::ops::Deref for CreateOptions {
+    type Target = LayoutOptions;
+    fn deref(&self) -> &LayoutOptions {
+        &self.layout
+    }
+}
+
+impl std::ops::DerefMut for CreateOptions {
+    fn deref_mut(&mut self) -> &mut LayoutOptions {
+        &mut self.layout
     }
 }
 
