@@ -440,10 +440,10 @@ fn option_help_lists_what_we_accept() {
 
 /// `create -o preallocation=metadata|falloc|full` against qemu-img: the same "Formatting"
 /// line, clean checks, identical guest data (qemu-img compare), and for metadata with 64 KiB
-/// clusters a byte-identical file. Documented differences: falloc leaves the data clusters
-/// sparse (qemu-img fallocates them, so its map says "zero": false where ours says true),
-/// and falloc/full keep the refcount table at cluster 1 where qemu-img moves it to
-/// cluster 4; the file lengths are equal.
+/// clusters a byte-identical file; falloc and full reserve the data clusters' blocks (the
+/// file is not sparse, and `map` says "zero": false as qemu-img's). Documented difference:
+/// falloc/full keep the refcount table at cluster 1 where qemu-img moves it to cluster 4;
+/// the file lengths are equal.
 #[test]
 fn preallocation_matches_qemu_img() {
     if !have_qemu() {
@@ -472,10 +472,24 @@ fn preallocation_matches_qemu_img() {
         if mode == "metadata" {
             assert!(a == b, "metadata: files differ");
         }
-        if mode != "falloc" {
-            let map =
-                |dir: &std::path::Path| qemu_img(dir, &["map", "--output=json", "t.qcow2"]).stdout;
-            assert_eq!(map(&p.ours()), map(&p.qemu()), "{mode}");
+        let map =
+            |dir: &std::path::Path| qemu_img(dir, &["map", "--output=json", "t.qcow2"]).stdout;
+        assert_eq!(map(&p.ours()), map(&p.qemu()), "{mode}");
+        if mode != "metadata" {
+            use std::os::unix::fs::MetadataExt;
+            let blocks = |dir: std::path::PathBuf| {
+                std::fs::metadata(dir.join("t.qcow2"))
+                    .expect("stat")
+                    .blocks()
+                    * 512
+            };
+            // Every data cluster has blocks (allow the filesystem's rounding).
+            assert!(
+                blocks(p.ours()) >= 3 << 20,
+                "{mode}: {} bytes allocated",
+                blocks(p.ours())
+            );
+            assert!(blocks(p.ours()) + (64 << 10) >= blocks(p.qemu()), "{mode}");
         }
     }
     // Preallocation with a backing file needs extended L2 entries.

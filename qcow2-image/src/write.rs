@@ -814,9 +814,14 @@ impl Image {
             .len()
             .map_err(|e| ImageError::io(op, "image length", 0, e))?;
         if len < file_end {
-            self.storage
-                .set_len(file_end)
-                .map_err(|e| ImageError::io(op, "extend the image file", file_end, e))?;
+            let r = if mode == Preallocation::Falloc {
+                // The data clusters beyond the old end get real blocks (QEMU truncates the
+                // file with PREALLOC_MODE_FALLOC); below it they were written already.
+                self.storage.allocate(len, file_end - len)
+            } else {
+                self.storage.set_len(file_end)
+            };
+            r.map_err(|e| ImageError::io(op, "extend the image file", file_end, e))?;
         }
         self.flush()
     }

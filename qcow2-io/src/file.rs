@@ -51,6 +51,15 @@ impl FileStorage {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    /// `fallocate(2)` on the file with `mode`.
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         let off = libc::off_t::try_from(offset)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
         let l = libc::off_t::try_from(len)
@@ -58,14 +67,7 @@ impl FileStorage {
         #[allow(unsafe_code)]
         // SAFETY: fallocate takes a valid open descriptor (borrowed from `self.file`, alive for
         // the call) and plain integers; it touches no memory of ours.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
-        };
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
         if rc == 0 {
             Ok(())
         } else {
@@ -125,6 +127,27 @@ impl Storage for FileStorage {
                     return Ok(());
                 }
                 self.write_zeroes_fallback(offset, len.min(file_len - offset))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match self.fallocate(0, offset, len) {
+            Ok(()) => Ok(()),
+            // Without fallocate the range is at least covered (sparse), as QEMU's falloc
+            // mode cannot do better there either.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                let end = offset.checked_add(len).ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "offset overflow")
+                })?;
+                if self.len()? < end {
+                    self.set_len(end)?;
+                }
+                Ok(())
             }
             Err(e) => Err(e),
         }

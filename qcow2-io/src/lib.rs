@@ -91,6 +91,20 @@ pub trait Storage: Send + Sync {
         Ok(())
     }
 
+    /// Reserves backing space for `[offset, offset + len)` (QEMU's `preallocation=falloc`),
+    /// extending the storage to cover the range; bytes already there are unchanged and new
+    /// bytes read as zero. The default only extends the length (the range may stay
+    /// sparse); [`FileStorage`] reserves the blocks with `fallocate`.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))?;
+        if self.len()? < end {
+            self.set_len(end)?;
+        }
+        Ok(())
+    }
+
     /// Reports that the engine is about to perform the I/O named by `event`. Backends that
     /// do not inject faults ignore it.
     fn event(&self, event: Event) {
@@ -120,6 +134,9 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).write_zeroes(offset, len)
     }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).allocate(offset, len)
+    }
     fn event(&self, event: Event) {
         (**self).event(event)
     }
@@ -146,6 +163,9 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).write_zeroes(offset, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).allocate(offset, len)
     }
     fn event(&self, event: Event) {
         (**self).event(event)

@@ -5,7 +5,7 @@
 
 use qcow2_io::crash::{CrashOptions, CrashState, CrashStateKind, CrashStorage, Op, PendingOp};
 use qcow2_io::fault::{FaultStorage, IoKind, IoKinds, Rule};
-use qcow2_io::{errno, Event, MemStorage, Storage, StorageExt};
+use qcow2_io::{errno, Event, FileStorage, MemStorage, Storage, StorageExt};
 use quickcheck::{Arbitrary, Gen, QuickCheck, TestResult};
 use std::sync::{Arc, Mutex};
 
@@ -492,4 +492,29 @@ fn quickcheck_durable_matches_model_and_crash_states_respect_untouched_bytes() {
     QuickCheck::new()
         .tests(200)
         .quickcheck(prop_durable_and_crash_states as fn(Vec<TOp>, u64) -> TestResult);
+}
+
+#[test]
+fn allocate_reserves_blocks_and_keeps_contents() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let f = FileStorage::create(&path).unwrap();
+    f.write_at(b"head", 0).unwrap();
+    f.allocate(4096, 1 << 20).unwrap();
+    assert_eq!(f.len().unwrap(), 4096 + (1 << 20));
+    let mut buf = [0u8; 4];
+    f.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"head");
+    let blocks = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(blocks >= 1 << 20, "only {blocks} bytes allocated");
+    // Inside the file nothing changes, not even the length.
+    f.allocate(0, 8).unwrap();
+    assert_eq!(f.len().unwrap(), 4096 + (1 << 20));
+    // The default (memory) only extends, with zeros.
+    let m = MemStorage::new();
+    m.write_at(b"x", 0).unwrap();
+    m.allocate(10, 6).unwrap();
+    assert_eq!(m.len().unwrap(), 16);
+    assert!(m.allocate(u64::MAX, 2).is_err());
 }
