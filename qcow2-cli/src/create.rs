@@ -413,18 +413,19 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
             opts.compression_type = compression_type;
             opts.backing_file = backing_file;
             opts.backing_format = backing_fmt;
-            let fresh = fresh_image(&opts).map_err(|e| match e {
-                LayoutError::ImageTooBig { .. } => in_file(
-                    "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
-                        .into(),
-                ),
-                other => in_file(other.to_string()),
-            })?;
             let prealloc = match prealloc.as_deref() {
                 Some("metadata") => Preallocation::Metadata,
                 Some("falloc") => Preallocation::Falloc,
                 Some("full") => Preallocation::Full,
                 _ => Preallocation::Off,
+            };
+            let fresh = match fresh_image(&opts) {
+                Ok(f) => f,
+                Err(LayoutError::ImageTooBig { .. }) => return Err(in_file(
+                    "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
+                        .into(),
+                )),
+                Err(other) => return Err(in_file(other.to_string())),
             };
             if prealloc != Preallocation::Off {
                 return create_preallocated(&filename, &opts, prealloc);

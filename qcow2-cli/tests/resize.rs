@@ -97,6 +97,51 @@ fn qcow2_grow_matches_qemu_img() {
     }
 }
 
+/// Growth whose L1 table needs the refcount table to grow (512-byte clusters, 64-bit
+/// refcounts: the first table describes 2 MiB of file): the new L1 table and refcount
+/// structures are packed after the used area as qemu-img packs them (same file length up to
+/// a cluster, no hole the size of the table), the check is clean and the data stays.
+#[test]
+fn qcow2_grow_with_refcount_table_growth() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    for name in ["ours.qcow2", "qemu.qcow2"] {
+        let o = [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512,refcount_bits=64",
+        ];
+        let mut args = o.to_vec();
+        args.extend([name, "64M"]);
+        assert_eq!(qemu_img(d, &args).code, 0);
+        assert_eq!(common::qemu_io(d, &["-c", "write -P 5 0 1M", name]).code, 0);
+    }
+    let ours = qcow2(d, &["resize", "ours.qcow2", "8G"]);
+    let qemu = qemu_img(d, &["resize", "qemu.qcow2", "8G"]);
+    assert_eq!(
+        (ours.code, &ours.stdout),
+        (qemu.code, &qemu.stdout),
+        "{ours:?}"
+    );
+    let len = |n: &str| std::fs::metadata(d.join(n)).expect("stat").len();
+    let (a, b) = (len("ours.qcow2"), len("qemu.qcow2"));
+    assert!(
+        a.abs_diff(b) <= 512,
+        "file lengths {a} (ours) vs {b} (qemu-img)"
+    );
+    assert_eq!(qemu_img(d, &["check", "ours.qcow2"]).code, 0);
+    assert_eq!(
+        qemu_img(d, &["compare", "ours.qcow2", "qemu.qcow2"]).code,
+        0
+    );
+}
+
 /// `resize --shrink` of qcow2 images: the same messages as qemu-img ("Image resized.", the
 /// 512-byte rule, v2 with snapshots), the same guest data afterwards (qemu-img compare), a
 /// clean check, data below the new end kept, and a file no larger than qemu-img's.

@@ -18,7 +18,7 @@ use crate::features::{
 use crate::header::{Header, V2_HEADER_SIZE, V3_HEADER_SIZE};
 use crate::limits::{
     DEFAULT_CLUSTER_SIZE, ENTRY_SIZE, MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS, MAX_L1_SIZE,
-    MIN_CLUSTER_BITS, SECTOR_SIZE,
+    MAX_REFTABLE_SIZE, MIN_CLUSTER_BITS, SECTOR_SIZE,
 };
 use crate::Geometry;
 
@@ -150,15 +150,6 @@ pub enum LayoutError {
     /// The first cluster cannot hold header, extensions and backing file name.
     #[error(transparent)]
     FirstCluster(#[from] SerializeError),
-    /// The L1 table outgrows what the one-cluster refcount table can describe; QEMU would
-    /// grow the refcount table (`qcow2_refcount_area`), which this builder does not replay.
-    #[error(
-        "fresh layout needs refcount table growth (L1 of {l1_clusters} clusters), not reproduced"
-    )]
-    RefcountTableGrowth {
-        /// Clusters of the L1 table.
-        l1_clusters: u64,
-    },
 }
 
 /// A fresh image: what to write where, and how long the file is.
@@ -262,15 +253,13 @@ pub fn fresh_image(opts: &CreateOptions) -> Result<FreshImage, LayoutError> {
     // Clusters 0..=2 (header, refcount table, first refcount block) are allocated first,
     // then the L1 table, exactly as QEMU's create path does.
     let mut sim = RefcountSim::new(geometry);
-    sim.alloc_clusters(3)?;
+    sim.alloc_clusters(3)
+        .map_err(|()| LayoutError::ImageTooBig { size })?;
     let l1_offset = if l1_size > 0 {
         let l1_clusters = geometry.size_to_clusters(l1_size * ENTRY_SIZE);
-        let first = sim.alloc_clusters(l1_clusters).map_err(|e| match e {
-            LayoutError::RefcountTableGrowth { .. } => {
-                LayoutError::RefcountTableGrowth { l1_clusters }
-            }
-            other => other,
-        })?;
+        let first = sim
+            .alloc_clusters(l1_clusters)
+            .map_err(|()| LayoutError::ImageTooBig { size })?;
         first << cluster_bits
     } else {
         0
@@ -294,8 +283,9 @@ pub fn fresh_image(opts: &CreateOptions) -> Result<FreshImage, LayoutError> {
         // l1_size <= 4 Mi entries, checked above.
         l1_size: l1_size as u32,
         l1_table_offset: l1_offset,
-        refcount_table_offset: cs,
-        refcount_table_clusters: 1,
+        refcount_table_offset: sim.reftable_offset << cluster_bits,
+        // At most 8 MiB of entries (checked by the growth replay).
+        refcount_table_clusters: sim.reftable_clusters() as u32,
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible_features: if v3 { incompatible } else { 0 },
@@ -341,10 +331,19 @@ pub fn fresh_image(opts: &CreateOptions) -> Result<FreshImage, LayoutError> {
         first_cluster.extensions.feature_table = Some(crate::features::qemu_feature_table());
     }
     let mut writes = vec![(0u64, cluster0)];
-    let reftable: Vec<u8> = sim.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
-    writes.push((cs, reftable));
     let mut file_length = 3 * cs;
     let mut blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+    // Tables replaced by a growth keep the bytes they had when abandoned (QEMU frees the
+    // clusters without discarding them); the current table is written in full.
+    for (offset, entries) in sim.abandoned.iter().chain(std::iter::once(&(
+        sim.reftable_offset,
+        sim.reftable.clone(),
+    ))) {
+        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let at = offset << cluster_bits;
+        file_length = file_length.max(at + bytes.len() as u64);
+        blocks.push((at, bytes));
+    }
     for (ti, &block_offset) in sim.reftable.iter().enumerate() {
         if block_offset == 0 {
             continue;
@@ -375,18 +374,24 @@ pub fn fresh_image(opts: &CreateOptions) -> Result<FreshImage, LayoutError> {
 }
 
 /// The outcome QEMU's `alloc_refcount_block` signals with `-EAGAIN`: a new block was hooked
-/// up and the caller must restart its free-cluster search.
+/// up (or the table grew) and the caller must restart its free-cluster search. `Fatal` is
+/// QEMU's `-EFBIG`: the refcount structures would exceed their limits.
 enum SimError {
     Again,
-    Fatal(LayoutError),
+    Fatal,
 }
 
 /// In-memory replay of QEMU's refcount allocation (`qcow2_alloc_clusters`,
-/// `alloc_clusters_noref`, `update_refcount`, `alloc_refcount_block`) for a fresh image.
+/// `alloc_clusters_noref`, `update_refcount`, `alloc_refcount_block`,
+/// `qcow2_refcount_area`) for a fresh image.
 struct RefcountSim {
     geometry: Geometry,
-    /// Refcount-table entries (one cluster's worth, as created).
+    /// Refcount-table entries (host offsets of refcount blocks).
     reftable: Vec<u64>,
+    /// Cluster index of the refcount table.
+    reftable_offset: u64,
+    /// Tables replaced by growth: cluster index and the entries they held then.
+    abandoned: Vec<(u64, Vec<u64>)>,
     /// Refcounts by cluster index; only meaningful where the block is hooked up.
     refcounts: Vec<u64>,
     /// QEMU's `free_cluster_index` hint.
@@ -395,7 +400,8 @@ struct RefcountSim {
 
 impl RefcountSim {
     fn new(geometry: Geometry) -> Self {
-        // One cluster of entries; entry 0 points at the empty block in cluster 2.
+        // One cluster of entries at cluster 1; entry 0 points at the empty block in
+        // cluster 2.
         let mut reftable = vec![0u64; geometry.table_entries_per_cluster() as usize];
         if let Some(first) = reftable.first_mut() {
             *first = 2 * geometry.cluster_size();
@@ -403,9 +409,15 @@ impl RefcountSim {
         Self {
             geometry,
             reftable,
+            reftable_offset: 1,
+            abandoned: Vec::new(),
             refcounts: Vec::new(),
             free_cluster_index: 0,
         }
+    }
+
+    fn reftable_clusters(&self) -> u64 {
+        self.reftable.len() as u64 / self.geometry.table_entries_per_cluster()
     }
 
     fn stored(&self, cluster: u64) -> u64 {
@@ -443,13 +455,13 @@ impl RefcountSim {
         }
     }
 
-    fn alloc_clusters(&mut self, n: u64) -> Result<u64, LayoutError> {
+    fn alloc_clusters(&mut self, n: u64) -> Result<u64, ()> {
         loop {
             let start = self.alloc_noref(n);
             match self.update(start, n) {
                 Ok(()) => return Ok(start),
                 Err(SimError::Again) => continue,
-                Err(SimError::Fatal(e)) => return Err(e),
+                Err(SimError::Fatal) => return Err(()),
             }
         }
     }
@@ -494,17 +506,115 @@ impl RefcountSim {
         let new_block = self.alloc_noref(1);
         if self.geometry.reftable_index(new_block) == ti {
             // Self-describing block: zeroed, with its own refcount set.
+            self.clear_block(ti);
             self.store(new_block, 1);
         } else {
             self.update(new_block, 1)?;
         }
-        let Some(slot) = self.reftable.get_mut(ti as usize) else {
-            return Err(SimError::Fatal(LayoutError::RefcountTableGrowth {
-                l1_clusters: 0,
-            }));
-        };
-        *slot = new_block << self.geometry.cluster_bits();
+        if let Some(slot) = self.reftable.get_mut(ti as usize) {
+            *slot = new_block << self.geometry.cluster_bits();
+            return Err(SimError::Again);
+        }
+        // The table is full: new self-describing structures go right after the refcount
+        // blocks needed so far (which cover `cluster` and the new block).
+        let blocks_used = cluster
+            .max(new_block)
+            .saturating_add(1)
+            .div_ceil(self.geometry.refcount_block_entries());
+        let meta_start = blocks_used.saturating_mul(self.geometry.refcount_block_entries());
+        self.refcount_area(meta_start, ti, new_block)?;
         Err(SimError::Again)
+    }
+
+    /// Zeroes the refcounts a fresh (zero-filled) block `ti` describes.
+    fn clear_block(&mut self, ti: u64) {
+        let per = self.geometry.refcount_block_entries();
+        let first = (ti.saturating_mul(per) as usize).min(self.refcounts.len());
+        let last = (ti.saturating_add(1).saturating_mul(per) as usize).min(self.refcounts.len());
+        if let Some(cells) = self.refcounts.get_mut(first..last) {
+            cells.fill(0);
+        }
+    }
+
+    /// QEMU's `qcow2_refcount_area(start, 0, exact_size = false, new_index, new_block)`:
+    /// a new table 50 % larger than needed and the missing refcount blocks, placed at
+    /// cluster `start` and counting themselves; the old table is freed.
+    fn refcount_area(
+        &mut self,
+        start: u64,
+        new_index: u64,
+        new_block: u64,
+    ) -> Result<(), SimError> {
+        let g = self.geometry;
+        let per_block = g.refcount_block_entries();
+        let per_table_cluster = g.table_entries_per_cluster();
+        let total = refcount_blocks_needed(start, per_block, per_table_cluster, true);
+        // QEMU compares both counts with QCOW_MAX_REFTABLE_SIZE (-EFBIG).
+        let table_size = (total + total.div_ceil(2)).next_multiple_of(per_table_cluster);
+        if total > MAX_REFTABLE_SIZE || table_size > MAX_REFTABLE_SIZE {
+            return Err(SimError::Fatal);
+        }
+        let table_clusters = table_size / per_table_cluster;
+        let mut table = self.reftable.clone();
+        table.resize(table_size as usize, 0);
+        if let Some(slot) = table.get_mut(new_index as usize) {
+            *slot = new_block << g.cluster_bits();
+        }
+        let area_index = start / per_block;
+        let missing = (area_index..total)
+            .filter(|&i| table.get(i as usize).is_some_and(|&e| e == 0))
+            .count() as u64;
+        let table_offset = start + missing;
+        let end = table_offset + table_clusters;
+        let mut block = start;
+        for i in area_index..total {
+            if table.get(i as usize).is_some_and(|&e| e == 0) {
+                self.clear_block(i);
+                if let Some(slot) = table.get_mut(i as usize) {
+                    *slot = block << g.cluster_bits();
+                }
+                block += 1;
+            }
+        }
+        // Every cluster of the new structures counts one reference; the table switch
+        // below makes them visible.
+        for c in start..end {
+            self.store(c, 1);
+        }
+        let old = std::mem::replace(&mut self.reftable, table);
+        let old_offset = std::mem::replace(&mut self.reftable_offset, table_offset);
+        let old_clusters = old.len() as u64 / per_table_cluster;
+        self.abandoned.push((old_offset, old));
+        for c in old_offset..old_offset + old_clusters {
+            self.add(c, -1);
+        }
+        Ok(())
+    }
+}
+
+/// QEMU's `qcow2_refcount_metadata_size`: the number of refcount blocks that covers
+/// `clusters` clusters plus the blocks and table clusters themselves (a fixed point), with
+/// room for half the table again when `generous`.
+fn refcount_blocks_needed(
+    mut clusters: u64,
+    per_block: u64,
+    per_table_cluster: u64,
+    mut generous: bool,
+) -> u64 {
+    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
+    loop {
+        let last = n;
+        blocks = (clusters + table + blocks).div_ceil(per_block);
+        table = blocks.div_ceil(per_table_cluster);
+        n = clusters + blocks + table;
+        if n == last && generous {
+            clusters += table.div_ceil(2);
+            n = 0;
+            generous = false;
+        }
+        if n == last {
+            return blocks;
+        }
     }
 }
 
@@ -577,16 +687,20 @@ mod tests {
     }
 
     #[test]
-    fn refcount_table_growth_is_reported_not_guessed() {
+    fn refcount_table_growth_is_replayed() {
         // 512-byte clusters with 64-bit refcounts: one reftable cluster covers 4096
-        // clusters, an 8 GiB image needs a 4096-cluster L1 table.
+        // clusters, an 8 GiB image needs a 4096-cluster L1 table, so the table grows.
         let mut o = CreateOptions::new(8 << 30);
         o.cluster_size = 512;
         o.refcount_bits = 64;
-        assert_eq!(
-            fresh_image(&o),
-            Err(LayoutError::RefcountTableGrowth { l1_clusters: 4096 })
-        );
+        let img = fresh_image(&o).unwrap();
+        let h = &img.first_cluster.header;
+        // The L1 table goes right after the first three clusters, the new table after
+        // the refcount blocks that cover everything before it.
+        assert_eq!(h.l1_table_offset, 3 * 512);
+        assert!(h.refcount_table_offset > h.l1_table_offset + 4096 * 512);
+        assert!(h.refcount_table_clusters > 1);
+        assert!(img.file_length >= h.refcount_table_offset + 512);
     }
 
     #[test]

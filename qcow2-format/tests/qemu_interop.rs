@@ -162,6 +162,11 @@ fn create_matrix_matches_qemu_img() {
         ("c2m-r64.qcow2", opts(g, 2 << 20, 64)),
         ("empty.qcow2", opts(0, 65536, 16)),
         ("odd.qcow2", opts(1_000_000, 65536, 16)),
+        // L1 tables the first refcount table cannot describe: QEMU grows the refcount
+        // table while allocating the L1 (qcow2_refcount_area), once or more.
+        ("grow-c512.qcow2", opts(128 * g, 512, 16)),
+        ("grow-c512-r64.qcow2", opts(8 * g, 512, 64)),
+        ("grow-c2k-r64.qcow2", opts(2048 * g, 2048, 64)),
     ];
     cases.push((
         "v2.qcow2",

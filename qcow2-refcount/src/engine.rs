@@ -431,12 +431,19 @@ impl RefcountEngine {
         // counted, land beyond it, and leave a hole when that part is rolled back. Placed
         // first, the block takes the cluster the range was meant to start at and the retry
         // moves the range one cluster on (reference §2.4, iotest 121).
+        //
+        // For a run of several clusters the block goes after the run instead (as QEMU's
+        // allocator leaves its free-cluster hint there): the run keeps its place, and when
+        // the table must grow, the new structures land after the run too. Placed at the
+        // run's start, each block would shift the run, and a table growth placed inside
+        // the run would make it jump past the new table, leaving the whole run as a hole.
         let bits = self.geometry.refcount_block_bits();
+        let floor = if last > first { last + 1 } else { 0 };
         for block in (first >> bits)..=(last >> bits) {
             if self.refblock_offset(block)?.is_none() {
                 let at = first.max(block << bits);
                 return match change {
-                    Change::Increase(_) => Err(self.alloc_refcount_block(caches, at)),
+                    Change::Increase(_) => Err(self.alloc_refcount_block(caches, at, floor)),
                     Change::Decrease(n) => Err(Fail::Err(RefcountError::Underflow {
                         cluster_offset: at << self.geometry.cluster_bits(),
                         refcount: 0,
@@ -492,7 +499,7 @@ impl RefcountEngine {
         let offset = match self.refblock_offset(block) {
             Ok(Some(o)) => o,
             Ok(None) => {
-                return Err((from, self.alloc_refcount_block(caches, from)));
+                return Err((from, self.alloc_refcount_block(caches, from, 0)));
             }
             Err(e) => return Err((from, Fail::Err(e))),
         };
@@ -704,10 +711,22 @@ impl RefcountEngine {
                 reason: "allocation of zero clusters",
             });
         }
+        self.find_free_from(caches, 0, count)
+    }
+
+    /// [`Self::find_free`] for a run starting at cluster `from` or later.
+    fn find_free_from(
+        &mut self,
+        caches: &mut Caches,
+        from: u64,
+        count: u64,
+    ) -> Result<u64, RefcountError> {
         let limit = self.geometry.cluster_index(MAX_CLUSTER_OFFSET) + 1;
-        let mut start = self.next_free(caches, self.index.hint, limit)?;
-        // Everything below the first free cluster is in use.
-        self.index.hint = start;
+        let mut start = self.next_free(caches, self.index.hint.max(from), limit)?;
+        if from <= self.index.hint {
+            // Everything below the first free cluster is in use.
+            self.index.hint = start;
+        }
         loop {
             let end = start
                 .checked_add(count)
@@ -864,8 +883,10 @@ impl RefcountEngine {
     /// Allocates and hooks in the refcount block that covers `cluster`, growing the refcount
     /// table if needed (QEMU's `alloc_refcount_block`). Always ends with [`Fail::Again`] on
     /// success: the caller restarts, because the block may have taken the cluster it wanted.
-    fn alloc_refcount_block(&mut self, caches: &mut Caches, cluster: u64) -> Fail {
-        match self.alloc_refcount_block_inner(caches, cluster) {
+    /// Places the missing refcount block for `cluster` at the first free cluster at or
+    /// after `floor` (see [`Self::update_clusters`]).
+    fn alloc_refcount_block(&mut self, caches: &mut Caches, cluster: u64, floor: u64) -> Fail {
+        match self.alloc_refcount_block_inner(caches, cluster, floor) {
             Ok(()) => Fail::Again,
             Err(f) => f,
         }
@@ -875,6 +896,7 @@ impl RefcountEngine {
         &mut self,
         caches: &mut Caches,
         cluster: u64,
+        floor: u64,
     ) -> Result<(), Fail> {
         let storage = caches.storage().clone();
         storage.event(Event::RefblockAlloc);
@@ -888,7 +910,7 @@ impl RefcountEngine {
         }
 
         let block = self.geometry.reftable_index(cluster);
-        let new_cluster = self.find_free(caches, 1)?;
+        let new_cluster = self.find_free_from(caches, floor, 1)?;
         if new_cluster == 0 {
             return Err(Fail::Err(RefcountError::RefblockAtZero));
         }
