@@ -394,12 +394,9 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
                     "encrypted images are not supported by this tool".into(),
                 ));
             }
-            if text("data_file").is_some() || flag("data_file_raw") == Some(true) {
-                return Err(in_file(
-                    "external data files are not supported by this tool yet".into(),
-                ));
-            }
             let mut opts = CreateOptions::new(size);
+            opts.data_file = text("data_file");
+            opts.data_file_raw = flag("data_file_raw").unwrap_or(false);
             if let Some(cs) = get(&values, "cluster_size") {
                 opts.cluster_size = cs.num;
             }
@@ -427,7 +424,7 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
                 )),
                 Err(other) => return Err(in_file(other.to_string())),
             };
-            if prealloc != Preallocation::Off {
+            if prealloc != Preallocation::Off || opts.data_file.is_some() {
                 return create_preallocated(&filename, &opts, prealloc);
             }
             let mut file = image::create_file(&filename)?;
@@ -439,9 +436,11 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
     }
 }
 
-/// `preallocation=metadata|falloc|full` through the image facade: the same layout as
-/// `preallocation=off`, then every L2 table and data cluster allocated (metadata), the file
-/// extended over them (falloc) or zeros written over them (full), as qemu-img does.
+/// Creation through the image facade: `preallocation=metadata|falloc|full` (the same layout
+/// as `preallocation=off`, then every L2 table and data cluster allocated, the file
+/// extended over them, fallocated or zero-written, as qemu-img does) and external data
+/// files (created, like qemu-img, at the name as given, i.e. relative to the working
+/// directory, and sized to the disk).
 fn create_preallocated(
     filename: &str,
     layout: &CreateOptions,
@@ -459,12 +458,36 @@ fn create_preallocated(
                 .into(),
         ));
     }
-    let img = Image::create_path(filename, &opts).map_err(|e| {
+    let create_error = |e: qcow2_image::ImageError| {
         in_file(format!(
             "Could not create image: {}",
             crate::qcowdev::error_text(&e)
         ))
-    })?;
+    };
+    let img = match &opts.data_file {
+        None => Image::create_path(filename, &opts).map_err(create_error)?,
+        Some(name) => {
+            let io = |e: std::io::Error| {
+                in_file(format!(
+                    "Could not create '{name}': {}",
+                    image::strerror(&e)
+                ))
+            };
+            let data = qcow2_io::FileStorage::create(name).map_err(io)?;
+            let meta = qcow2_io::FileStorage::create(filename).map_err(|e| {
+                in_file(format!(
+                    "Could not create '{filename}': {}",
+                    image::strerror(&e)
+                ))
+            })?;
+            let open = qcow2_image::OpenOptions {
+                backing: qcow2_image::BackingPolicy::Ignore,
+                data_file: Some(qcow2_image::DataFileStorage(std::sync::Arc::new(data))),
+                ..qcow2_image::OpenOptions::default()
+            };
+            Image::create_with(std::sync::Arc::new(meta), &opts, &open).map_err(create_error)?
+        }
+    };
     img.close().map_err(|e| {
         in_file(format!(
             "Could not create image: {}",

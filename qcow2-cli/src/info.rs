@@ -1,7 +1,8 @@
 //! `qcow2 info` and the snapshot list, in qemu-img's human and JSON forms.
 
 use qcow2_format::features::{
-    CompressionType, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+    CompressionType, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
 };
 use qcow2_format::header::Header;
 use qcow2_format::snapshot::{SnapshotEntry, ICOUNT_DISABLED};
@@ -124,14 +125,21 @@ fn snapshot_json(sn: &SnapshotEntry) -> Json {
 /// The qcow2 "format-specific" data (QEMU's `ImageInfoSpecificQCow2`).
 fn qcow2_specific(o: &Opened) -> Option<Json> {
     let q = o.qcow2.as_ref()?;
-    Some(qcow2_specific_for(&q.first.header))
+    let data_file = q
+        .first
+        .extensions
+        .data_file
+        .as_ref()
+        .filter(|_| q.first.header.incompatible_features & INCOMPAT_DATA_FILE != 0)
+        .map(|n| String::from_utf8_lossy(n).into_owned());
+    Some(qcow2_specific_for(&q.first.header, data_file.as_deref()))
 }
 
 /// The "Format specific information" lines of a qcow2 header, as qemu-io's `info` prints
 /// them (without indentation).
-pub fn format_specific_lines(h: &Header) -> Vec<String> {
+pub fn format_specific_lines(h: &Header, data_file: Option<&str>) -> Vec<String> {
     let mut s = String::new();
-    if let Json::Object(spec) = qcow2_specific_for(h) {
+    if let Json::Object(spec) = qcow2_specific_for(h, data_file) {
         if let Some((_, data)) = spec.iter().find(|(k, _)| k == "data") {
             dump_flat(data, 0, &mut s);
         }
@@ -139,7 +147,8 @@ pub fn format_specific_lines(h: &Header) -> Vec<String> {
     s.lines().map(str::to_string).collect()
 }
 
-fn qcow2_specific_for(h: &Header) -> Json {
+/// `data_file`: the external data file name of an image that uses one.
+fn qcow2_specific_for(h: &Header, data_file: Option<&str>) -> Json {
     let compression = match h.compression() {
         Some(CompressionType::Zstd) => "zstd",
         _ => "zlib",
@@ -163,6 +172,13 @@ fn qcow2_specific_for(h: &Header) -> Json {
             .with("extended-l2", Json::Bool(h.extended_l2()))
             .with("refcount-bits", Json::UInt(1 << h.refcount_order))
             .with("compression-type", Json::str(compression))
+    };
+    let data = match data_file {
+        Some(name) => data.with("data-file", Json::str(name)).with(
+            "data-file-raw",
+            Json::Bool(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0),
+        ),
+        None => data,
     };
     Json::object()
         .with("type", Json::str("qcow2"))

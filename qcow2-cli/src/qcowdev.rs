@@ -20,6 +20,12 @@ pub struct QcowDev {
 /// Opens `path` with the backing chain resolved next to it (as qemu-io and qemu-img do).
 /// The error is the text qemu-img prints after "Could not open 'FILE': ".
 pub fn open_image(path: &str, read_only: bool) -> Result<Image, String> {
+    open_image_with(path, read_only, false)
+}
+
+/// [`open_image`]; `unmap` passes guest discards down to the files (QEMU's `BDRV_O_UNMAP`,
+/// which qemu-io sets by default).
+pub fn open_image_with(path: &str, read_only: bool, unmap: bool) -> Result<Image, String> {
     let storage = FileStorage::open(path, !read_only)
         .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
     let base_dir = std::path::Path::new(path)
@@ -35,6 +41,7 @@ pub fn open_image(path: &str, read_only: bool) -> Result<Image, String> {
             // (the restriction is for services that open untrusted images).
             allowed_dirs: vec![std::path::PathBuf::from("/")],
         },
+        pass_discard_request: unmap,
         ..OpenOptions::default()
     };
     let image = Image::open(Arc::new(storage), &opts).map_err(|e| error_text(&e))?;
@@ -55,8 +62,9 @@ pub fn error_text(e: &ImageError) -> String {
 impl QcowDev {
     /// Opens `path`; errors are qemu-io's "can't open device" messages.
     pub fn open(path: &str, read_only: bool) -> Result<Self, String> {
-        let image =
-            open_image(path, read_only).map_err(|e| format!("can't open device {path}: {e}"))?;
+        // qemu-io opens with BDRV_O_UNMAP.
+        let image = open_image_with(path, read_only, true)
+            .map_err(|e| format!("can't open device {path}: {e}"))?;
         Ok(QcowDev {
             image: Some(image),
             read_only,
@@ -157,7 +165,7 @@ impl BlockDev for QcowDev {
     }
     fn specific_info(&mut self) -> Vec<String> {
         match self.img() {
-            Ok(img) => format_specific_lines(img.header()),
+            Ok(img) => format_specific_lines(img.header(), img.data_file().as_deref()),
             Err(_) => Vec::new(),
         }
     }

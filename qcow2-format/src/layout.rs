@@ -13,7 +13,8 @@
 
 use crate::extensions::{Extensions, FirstCluster, SerializeError};
 use crate::features::{
-    CompressionType, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
+    CompressionType, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
+    INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
 };
 use crate::header::{Header, V2_HEADER_SIZE, V3_HEADER_SIZE};
 use crate::limits::{
@@ -71,6 +72,11 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     /// `-F`: backing file format.
     pub backing_format: Option<String>,
+    /// `data_file=NAME`: guest data goes to this external file (compat 1.1 only); the
+    /// name is stored as given.
+    pub data_file: Option<String>,
+    /// `data_file_raw=on`: the data file is kept a valid raw image of the disk.
+    pub data_file_raw: bool,
 }
 
 impl CreateOptions {
@@ -86,6 +92,8 @@ impl CreateOptions {
             extended_l2: false,
             backing_file: None,
             backing_format: None,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
@@ -108,6 +116,12 @@ pub enum LayoutError {
         /// The value given.
         cluster_size: u64,
     },
+    /// `data_file_raw=on` without `data_file`.
+    #[error("data-file-raw requires data-file")]
+    DataFileRawWithoutDataFile,
+    /// External data files need compat 1.1.
+    #[error("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)")]
+    DataFileNeedsV3,
     /// `-F` without `-b`.
     #[error("Backing format cannot be used without backing file")]
     BackingFormatWithoutFile,
@@ -216,6 +230,12 @@ fn validate(opts: &CreateOptions) -> Result<(), LayoutError> {
     if opts.compression_type != CompressionType::Deflate && !v3 {
         return Err(LayoutError::CompressionNeedsV3);
     }
+    if opts.data_file_raw && opts.data_file.is_none() {
+        return Err(LayoutError::DataFileRawWithoutDataFile);
+    }
+    if opts.data_file.is_some() && !v3 {
+        return Err(LayoutError::DataFileNeedsV3);
+    }
     if let Some(b) = &opts.backing_file {
         if b.len() as u64 > MAX_BACKING_FILE_NAME {
             return Err(LayoutError::BackingFileNameTooLong { length: b.len() });
@@ -273,6 +293,9 @@ pub fn fresh_image(opts: &CreateOptions) -> Result<FreshImage, LayoutError> {
     if opts.extended_l2 {
         incompatible |= INCOMPAT_EXTL2;
     }
+    if opts.data_file.is_some() {
+        incompatible |= INCOMPAT_DATA_FILE;
+    }
     let header = Header {
         version: opts.compat.version(),
         backing_file_offset: 0,
@@ -294,7 +317,11 @@ pub fn fresh_image(opts: &CreateOptions) -> Result<FreshImage, LayoutError> {
         } else {
             0
         },
-        autoclear_features: 0,
+        autoclear_features: if opts.data_file_raw {
+            AUTOCLEAR_DATA_FILE_RAW
+        } else {
+            0
+        },
         refcount_order,
         header_length: if v3 {
             V3_HEADER_SIZE as u32
@@ -306,6 +333,7 @@ pub fn fresh_image(opts: &CreateOptions) -> Result<FreshImage, LayoutError> {
     };
     let extensions = Extensions {
         backing_format: opts.backing_format.as_ref().map(|f| f.as_bytes().to_vec()),
+        data_file: opts.data_file.as_ref().map(|f| f.as_bytes().to_vec()),
         ..Extensions::default()
     };
     let mut first_cluster = FirstCluster {

@@ -24,7 +24,9 @@ use crate::overlap::bits;
 use crate::Image;
 use qcow2_cache::CacheId;
 use qcow2_format::entry::{L1E_OFFSET_MASK, OFLAG_COPIED};
-use qcow2_format::features::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY};
+use qcow2_format::features::{
+    AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY,
+};
 use qcow2_format::layout::Compat;
 use qcow2_format::refcount::{RefcountCodec, REFT_OFFSET_MASK};
 use qcow2_format::{ClusterType, L2Entry};
@@ -51,9 +53,10 @@ pub struct AmendOptions {
     pub backing_file: Option<String>,
     /// `backing_fmt=FMT`: as `backing_file`.
     pub backing_format: Option<String>,
-    /// `data_file=NAME`: refused (this facade opens no external data file images).
+    /// `data_file=NAME`: renames the external data file (images that have one).
     pub data_file: Option<String>,
-    /// `data_file_raw=on|off`: `on` is refused on existing images.
+    /// `data_file_raw=on|off`: `off` drops the raw promise; `on` is refused on existing
+    /// images that do not have it.
     pub data_file_raw: Option<bool>,
 }
 
@@ -274,19 +277,33 @@ impl Image {
         if let Some(bits) = opts.refcount_bits {
             validate_refcount_bits(bits)?;
         }
-        if opts.data_file.is_some() {
+        if opts.data_file.is_some() && self.data.is_none() {
             return Err(refused(
                 "data-file can only be set for images that use an external data file",
                 None,
                 EINVAL,
             ));
         }
-        if opts.data_file_raw == Some(true) {
+        if opts.data_file_raw == Some(true) && !self.data_file_raw {
             return Err(refused(
                 "data-file-raw cannot be set on existing images",
                 None,
                 EINVAL,
             ));
+        }
+        // Renaming the data file, or dropping the raw promise, is a header rewrite.
+        let mut rename = false;
+        if let Some(name) = &opts.data_file {
+            self.fc.extensions.data_file = Some(name.as_bytes().to_vec());
+            rename = true;
+        }
+        if opts.data_file_raw == Some(false) && self.data_file_raw {
+            self.fc.header.autoclear_features &= !AUTOCLEAR_DATA_FILE_RAW;
+            self.data_file_raw = false;
+            rename = true;
+        }
+        if rename {
+            self.rewrite_header(op)?;
         }
         let old_version = self.fc.header.version;
         let new_version = match opts.compat {

@@ -87,7 +87,7 @@ pub(crate) fn read_backing(
 }
 
 /// The path a backing name resolves to under a path policy, after checking it.
-fn resolve(name: &str, base_dir: &Path, allowed: &[PathBuf]) -> Result<PathBuf> {
+pub(crate) fn resolve(name: &str, base_dir: &Path, allowed: &[PathBuf]) -> Result<PathBuf> {
     let err = |reason: String| ImageError::Backing {
         name: name.to_string(),
         reason,

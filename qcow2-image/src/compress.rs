@@ -193,6 +193,15 @@ impl Image {
     /// last cluster of the image).
     fn check_compressed_target(&self, op: Op, offset: u64, len: u64) -> Result<()> {
         self.check_range(op, offset, len)?;
+        if self.data.is_some() {
+            // QEMU: "Compression is not supported with external data files" (ENOTSUP).
+            return Err(ImageError::Refused {
+                op,
+                message: "Compression is not supported with external data files".into(),
+                hint: None,
+                errno: crate::error::ENOTSUP,
+            });
+        }
         let cs = self.geo.cluster_size();
         let at_end = offset.checked_add(len) == Some(self.virtual_size());
         if !self.geo.is_cluster_aligned(offset) || !(len == cs || (at_end && len < cs)) {

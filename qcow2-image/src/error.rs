@@ -222,6 +222,14 @@ pub enum ImageError {
         /// What went wrong.
         reason: String,
     },
+    /// The external data file could not be opened.
+    #[error("external data file {name:?}: {reason}")]
+    DataFile {
+        /// The data file name as stored in the image.
+        name: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl ImageError {

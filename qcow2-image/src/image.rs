@@ -17,7 +17,8 @@ use qcow2_format::display::CHex;
 use qcow2_format::entry::{self, L1E_OFFSET_MASK};
 use qcow2_format::extensions::FirstCluster;
 use qcow2_format::features::{
-    CompressionType, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
+    CompressionType, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE, INCOMPAT_DIRTY,
 };
 use qcow2_format::header::{self, Header, HeaderError};
 use qcow2_format::limits::{MAX_CLUSTER_BITS, MAX_L1_SIZE, MIN_CLUSTER_BITS};
@@ -94,6 +95,11 @@ pub struct Image {
     pub(crate) depth: u32,
     /// Last decompressed cluster: (raw L2 entry word, cluster bytes).
     pub(crate) decompressed: Option<(u64, Vec<u8>)>,
+    /// The external data file, if the image has one (guest data at the guest offset, not
+    /// refcounted).
+    pub(crate) data: Option<Arc<dyn Storage>>,
+    /// `data_file_raw`: the data file alone is a valid raw image of the guest disk.
+    pub(crate) data_file_raw: bool,
 }
 
 impl std::fmt::Debug for Image {
@@ -264,17 +270,31 @@ impl Image {
                 what: format!("encrypted images (crypt_method {})", h.crypt_method),
             });
         }
-        if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
-            return Err(ImageError::Unsupported {
-                op,
-                what: "external data files".into(),
+        // External data file: guest data goes there; the image file's storage is wrapped
+        // so that its flushes make the data durable first.
+        let (storage, data) = if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+            let Some(name) = fc.extensions.data_file.as_ref() else {
+                return Err(ImageError::DataFile {
+                    name: String::new(),
+                    reason: "'data-file' is required for this image".into(),
+                });
+            };
+            let name = String::from_utf8_lossy(name).into_owned();
+            let data = crate::data_file::open(&name, opts)?;
+            let wrapped: Arc<dyn Storage> = Arc::new(crate::data_file::FlushesDataFirst {
+                meta: storage,
+                data: data.clone(),
             });
-        }
+            (wrapped, Some(data))
+        } else {
+            (storage, None)
+        };
+        let data_file_raw = data.is_some() && h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0;
         let geo = h.geometry().map_err(|e| ImageError::InvalidArgument {
             op,
             reason: e.to_string(),
         })?;
-        let ctx = L2Context::for_geometry(&geo, false);
+        let ctx = L2Context::for_geometry(&geo, data.is_some());
 
         // L1: validated against QEMU's 32 MiB limit by `open_first_cluster`.
         let l1_bytes = u64::from(h.l1_size) * 8;
@@ -358,6 +378,8 @@ impl Image {
             opts: opts.clone(),
             depth,
             decompressed: None,
+            data,
+            data_file_raw,
         };
         img.messages = messages;
         img.init_overlap(opts)?;
@@ -502,13 +524,40 @@ impl Image {
         let mut open = open.clone();
         open.read_only = false;
         let mut img = Self::open(storage, &open)?;
-        if opts.preallocation != Preallocation::Off {
-            img.preallocate(opts.preallocation)?;
+        // The data file covers the disk; a raw one implies metadata preallocation (QEMU),
+        // so that every cluster maps to its own offset in it.
+        img.resize_data_file(op, img.virtual_size())?;
+        let preallocation = match opts.preallocation {
+            Preallocation::Off if opts.data_file_raw => Preallocation::Metadata,
+            p => p,
+        };
+        if preallocation != Preallocation::Off {
+            img.preallocate(preallocation)?;
         }
         Ok(img)
     }
 
     // ------------------------------------------------------------------ properties
+
+    /// Where guest data clusters live: the external data file, or the image file.
+    pub(crate) fn data_storage(&self) -> &Arc<dyn Storage> {
+        self.data.as_ref().unwrap_or(&self.storage)
+    }
+
+    /// The external data file name, if the image uses one.
+    pub fn data_file(&self) -> Option<String> {
+        self.data.as_ref()?;
+        self.fc
+            .extensions
+            .data_file
+            .as_ref()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+    }
+
+    /// Whether the external data file is a raw image of the guest disk (`data_file_raw`).
+    pub fn data_file_raw(&self) -> bool {
+        self.data_file_raw
+    }
 
     /// Virtual disk size in bytes.
     pub fn virtual_size(&self) -> u64 {
@@ -1139,7 +1188,7 @@ impl Image {
             match chunk.kind {
                 MapKind::Data(host) => {
                     self.storage.event(Event::ReadAio);
-                    self.storage
+                    self.data_storage()
                         .read_at(dst, host)
                         .map_err(|e| ImageError::io(op, "read guest data", host, e))?;
                 }

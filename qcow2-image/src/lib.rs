@@ -26,6 +26,7 @@
 mod amend;
 mod backing;
 mod compress;
+mod data_file;
 mod error;
 mod image;
 mod map;
@@ -42,7 +43,9 @@ pub use compress::compress_cluster;
 pub use error::{ImageError, Op, Result};
 pub use image::Image;
 pub use map::{Extent, ExtentKind};
-pub use options::{BackingPolicy, CreateOptions, OpenOptions, OverlapLevel, Preallocation};
+pub use options::{
+    BackingPolicy, CreateOptions, DataFileStorage, OpenOptions, OverlapLevel, Preallocation,
+};
 pub use qcow2_format::features::CompressionType;
 pub use qcow2_format::layout::Compat;
 pub use qcow2_snapshot::{NewSnapshot, SnapshotEntry};

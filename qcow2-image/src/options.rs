@@ -151,6 +151,21 @@ pub struct OpenOptions {
     /// Repair a dirty image (lazy refcounts after a crash) on a read-write open, as QEMU
     /// does. When false, such an open fails.
     pub repair_dirty: bool,
+    /// The external data file of an image that has one (incompatible feature bit 2). When
+    /// `None`, the name stored in the image is opened under the path rules of
+    /// [`BackingPolicy::Open`] (same base and allowed directories); any other backing
+    /// policy then refuses the image.
+    pub data_file: Option<DataFileStorage>,
+}
+
+/// Caller-supplied storage of an external data file (see [`OpenOptions::data_file`]).
+#[derive(Clone)]
+pub struct DataFileStorage(pub Arc<dyn qcow2_io::Storage>);
+
+impl std::fmt::Debug for DataFileStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataFileStorage(..)")
+    }
 }
 
 impl Default for OpenOptions {
@@ -168,6 +183,7 @@ impl Default for OpenOptions {
             overlap_check: OverlapLevel::Cached,
             backing: BackingPolicy::None,
             repair_dirty: true,
+            data_file: None,
         }
     }
 }

@@ -73,6 +73,10 @@ pub(crate) fn load(
 }
 
 impl SnapshotHost for Image {
+    fn has_data_file(&self) -> bool {
+        self.data.is_some()
+    }
+
     fn parts(&mut self) -> HostParts<'_> {
         HostParts {
             caches: &mut self.caches,

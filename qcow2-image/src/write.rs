@@ -103,7 +103,8 @@ impl Image {
             });
         }
         if new_size < old {
-            return self.shrink(op, new_size);
+            self.shrink(op, new_size)?;
+            return self.resize_data_file(op, new_size);
         }
         let needed = self.geo.l1_entries_for(new_size);
         if needed > MAX_L1_SIZE / 8 {
@@ -115,6 +116,20 @@ impl Image {
         self.grow_l1(op, needed, true)?;
         self.metadata_write_sync(op, "write the new size", &new_size.to_be_bytes(), HDR_SIZE)?;
         self.fc.header.size = new_size;
+        self.resize_data_file(op, new_size)
+    }
+
+    /// An external data file covers the whole disk (QEMU sizes it at creation and resizes
+    /// it with the image); a raw one is exactly the disk, so it also shrinks.
+    pub(crate) fn resize_data_file(&mut self, op: Op, new_size: u64) -> Result<()> {
+        let Some(data) = self.data.clone() else {
+            return Ok(());
+        };
+        let io = |e| ImageError::io(op, "resize the data file", new_size, e);
+        let len = data.len().map_err(io)?;
+        if len < new_size || (self.data_file_raw && len > new_size) {
+            data.set_len(new_size).map_err(io)?;
+        }
         Ok(())
     }
 
@@ -515,14 +530,17 @@ impl Image {
     /// Writes `data` at host `host` after the overlap check (invariant 5). Data write
     /// failures do not poison: nothing references the target yet, or the target is ours.
     fn write_data(&mut self, op: Op, host: u64, data: &[u8], cow: bool) -> Result<()> {
-        if let Err(e) = self.overlap.check(host, data.len() as u64, 0) {
-            return Err(self.corruption(op, true, e.to_string()));
+        // Data in an external data file cannot overwrite metadata of the image file.
+        if self.data.is_none() {
+            if let Err(e) = self.overlap.check(host, data.len() as u64, 0) {
+                return Err(self.corruption(op, true, e.to_string()));
+            }
         }
         if cow {
             self.storage.event(Event::CowWrite);
         }
         self.storage.event(Event::WriteAio);
-        self.storage
+        self.data_storage()
             .write_at(data, host)
             .map_err(|e| ImageError::io(op, "write guest data", host, e))
     }
@@ -700,16 +718,21 @@ impl Image {
         op: Op,
         l2_offset: u64,
         l2_index: u64,
-        _cluster_guest: u64,
+        cluster_guest: u64,
         run: u64,
         cow: Cow,
         olds: Vec<L2Entry>,
         fill: impl FnOnce(&mut Image) -> Result<Vec<u8>>,
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
-        let host = match self.engine.alloc_clusters(&mut self.caches, run) {
-            Ok(o) => o,
-            Err(e) => return Err(self.rc_err(op, e)),
+        // In an external data file a guest cluster lives at its own offset, unrefcounted.
+        let host = if self.data.is_some() {
+            cluster_guest
+        } else {
+            match self.engine.alloc_clusters(&mut self.caches, run) {
+                Ok(o) => o,
+                Err(e) => return Err(self.rc_err(op, e)),
+            }
         };
         self.sync_overlap_refcounts();
         let result = fill(self).and_then(|buf| {
@@ -719,7 +742,7 @@ impl Image {
         });
         if let Err(e) = result {
             // Invariant 3: nothing references the new clusters; give them back.
-            if !e.is_corruption() {
+            if !e.is_corruption() && self.data.is_none() {
                 let _ =
                     self.engine
                         .free_clusters(&mut self.caches, host, run * cs, DiscardType::Never);
@@ -786,9 +809,13 @@ impl Image {
             let l2_index = self.geo.l2_index(guest);
             let se = self.slice_entries();
             let n = (se - l2_index % se).min((size - guest).div_ceil(cs));
-            let host = match self.engine.alloc_clusters(&mut self.caches, n) {
-                Ok(o) => o,
-                Err(e) => return Err(self.rc_err(op, e)),
+            let host = if self.data.is_some() {
+                guest
+            } else {
+                match self.engine.alloc_clusters(&mut self.caches, n) {
+                    Ok(o) => o,
+                    Err(e) => return Err(self.rc_err(op, e)),
+                }
             };
             if mode == Preallocation::Full {
                 let zeros = vec![0u8; (n * cs) as usize];
@@ -809,17 +836,17 @@ impl Image {
             guest += n * cs;
         }
         self.sync_overlap_refcounts();
-        let len = self
-            .storage
+        let data = self.data_storage().clone();
+        let len = data
             .len()
             .map_err(|e| ImageError::io(op, "image length", 0, e))?;
         if len < file_end {
             let r = if mode == Preallocation::Falloc {
                 // The data clusters beyond the old end get real blocks (QEMU truncates the
                 // file with PREALLOC_MODE_FALLOC); below it they were written already.
-                self.storage.allocate(len, file_end - len)
+                data.allocate(len, file_end - len)
             } else {
-                self.storage.set_len(file_end)
+                data.set_len(file_end)
             };
             r.map_err(|e| ImageError::io(op, "extend the image file", file_end, e))?;
         }

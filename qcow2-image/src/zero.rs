@@ -44,7 +44,18 @@ impl Image {
             let n = self.discard_in_slice(op, guest, end - guest)?;
             guest += n;
         }
-        Ok(())
+        self.zero_raw_data_file(op, start, end - start)
+    }
+
+    /// With `data_file_raw`, the data file must read as the guest disk: a range that now
+    /// reads as zeros is zeroed there too (QEMU zeroes the data file in the same request).
+    fn zero_raw_data_file(&mut self, op: Op, offset: u64, len: u64) -> Result<()> {
+        match &self.data {
+            Some(data) if self.data_file_raw => data
+                .write_zeroes(offset, len)
+                .map_err(|e| crate::error::ImageError::io(op, "zero the raw data file", offset, e)),
+            _ => Ok(()),
+        }
     }
 
     /// Discards clusters from `guest` (cluster aligned) within one L2 slice; returns the
@@ -108,8 +119,8 @@ impl Image {
     }
 
     fn passthrough_discard(&mut self, host: u64) {
-        if self.discard_passthrough_request {
-            let _ = self.storage.discard(host, self.geo.cluster_size());
+        if self.discard_passthrough_request && !self.data_file_raw {
+            let _ = self.data_storage().discard(host, self.geo.cluster_size());
         }
     }
 
@@ -118,6 +129,26 @@ impl Image {
     pub(crate) fn free_entries(&mut self, op: Op, entries: &[L2Entry], discard: DiscardType) {
         // Freed compressed bytes may be reused with an identical descriptor.
         self.decompressed = None;
+        if let Some(data) = self.data.clone() {
+            // Data-file clusters are not refcounted: freeing one only passes a guest
+            // discard down to the data file when asked to (QEMU's qcow2_free_any_cluster).
+            // A raw data file keeps its bytes: it must stay the guest's disk.
+            if discard == DiscardType::Request
+                && self.discard_passthrough_request
+                && !self.data_file_raw
+            {
+                let cs = self.geo.cluster_size();
+                for e in entries {
+                    if matches!(
+                        e.cluster_type(self.ctx),
+                        ClusterType::Normal | ClusterType::ZeroAlloc
+                    ) {
+                        let _ = data.discard(e.host_offset(), cs);
+                    }
+                }
+            }
+            return;
+        }
         for e in entries {
             if let Err(err) =
                 self.alloc
@@ -141,6 +172,8 @@ impl Image {
                     .decode_raw(e.raw_entry());
                 (d.host_offset(), d.compressed_size())
             }
+            // Clusters in an external data file are not refcounted.
+            ClusterType::Normal | ClusterType::ZeroAlloc if self.data.is_some() => return true,
             ClusterType::Normal | ClusterType::ZeroAlloc => {
                 (e.host_offset(), self.geo.cluster_size())
             }
@@ -194,7 +227,8 @@ impl Image {
         if tail_start < end {
             self.zero_piece(op, tail_start, end - tail_start, unmap)?;
         }
-        Ok(())
+        // Metadata-only zeroing leaves old bytes in a raw data file: zero them there too.
+        self.zero_raw_data_file(op, offset, len)
     }
 
     /// An unaligned piece inside one subcluster (QEMU's `qcow2_co_pwrite_zeroes` head/tail
