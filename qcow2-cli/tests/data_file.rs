@@ -12,6 +12,17 @@ fn read(dir: &std::path::Path, name: &str) -> Vec<u8> {
     std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"))
 }
 
+/// `create -q -f qcow2 -o OPTS i.qcow2 SIZE`.
+fn create_args<'a>(opts: &'a str, size: &'a str) -> [&'a str; 8] {
+    ["create", "-q", "-f", "qcow2", "-o", opts, "i.qcow2", size]
+}
+
+/// A qemu-io style run that must succeed with every pattern verified.
+fn verified(r: common::Run) {
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!r.stdout.contains("Pattern verification failed"), "{r:?}");
+}
+
 fn same_files(p: &Pair, what: &str) {
     for name in ["i.qcow2", "d.raw"] {
         let (a, b) = (read(&p.ours(), name), read(&p.qemu(), name));
@@ -109,16 +120,7 @@ fn images_cross_between_qemu_and_us() {
     }
     let p = Pair::new();
     let q = p.qemu();
-    let create = [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=d.raw",
-        "i.qcow2",
-        "4M",
-    ];
+    let create = create_args("data_file=d.raw", "4M");
     assert_eq!(qemu_img(&q, &create).code, 0);
     let w = qemu_io(
         &q,
@@ -126,35 +128,14 @@ fn images_cross_between_qemu_and_us() {
     );
     assert_eq!(w.code, 0, "{w:?}");
     // QEMU's image: we read its data and write more; QEMU reads ours back.
-    let r = qcow2(
+    let read_ours = ["-c", "read -P 0x11 64k 192k", "-c", "read -P 0 0 64k"];
+    verified(qcow2(&q, &[&["io"][..], &read_ours, &["i.qcow2"]].concat()));
+    verified(qcow2(&q, &["io", "-c", "write -P 0x22 100k 8k", "i.qcow2"]));
+    let read_qemu = ["-c", "read -P 0x22 100k 8k", "-c", "read -P 0x11 64k 36k"];
+    verified(qemu_io(
         &q,
-        &[
-            "io",
-            "-c",
-            "read -P 0x11 64k 192k",
-            "-c",
-            "read -P 0 0 64k",
-            "i.qcow2",
-        ],
-    );
-    assert_eq!(r.code, 0, "{r:?}");
-    assert!(!r.stdout.contains("Pattern verification failed"), "{r:?}");
-    let w = qcow2(&q, &["io", "-c", "write -P 0x22 100k 8k", "i.qcow2"]);
-    assert_eq!(w.code, 0, "{w:?}");
-    let r = qemu_io(
-        &q,
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "read -P 0x22 100k 8k",
-            "-c",
-            "read -P 0x11 64k 36k",
-            "i.qcow2",
-        ],
-    );
-    assert_eq!(r.code, 0, "{r:?}");
-    assert!(!r.stdout.contains("Pattern verification failed"), "{r:?}");
+        &[&["-f", "qcow2"][..], &read_qemu, &["i.qcow2"]].concat(),
+    ));
     // Our checker and qemu-img's agree on it.
     let (a, b) = (
         qcow2(&q, &["check", "--output=json", "i.qcow2"]),
@@ -185,16 +166,7 @@ fn refusals_match_qemu() {
         return;
     }
     let p = Pair::new();
-    let create = [
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=d.raw",
-        "i.qcow2",
-        "1M",
-    ];
+    let create = create_args("data_file=d.raw", "1M");
     let (a, b) = p.both(&create);
     assert_eq!((a.code, b.code), (0, 0));
     let (a, b) = p.both(&["snapshot", "-c", "s", "i.qcow2"]);
@@ -223,7 +195,12 @@ fn amend_renames_and_drops_raw_like_qemu() {
     let o = "data_file=d.raw,data_file_raw=on";
     let (a, b) = p.both(&["create", "-q", "-f", "qcow2", "-o", o, "i.qcow2", "1M"]);
     assert_eq!((a.code, b.code), (0, 0));
-    let args = ["amend", "-o", "data_file=e.raw,data_file_raw=off", "i.qcow2"];
+    let args = [
+        "amend",
+        "-o",
+        "data_file=e.raw,data_file_raw=off",
+        "i.qcow2",
+    ];
     let (a, b) = p.both(&args);
     assert_eq!((a.code, a.text()), (b.code, b.text()));
     assert_eq!(read(&p.ours(), "i.qcow2"), read(&p.qemu(), "i.qcow2"));

@@ -134,7 +134,11 @@ mod tests {
             ..OpenOptions::default()
         };
         let mut img = Image::create_with(meta.clone(), &o, &open).unwrap();
-        assert_eq!(data.len().unwrap(), 4 << 20, "the data file covers the disk");
+        assert_eq!(
+            data.len().unwrap(),
+            4 << 20,
+            "the data file covers the disk"
+        );
         img.write(65536, &[7u8; 8192]).unwrap();
         img.flush().unwrap();
         img.close().unwrap();
@@ -154,11 +158,17 @@ mod tests {
         assert_eq!(buf, [7u8; 8192]);
         let mut all = vec![0u8; meta.len().unwrap() as usize];
         meta.read_at(&mut all, 0).unwrap();
-        assert!(!all.windows(64).any(|w| w == [7u8; 64]), "data in the image file");
+        assert!(
+            !all.windows(64).any(|w| w == [7u8; 64]),
+            "data in the image file"
+        );
 
         // Without a data file storage or a path policy, the open refuses the image.
         let e = Image::open(meta.clone(), &OpenOptions::default()).unwrap_err();
-        assert!(matches!(e, ImageError::DataFile { ref name, .. } if name == "d.raw"), "{e}");
+        assert!(
+            matches!(e, ImageError::DataFile { ref name, .. } if name == "d.raw"),
+            "{e}"
+        );
         // With it, the data reads back.
         let mut img = Image::open(meta, &open).unwrap();
         let mut back = [0u8; 8192];

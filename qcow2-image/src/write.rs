@@ -725,15 +725,7 @@ impl Image {
         fill: impl FnOnce(&mut Image) -> Result<Vec<u8>>,
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
-        // In an external data file a guest cluster lives at its own offset, unrefcounted.
-        let host = if self.data.is_some() {
-            cluster_guest
-        } else {
-            match self.engine.alloc_clusters(&mut self.caches, run) {
-                Ok(o) => o,
-                Err(e) => return Err(self.rc_err(op, e)),
-            }
-        };
+        let host = self.alloc_data_clusters(op, cluster_guest, run)?;
         self.sync_overlap_refcounts();
         let result = fill(self).and_then(|buf| {
             let whole = buf.len() as u64 == run * cs;
@@ -752,6 +744,19 @@ impl Image {
         self.link(
             op, l2_offset, l2_index, host, run, cow.start, cow.end, &olds,
         )
+    }
+
+    /// Host clusters for the `run` guest clusters starting at `guest` (cluster aligned): in
+    /// an external data file a guest cluster lives at its own offset, unrefcounted;
+    /// otherwise they are allocated from the refcounts.
+    fn alloc_data_clusters(&mut self, op: Op, guest: u64, run: u64) -> Result<u64> {
+        if self.data.is_some() {
+            return Ok(guest);
+        }
+        match self.engine.alloc_clusters(&mut self.caches, run) {
+            Ok(o) => Ok(o),
+            Err(e) => Err(self.rc_err(op, e)),
+        }
     }
 
     /// Publishes `run` new clusters at `host` in the L2 slice and frees what they replace.
@@ -809,14 +814,7 @@ impl Image {
             let l2_index = self.geo.l2_index(guest);
             let se = self.slice_entries();
             let n = (se - l2_index % se).min((size - guest).div_ceil(cs));
-            let host = if self.data.is_some() {
-                guest
-            } else {
-                match self.engine.alloc_clusters(&mut self.caches, n) {
-                    Ok(o) => o,
-                    Err(e) => return Err(self.rc_err(op, e)),
-                }
-            };
+            let host = self.alloc_data_clusters(op, guest, n)?;
             if mode == Preallocation::Full {
                 let zeros = vec![0u8; (n * cs) as usize];
                 self.write_data(op, host, &zeros, false)?;
