@@ -100,8 +100,12 @@ fn map_layer(
         .map_err(|e| CliError::new(error_text(&e)))?;
     let mut backing: Option<(Option<Image>, String, u64)> = None;
     // Host bytes beyond the end of the file read as zeros: qemu-img reports that part of a
-    // data extent as "zero": true (the file layer's block status).
-    let file_len = std::fs::metadata(name).map(|m| m.len()).unwrap_or(u64::MAX);
+    // data extent as "zero": true (the file layer's block status). Data clusters of an
+    // image with an external data file are in that file (opened by its name as stored).
+    let data_name = img.data_file().unwrap_or_else(|| name.to_string());
+    let file_len = std::fs::metadata(&data_name)
+        .map(|m| m.len())
+        .unwrap_or(u64::MAX);
     for x in extents {
         let base = MapEntry {
             start: x.offset,
@@ -118,6 +122,10 @@ fn map_layer(
             ExtentKind::Data => {
                 let host = x.host_offset.unwrap_or(0);
                 let inside = file_len.saturating_sub(host).min(x.length);
+                let base = MapEntry {
+                    filename: data_name.clone(),
+                    ..base
+                };
                 push(
                     entries,
                     MapEntry {

@@ -177,13 +177,24 @@ fn refusals_match_qemu() {
         &["-f", "qcow2", "-c", "write -c 0 64k", "i.qcow2"],
     );
     assert_eq!(a.text(), b.text(), "compressed write");
-    // A missing data file: the open fails, nothing is written.
+    // A missing data file: the open fails with QEMU's message, nothing is written.
     std::fs::remove_file(p.ours().join("d.raw")).expect("rm");
+    std::fs::remove_file(p.qemu().join("d.raw")).expect("rm");
     let before = read(&p.ours(), "i.qcow2");
     let r = qcow2(&p.ours(), &["io", "-c", "write 0 4k", "i.qcow2"]);
+    let q = qemu_io(&p.qemu(), &["-f", "qcow2", "-c", "write 0 4k", "i.qcow2"]);
     assert_ne!(r.code, 0, "{r:?}");
-    assert!(r.text().contains("d.raw"), "{r:?}");
+    assert_eq!(r.text(), q.text());
     assert_eq!(read(&p.ours(), "i.qcow2"), before);
+    // The name is relative to the working directory, as in QEMU: from elsewhere, both fail.
+    let (a, b) = (
+        qcow2(p.root.path(), &["map", "ours/i.qcow2"]),
+        qemu_img(p.root.path(), &["map", "qemu/i.qcow2"]),
+    );
+    assert_eq!(
+        (a.code, a.text().replace("ours/", "")),
+        (b.code, b.text().replace("qemu/", ""))
+    );
 }
 
 #[test]

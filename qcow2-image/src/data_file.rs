@@ -51,8 +51,8 @@ impl Storage for FlushesDataFirst {
 }
 
 /// Opens the data file `name` (as stored in the image) the way `opts` allows: the
-/// caller's storage, or the name resolved under the path rules of
-/// [`BackingPolicy::Open`]. Names from the image are untrusted, so nothing else is opened.
+/// caller's storage, or the name (relative to the working directory, as QEMU) checked
+/// against the allowed directories of [`BackingPolicy::Open`]. Names from the image are untrusted, so nothing else is opened.
 pub(crate) fn open(name: &str, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
     if let Some(d) = &opts.data_file {
         return Ok(d.0.clone());
@@ -61,25 +61,38 @@ pub(crate) fn open(name: &str, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
         name: name.to_string(),
         reason,
     };
+    // QEMU's "Could not open 'NAME': strerror".
+    let could_not_open = |e: &io::Error| {
+        let text = e.to_string();
+        let text = text.split(" (os error").next().unwrap_or(&text).to_string();
+        err(format!("Could not open '{name}': {text}"))
+    };
     match &opts.backing {
-        BackingPolicy::Open {
-            base_dir,
-            allowed_dirs,
-            ..
-        } => {
-            let path = crate::backing::resolve(name, base_dir, allowed_dirs).map_err(|e| {
+        BackingPolicy::Open { allowed_dirs, .. } => {
+            // QEMU opens the data file by its name as stored: a relative name is relative
+            // to the working directory (unlike a backing file name, which is relative to
+            // the image), so images made by qemu-img are found where QEMU finds them.
+            let plain = std::path::Path::new(name);
+            if let Err(e) = std::fs::metadata(plain) {
+                return Err(could_not_open(&e));
+            }
+            let cwd = std::path::Path::new(".");
+            let path = crate::backing::resolve(name, cwd, allowed_dirs).map_err(|e| {
                 err(match e {
-                    ImageError::Backing { reason, .. } => reason,
+                    ImageError::Backing { reason, .. } => {
+                        format!("data file '{name}': {reason}")
+                    }
                     other => other.to_string(),
                 })
             })?;
-            let storage = FileStorage::open(&path, !opts.read_only)
-                .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+            let storage =
+                FileStorage::open(&path, !opts.read_only).map_err(|e| could_not_open(&e))?;
             Ok(Arc::new(storage))
         }
-        _ => Err(err(
-            "no data file storage was given and the open options follow no file names".into(),
-        )),
+        _ => Err(err(format!(
+            "data file '{name}': no data file storage was given and the open options follow \
+             no file names"
+        ))),
     }
 }
 

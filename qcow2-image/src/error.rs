@@ -222,8 +222,9 @@ pub enum ImageError {
         /// What went wrong.
         reason: String,
     },
-    /// The external data file could not be opened.
-    #[error("external data file {name:?}: {reason}")]
+    /// The external data file could not be opened (`reason` names it, in QEMU's words
+    /// where QEMU has them).
+    #[error("{reason}")]
     DataFile {
         /// The data file name as stored in the image.
         name: String,

@@ -276,7 +276,8 @@ impl Image {
             let Some(name) = fc.extensions.data_file.as_ref() else {
                 return Err(ImageError::DataFile {
                     name: String::new(),
-                    reason: "'data-file' is required for this image".into(),
+                    reason: "Could not open data file: 'data-file' is required for this image"
+                        .into(),
                 });
             };
             let name = String::from_utf8_lossy(name).into_owned();

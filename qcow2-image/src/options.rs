@@ -152,9 +152,9 @@ pub struct OpenOptions {
     /// does. When false, such an open fails.
     pub repair_dirty: bool,
     /// The external data file of an image that has one (incompatible feature bit 2). When
-    /// `None`, the name stored in the image is opened under the path rules of
-    /// [`BackingPolicy::Open`] (same base and allowed directories); any other backing
-    /// policy then refuses the image.
+    /// `None`, the name stored in the image is opened as QEMU opens it (a relative name is
+    /// relative to the working directory) if it lies in the allowed directories of a
+    /// [`BackingPolicy::Open`]; any other backing policy then refuses the image.
     pub data_file: Option<DataFileStorage>,
 }
 
