@@ -266,6 +266,8 @@ fn qcow2_options(
                 }
             }
             "encryption" if !o.flag => {}
+            "data_file" => c.data_file = Some(o.text.clone()),
+            "data_file_raw" => c.data_file_raw = o.flag,
             other => {
                 return Err(driver(format!(
                     "option '{other}' is not supported by this tool's convert"
@@ -311,7 +313,22 @@ fn create_target(
             let storage = FileStorage::create(dst).map_err(|e| {
                 driver(format!("Could not create '{dst}': {}", image::strerror(&e)))
             })?;
-            let img = Image::create(Arc::new(storage), &c).map_err(|e| {
+            let mut open = qcow2_image::OpenOptions {
+                backing: qcow2_image::BackingPolicy::Ignore,
+                ..qcow2_image::OpenOptions::default()
+            };
+            if let Some(name) = &c.data_file {
+                // Created by its name as given (relative to the working directory), as
+                // qemu-img does.
+                let data = FileStorage::create(name).map_err(|e| {
+                    driver(format!(
+                        "Could not create '{name}': {}",
+                        image::strerror(&e)
+                    ))
+                })?;
+                open.data_file = Some(qcow2_image::DataFileStorage(Arc::new(data)));
+            }
+            let img = Image::create_with(Arc::new(storage), &c, &open).map_err(|e| {
                 // qemu-img validates the options before it creates the file.
                 let _ = std::fs::remove_file(dst);
                 driver(qcowdev::error_text(&e))

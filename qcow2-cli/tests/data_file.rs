@@ -222,3 +222,52 @@ fn amend_renames_and_drops_raw_like_qemu() {
     let (a, b) = p.both(&args);
     assert_eq!((a.code, a.text()), (b.code, b.text()));
 }
+
+#[test]
+fn convert_to_a_data_file_target_matches_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    for o in ["data_file=d.raw", "data_file=d.raw,data_file_raw=on"] {
+        let p = Pair::new();
+        for dir in [p.ours(), p.qemu()] {
+            assert_eq!(
+                qemu_img(&dir, &["create", "-q", "-f", "raw", "src.raw", "4M"]).code,
+                0
+            );
+            let w = qemu_io(&dir, &["-f", "raw", "-c", "write -P 3 64k 1M", "src.raw"]);
+            assert_eq!(w.code, 0, "{w:?}");
+        }
+        let args = ["convert", "-O", "qcow2", "-o", o, "src.raw", "i.qcow2"];
+        let (a, b) = p.both(&args);
+        assert_eq!((a.code, a.text()), (b.code, b.text()), "{o}");
+        same_files(&p, o);
+        let cmp = qemu_img(
+            &p.ours(),
+            &["compare", "-f", "raw", "-F", "qcow2", "src.raw", "i.qcow2"],
+        );
+        assert_eq!(cmp.code, 0, "{o}: {cmp:?}");
+    }
+    // Compression cannot go to a data file: both fail the same way.
+    let p = Pair::new();
+    for dir in [p.ours(), p.qemu()] {
+        assert_eq!(
+            qemu_img(&dir, &["create", "-q", "-f", "raw", "src.raw", "1M"]).code,
+            0
+        );
+        let w = qemu_io(&dir, &["-f", "raw", "-c", "write -P 3 0 64k", "src.raw"]);
+        assert_eq!(w.code, 0, "{w:?}");
+    }
+    let args = [
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "data_file=d.raw",
+        "src.raw",
+        "i.qcow2",
+    ];
+    let (a, b) = p.both(&args);
+    assert_eq!((a.code, a.text()), (b.code, b.text()));
+}
