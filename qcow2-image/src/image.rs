@@ -460,6 +460,22 @@ impl Image {
         });
     }
 
+    /// Mirrors one L1 entry change (`old` L2 table replaced by `new`; 0 for none) into the
+    /// overlap state without rebuilding it: allocating L2 tables one by one must not cost
+    /// a pass over the whole L1 table each (that made large preallocations quadratic).
+    pub(crate) fn overlap_replace_active_l2(&mut self, old: u64, new: u64) {
+        // A damaged image may name one table twice: keep `old` while any entry still does.
+        let still = old != 0 && self.l1.iter().any(|e| e & L1E_OFFSET_MASK == old);
+        self.overlap.with(|s| {
+            if old != 0 && !still {
+                s.active_l2.remove(&old);
+            }
+            if new != 0 {
+                s.active_l2.insert(new);
+            }
+        });
+    }
+
     /// Mirrors the refcount structures into the overlap state if they changed.
     pub(crate) fn sync_overlap_refcounts(&mut self) {
         let engine = &self.engine;
@@ -473,7 +489,7 @@ impl Image {
             if s.reftable != table || s.reftable_generation != generation {
                 s.reftable = table;
                 s.reftable_generation = generation;
-                s.refblocks = engine.refblock_offsets().collect();
+                s.sync_refblocks(engine.reftable());
             }
         });
     }

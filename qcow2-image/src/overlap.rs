@@ -7,7 +7,7 @@
 
 use crate::options::OverlapLevel;
 use qcow2_cache::{CacheId, OverlapCheck, OverlapError};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// QEMU's `QCOW2_OL_*` bits, in QEMU's order (the lowest set bit names the overlap).
@@ -48,7 +48,12 @@ pub(crate) struct OverlapState {
     pub l1: (u64, u64),
     pub active_l2: HashSet<u64>,
     pub reftable: (u64, u64),
-    pub refblocks: HashSet<u64>,
+    /// Refcount block offsets, with how many table entries name each (a damaged table may
+    /// name one twice).
+    pub refblocks: HashMap<u64, u32>,
+    /// The refcount-table entries `refblocks` was built from, so that a change (one block
+    /// hooked in) updates one entry instead of rebuilding the set.
+    pub reftable_mirror: Vec<u64>,
     /// `RefcountEngine::reftable_generation` when `reftable`/`refblocks` were last taken
     /// (`None`: never), so a refresh costs one comparison unless the table changed.
     pub reftable_generation: Option<u64>,
@@ -64,6 +69,35 @@ pub(crate) fn level_mask(level: OverlapLevel) -> u32 {
         OverlapLevel::Constant => bits::CONSTANT,
         OverlapLevel::Cached => bits::CACHED,
         OverlapLevel::All => bits::ALL,
+    }
+}
+
+impl OverlapState {
+    /// Brings `refblocks` in line with the refcount table `table` (raw entries), touching
+    /// only the entries that differ from the last call.
+    pub fn sync_refblocks(&mut self, table: &[u64]) {
+        let mask = qcow2_format::refcount::REFT_OFFSET_MASK;
+        let n = table.len().max(self.reftable_mirror.len());
+        for i in 0..n {
+            let old = self.reftable_mirror.get(i).copied().unwrap_or(0) & mask;
+            let new = table.get(i).copied().unwrap_or(0) & mask;
+            if old == new {
+                continue;
+            }
+            if old != 0 {
+                if let Some(c) = self.refblocks.get_mut(&old) {
+                    *c -= 1;
+                    if *c == 0 {
+                        self.refblocks.remove(&old);
+                    }
+                }
+            }
+            if new != 0 {
+                *self.refblocks.entry(new).or_insert(0) += 1;
+            }
+        }
+        self.reftable_mirror.clear();
+        self.reftable_mirror.extend_from_slice(table);
     }
 }
 
@@ -99,7 +133,17 @@ impl OverlapState {
                 bits::REFCOUNT_TABLE => {
                     ranges_overlap(start, size, self.reftable.0, self.reftable.1)
                 }
-                bits::REFCOUNT_BLOCK => hit_set(&self.refblocks),
+                bits::REFCOUNT_BLOCK => {
+                    let n = size >> self.cluster_bits;
+                    if n as usize > self.refblocks.len() {
+                        self.refblocks.keys().any(|&o| o >= start && o < end)
+                    } else {
+                        (0..n).any(|i| {
+                            self.refblocks
+                                .contains_key(&(start + (i << self.cluster_bits)))
+                        })
+                    }
+                }
                 bits::SNAPSHOT_TABLE => {
                     ranges_overlap(start, size, self.snapshot_table.0, self.snapshot_table.1)
                 }
@@ -173,7 +217,7 @@ mod tests {
             reftable: (0x10000, 0x10000),
             ..Default::default()
         };
-        s.refblocks.insert(0x20000);
+        s.sync_refblocks(&[0x20000]);
         s.active_l2.insert(0x40000);
         assert_eq!(s.check(0, 512, 0), Some("qcow2_header"));
         assert_eq!(s.check(0x30008, 8, 0), Some("active L1 table"));

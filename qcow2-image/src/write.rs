@@ -349,7 +349,7 @@ impl Image {
         if deferred {
             self.l1[l1_index as usize] = new | OFLAG_COPIED;
             self.l1_dirty.insert(l1_index & !63);
-            self.sync_overlap_l1();
+            self.overlap_replace_active_l2(old, new);
             return Ok(new);
         }
         if let Err(e) = self.caches.flush(CacheId::L2) {
@@ -362,7 +362,7 @@ impl Image {
             self.l1[l1_index as usize] = old_raw;
             return Err(e);
         }
-        self.sync_overlap_l1();
+        self.overlap_replace_active_l2(old, new);
         if old != 0 {
             if let Err(e) = self
                 .engine
