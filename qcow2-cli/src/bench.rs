@@ -236,7 +236,15 @@ pub fn run(dev: &mut dyn BlockDev, p: &BenchParams) -> Result<(), CliError> {
     let mut buf = vec![p.pattern; max_len as usize];
     let start = Instant::now();
     let mut done = 0u64;
-    for sub in p.submissions(size) {
+    let mut subs = p.submissions(size).peekable();
+    while let Some(sub) = subs.next() {
+        // Reads: the next submission's data is fetched in the background while this one
+        // is read (the synchronous engine's way of keeping a request in flight).
+        if !p.write {
+            if let Some(Ok(next)) = subs.peek() {
+                dev.prefetch(next.offset, next.len);
+            }
+        }
         let r = match sub {
             Ok(s) => {
                 let b = &mut buf[..s.len as usize];

@@ -172,4 +172,9 @@ impl BlockDev for QcowDev {
     fn read_only(&self) -> bool {
         self.read_only
     }
+    fn prefetch(&mut self, offset: u64, len: u64) {
+        if let Ok(img) = self.img() {
+            img.prefetch(offset, len);
+        }
+    }
 }

@@ -112,6 +112,23 @@ impl Image {
         Ok(out)
     }
 
+    /// Hints that guest `[offset, offset + len)` will be read soon: the host ranges of its
+    /// data clusters are handed to the storage's prefetch (a file starts reading them in
+    /// the background), so that a reader can overlap the next request's I/O with this
+    /// one's. Unallocated, zero and compressed ranges are skipped; errors are ignored (it
+    /// is only a hint).
+    pub fn prefetch(&mut self, offset: u64, len: u64) {
+        let Ok(extents) = self.map(offset, len) else {
+            return;
+        };
+        let data = self.data_storage().clone();
+        for x in extents {
+            if let (crate::ExtentKind::Data, Some(host)) = (x.kind, x.host_offset) {
+                data.prefetch(host, x.length);
+            }
+        }
+    }
+
     /// The kind of the run starting at `offset` and its length (at most `len`), like
     /// QEMU's block status.
     pub fn block_status(&mut self, offset: u64, len: u64) -> Result<Extent> {

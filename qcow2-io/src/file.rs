@@ -132,6 +132,19 @@ impl Storage for FileStorage {
         }
     }
 
+    fn prefetch(&self, offset: u64, len: u64) {
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return;
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: posix_fadvise takes a valid open descriptor (borrowed from `self.file`,
+        // alive for the call) and plain integers; it touches no memory of ours. It is only
+        // a hint: its result is ignored.
+        let _ = unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED)
+        };
+    }
+
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());

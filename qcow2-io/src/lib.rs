@@ -105,6 +105,13 @@ pub trait Storage: Send + Sync {
         Ok(())
     }
 
+    /// A hint that `[offset, offset + len)` will be read soon: a backend may start fetching
+    /// it in the background (files: `posix_fadvise(WILLNEED)`). Never changes contents;
+    /// the default does nothing.
+    fn prefetch(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+
     /// Reports that the engine is about to perform the I/O named by `event`. Backends that
     /// do not inject faults ignore it.
     fn event(&self, event: Event) {
@@ -137,6 +144,9 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).allocate(offset, len)
     }
+    fn prefetch(&self, offset: u64, len: u64) {
+        (**self).prefetch(offset, len)
+    }
     fn event(&self, event: Event) {
         (**self).event(event)
     }
@@ -166,6 +176,9 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).allocate(offset, len)
+    }
+    fn prefetch(&self, offset: u64, len: u64) {
+        (**self).prefetch(offset, len)
     }
     fn event(&self, event: Event) {
         (**self).event(event)

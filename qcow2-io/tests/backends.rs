@@ -508,6 +508,11 @@ fn allocate_reserves_blocks_and_keeps_contents() {
     assert_eq!(&buf, b"head");
     let blocks = std::fs::metadata(&path).unwrap().blocks() * 512;
     assert!(blocks >= 1 << 20, "only {blocks} bytes allocated");
+    // A prefetch hint changes nothing either (also past the end, also huge).
+    f.prefetch(0, 1 << 30);
+    f.prefetch(u64::MAX - 1, 10);
+    f.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"head");
     // Inside the file nothing changes, not even the length.
     f.allocate(0, 8).unwrap();
     assert_eq!(f.len().unwrap(), 4096 + (1 << 20));
