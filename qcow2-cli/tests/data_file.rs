@@ -221,6 +221,25 @@ fn amend_renames_and_drops_raw_like_qemu() {
     std::fs::rename(p.qemu().join("d.raw"), p.qemu().join("e.raw")).expect("mv");
     let (a, b) = p.both(&args);
     assert_eq!((a.code, a.text()), (b.code, b.text()));
+    // Downgrading is refused with QEMU's message; a refcount-width change (which reopens
+    // the image) keeps the data file and the data.
+    let (a, b) = p.both(&["amend", "-o", "compat=0.10", "i.qcow2"]);
+    assert_eq!((a.code, a.text()), (b.code, b.text()));
+    verified(qcow2(
+        &p.ours(),
+        &["io", "-c", "write -P 6 0 100k", "i.qcow2"],
+    ));
+    for bits in ["64", "1"] {
+        let o = format!("refcount_bits={bits}");
+        let a = qcow2(&p.ours(), &["amend", "-o", &o, "i.qcow2"]);
+        assert_eq!(a.code, 0, "{bits}: {a:?}");
+        assert_eq!(qemu_img(&p.ours(), &["check", "i.qcow2"]).code, 0, "{bits}");
+        let r = qemu_io(
+            &p.ours(),
+            &["-f", "qcow2", "-c", "read -P 6 0 100k", "i.qcow2"],
+        );
+        verified(r);
+    }
 }
 
 #[test]

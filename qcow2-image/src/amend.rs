@@ -482,6 +482,13 @@ impl Image {
             self.engine.release_quarantine(&mut self.caches);
             self.clear_dirty_bit(op)?;
         }
+        if self.data.is_some() {
+            return Err(refused(
+                "Cannot downgrade an image with a data file",
+                None,
+                ENOTSUP,
+            ));
+        }
         let other = self.fc.header.incompatible_features & !INCOMPAT_COMPRESSION;
         if other != 0 {
             return Err(refused(

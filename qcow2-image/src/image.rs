@@ -100,6 +100,9 @@ pub struct Image {
     pub(crate) data: Option<Arc<dyn Storage>>,
     /// `data_file_raw`: the data file alone is a valid raw image of the guest disk.
     pub(crate) data_file_raw: bool,
+    /// The image file's own storage (`storage` wraps it when there is a data file); a
+    /// reopen starts from it.
+    pub(crate) image_file: Arc<dyn Storage>,
 }
 
 impl std::fmt::Debug for Image {
@@ -272,6 +275,7 @@ impl Image {
         }
         // External data file: guest data goes there; the image file's storage is wrapped
         // so that its flushes make the data durable first.
+        let image_file = storage.clone();
         let (storage, data) = if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
             let Some(name) = fc.extensions.data_file.as_ref() else {
                 return Err(ImageError::DataFile {
@@ -381,6 +385,7 @@ impl Image {
             decompressed: None,
             data,
             data_file_raw,
+            image_file,
         };
         img.messages = messages;
         img.init_overlap(opts)?;
@@ -936,8 +941,10 @@ impl Image {
         let mut opts = self.opts.clone();
         opts.backing = crate::BackingPolicy::Ignore;
         opts.read_only = false;
+        // The data file stays the one already open.
+        opts.data_file = self.data.clone().map(crate::DataFileStorage);
         let messages = std::mem::take(&mut self.messages);
-        match Self::open_inner(self.storage.clone(), &opts, self.depth, messages, false) {
+        match Self::open_inner(self.image_file.clone(), &opts, self.depth, messages, false) {
             Ok(Some(mut new)) => {
                 new.opts = self.opts.clone();
                 new.backing = self.backing.take();
