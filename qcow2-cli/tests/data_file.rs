@@ -90,20 +90,26 @@ fn writes_zeroes_and_discards_match_qemu_io() {
         args.extend(["-c", c]);
     }
     args.push("i.qcow2");
-    for raw in ["off", "on"] {
+    for o in [
+        "data_file=d.raw,data_file_raw=off",
+        "data_file=d.raw,data_file_raw=on",
+        "data_file=d.raw,extended_l2=on",
+        "data_file=d.raw,extended_l2=on,data_file_raw=on",
+        "data_file=d.raw,cluster_size=4096",
+        "data_file=d.raw,lazy_refcounts=on",
+    ] {
         let p = Pair::new();
-        let o = format!("data_file=d.raw,data_file_raw={raw}");
-        let create = ["create", "-q", "-f", "qcow2", "-o", &o, "i.qcow2", "8M"];
+        let create = create_args(o, "8M");
         let (a, b) = p.both(&create);
         assert_eq!((a.code, b.code), (0, 0), "{a:?} {b:?}");
         let ours = qcow2(&p.ours(), &[&["io"][..], &args].concat());
         let qemu = qemu_io(&p.qemu(), &[&["-f", "qcow2"][..], &args].concat());
         assert_eq!(ours.code, 0, "{ours:?}");
         assert_eq!(qemu.code, 0, "{qemu:?}");
-        same_files(&p, &format!("raw={raw}"));
+        same_files(&p, o);
         assert_eq!(qemu_img(&p.ours(), &["check", "i.qcow2"]).code, 0);
         // A raw data file is the disk itself.
-        if raw == "on" {
+        if o.contains("data_file_raw=on") {
             let cmp = qemu_img(
                 &p.ours(),
                 &["compare", "-f", "qcow2", "-F", "raw", "i.qcow2", "d.raw"],
