@@ -118,6 +118,8 @@ impl Image {
         Ok(covered)
     }
 
+    /// Passes a guest discard of the cluster at `host` down to the storage holding it, if
+    /// the open options ask for it (a raw data file keeps its bytes: it is the guest disk).
     fn passthrough_discard(&mut self, host: u64) {
         if self.discard_passthrough_request && !self.data_file_raw {
             let _ = self.data_storage().discard(host, self.geo.cluster_size());
@@ -129,21 +131,17 @@ impl Image {
     pub(crate) fn free_entries(&mut self, op: Op, entries: &[L2Entry], discard: DiscardType) {
         // Freed compressed bytes may be reused with an identical descriptor.
         self.decompressed = None;
-        if let Some(data) = self.data.clone() {
+        if self.data.is_some() {
             // Data-file clusters are not refcounted: freeing one only passes a guest
-            // discard down to the data file when asked to (QEMU's qcow2_free_any_cluster).
-            // A raw data file keeps its bytes: it must stay the guest's disk.
-            if discard == DiscardType::Request
-                && self.discard_passthrough_request
-                && !self.data_file_raw
-            {
-                let cs = self.geo.cluster_size();
+            // discard down to the data file when asked to (QEMU's qcow2_free_any_cluster),
+            // by the same rule as any guest discard.
+            if discard == DiscardType::Request {
                 for e in entries {
                     if matches!(
                         e.cluster_type(self.ctx),
                         ClusterType::Normal | ClusterType::ZeroAlloc
                     ) {
-                        let _ = data.discard(e.host_offset(), cs);
+                        self.passthrough_discard(e.host_offset());
                     }
                 }
             }
