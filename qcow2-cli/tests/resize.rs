@@ -205,3 +205,146 @@ fn qcow2_shrink_matches_qemu_img() {
         );
     }
 }
+
+/// Growing an image whose backing file reaches past the old end: the new area reads as
+/// zeros (iotests 292 and 271), the map and the checker agree with qemu-img's result of the
+/// same steps, and a v2 image is refused as QEMU refuses it (no zero clusters there).
+#[test]
+fn grow_over_longer_backing_reads_zeros() {
+    if !have_qemu() {
+        return;
+    }
+    struct Case {
+        name: &'static str,
+        create: &'static [&'static str],
+        size: &'static str,
+        steps: &'static [&'static [&'static str]],
+        zero_from: u64,
+        zero_to: u64,
+    }
+    let cases = [
+        // 512k overlay over 1M of 0xff, grown to 1M.
+        Case {
+            name: "aligned",
+            create: &[],
+            size: "512k",
+            steps: &[&["resize", "top.qcow2", "1M"]],
+            zero_from: 512 << 10,
+            zero_to: 1 << 20,
+        },
+        // An old end inside a cluster: explicit zeros for the head, zero clusters after.
+        Case {
+            name: "unaligned",
+            create: &[],
+            size: "500k",
+            steps: &[&["resize", "top.qcow2", "1M"]],
+            zero_from: 500 << 10,
+            zero_to: 1 << 20,
+        },
+        Case {
+            name: "extended-l2",
+            create: &["-o", "extended_l2=on"],
+            size: "500k",
+            steps: &[&["resize", "top.qcow2", "1M"]],
+            zero_from: 500 << 10,
+            zero_to: 1 << 20,
+        },
+        // iotest 292: the cut cluster keeps the overlay's old data beyond the shrunken end.
+        Case {
+            name: "shrink-then-grow",
+            create: &[],
+            size: "1M",
+            steps: &[
+                &["resize", "--shrink", "top.qcow2", "520k"],
+                &["resize", "top.qcow2", "567k"],
+            ],
+            zero_from: 520 << 10,
+            zero_to: 567 << 10,
+        },
+    ];
+    for case in cases {
+        let pair = common::Pair::new();
+        for dir in [pair.ours(), pair.qemu()] {
+            let run = |prog: &str, args: &[&str]| {
+                let r = match prog {
+                    "img" => qemu_img(&dir, args),
+                    _ => common::qemu_io(&dir, args),
+                };
+                assert_eq!(r.code, 0, "{}: {args:?}: {r:?}", case.name);
+            };
+            run("img", &["create", "-q", "-f", "raw", "base.raw", "1M"]);
+            run("io", &["-f", "raw", "-c", "write -P 0xff 0 1M", "base.raw"]);
+            let mut args = vec!["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw"];
+            args.extend_from_slice(case.create);
+            args.extend_from_slice(&["top.qcow2", case.size]);
+            run("img", &args);
+            let fill = format!("write -P 0x22 0 {}", case.size);
+            run("io", &["-c", &fill, "top.qcow2"]);
+        }
+        for step in case.steps {
+            let (ours, qemu) = pair.both(step);
+            assert_eq!(
+                ours.code, qemu.code,
+                "{}: {step:?}: {ours:?} {qemu:?}",
+                case.name
+            );
+            assert_eq!(ours.stdout, qemu.stdout, "{}: {step:?}", case.name);
+        }
+        let read = format!(
+            "read -P 0 {} {}",
+            case.zero_from,
+            case.zero_to - case.zero_from
+        );
+        let r = common::qemu_io(&pair.ours(), &["-c", &read, "top.qcow2"]);
+        assert!(
+            r.code == 0 && !r.stdout.contains("Pattern verification failed"),
+            "{}: the grown area does not read as zeros: {r:?}",
+            case.name
+        );
+        let check = qemu_img(&pair.ours(), &["check", "top.qcow2"]);
+        assert_eq!(check.code, 0, "{}: {check:?}", case.name);
+        let map =
+            |dir: &std::path::Path| qemu_img(dir, &["map", "--output=json", "top.qcow2"]).stdout;
+        // Host offsets may differ (our allocator packs differently); the extents may not.
+        let strip = |s: String| {
+            s.lines()
+                .map(|l| l.split(", \"offset\"").next().unwrap_or(l).to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            strip(map(&pair.ours())),
+            strip(map(&pair.qemu())),
+            "{}: qemu-img map differs",
+            case.name
+        );
+    }
+
+    // A v2 image cannot hold zero clusters: QEMU refuses the grow and keeps the size.
+    let pair = common::Pair::new();
+    for dir in [pair.ours(), pair.qemu()] {
+        assert_eq!(
+            qemu_img(&dir, &["create", "-q", "-f", "raw", "base.raw", "1M"]).code,
+            0
+        );
+        let args = [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "top.qcow2",
+            "512k",
+        ];
+        assert_eq!(qemu_img(&dir, &args).code, 0);
+    }
+    let (ours, qemu) = pair.both(&["resize", "top.qcow2", "1M"]);
+    assert_eq!(ours.code, qemu.code, "{ours:?} {qemu:?}");
+    assert_eq!(ours.text(), qemu.text());
+    let info = qemu_img(&pair.ours(), &["info", "--output=json", "top.qcow2"]);
+    assert!(info.stdout.contains("\"virtual-size\": 524288"), "{info:?}");
+}

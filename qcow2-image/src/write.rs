@@ -113,10 +113,55 @@ impl Image {
                 reason: "File too large".into(),
             });
         }
+        // QEMU's rule (bdrv_co_truncate): when a backing file reaches past the old end, the
+        // new area must read as zeros, not as the backing file's data; zero clusters need v3.
+        let zero_new_area = self.backing.as_ref().is_some_and(|b| b.size() > old);
+        if zero_new_area && self.fc.header.version < 3 {
+            return Err(ImageError::Refused {
+                op,
+                message: "Failed to zero out new clusters: Operation not supported".into(),
+                hint: None,
+                errno: crate::error::ENOTSUP,
+            });
+        }
         self.grow_l1(op, needed, true)?;
-        self.metadata_write_sync(op, "write the new size", &new_size.to_be_bytes(), HDR_SIZE)?;
+        if zero_new_area {
+            // The zeros are made durable before the header's size exposes the new area, so
+            // a crash never shows the backing file's bytes there.
+            self.fc.header.size = new_size;
+            let zeroed = self
+                .zero_grown_area(old, new_size)
+                .and_then(|()| self.flush_caches(op, true));
+            if let Err(e) = zeroed {
+                self.fc.header.size = old;
+                return Err(e);
+            }
+        }
+        if let Err(e) =
+            self.metadata_write_sync(op, "write the new size", &new_size.to_be_bytes(), HDR_SIZE)
+        {
+            self.fc.header.size = old;
+            return Err(e);
+        }
         self.fc.header.size = new_size;
         self.resize_data_file(op, new_size)
+    }
+
+    /// Makes guest `[old, new)` read as zeros after a grow (QEMU's `qcow2_co_truncate` with
+    /// `BDRV_REQ_ZERO_WRITE`): zero clusters from the first subcluster boundary, explicit
+    /// zeros for the unaligned head, which a shrink may have left inside a cluster that
+    /// still holds old data.
+    fn zero_grown_area(&mut self, old: u64, new: u64) -> Result<()> {
+        let scs = self.geo.subcluster_size();
+        let zero_start = old.div_ceil(scs) * scs;
+        if new > zero_start {
+            self.write_zeroes(zero_start, new - zero_start, false)?;
+        }
+        let head_end = zero_start.min(new);
+        if head_end > old {
+            self.write_zero_buffer(Op::Resize, old, head_end - old)?;
+        }
+        Ok(())
     }
 
     /// An external data file covers the whole disk (QEMU sizes it at creation and resizes
