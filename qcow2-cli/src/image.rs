@@ -4,8 +4,11 @@
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 
+use qcow2_format::bitmap::{parse_directory, BitmapDirEntry};
 use qcow2_format::extensions::FirstCluster;
+use qcow2_format::features::AUTOCLEAR_BITMAPS;
 use qcow2_format::header::{open_first_cluster, OpenOptions, QCOW_MAGIC};
+use qcow2_format::limits::MAX_BITMAP_DIRECTORY_SIZE;
 use qcow2_format::limits::MAX_CLUSTER_BITS;
 use qcow2_format::snapshot::SnapshotEntry;
 use qcow2_io::{FileStorage, Storage};
@@ -60,6 +63,8 @@ pub struct Qcow2Meta {
     pub first: FirstCluster,
     /// The snapshot table.
     pub snapshots: Vec<SnapshotEntry>,
+    /// The persistent bitmaps (empty unless the bitmaps extension is valid).
+    pub bitmaps: Vec<BitmapDirEntry>,
 }
 
 /// QEMU's "Could not open 'FILE': ..." error.
@@ -151,7 +156,35 @@ fn read_qcow2(storage: &FileStorage, writable: bool) -> Result<Qcow2Meta, String
     };
     let first = open_first_cluster(&first, &opts).map_err(|e| e.to_string())?;
     let snapshots = read_snapshots(storage, &first)?;
-    Ok(Qcow2Meta { first, snapshots })
+    let bitmaps = read_bitmaps(storage, &first)?;
+    Ok(Qcow2Meta {
+        first,
+        snapshots,
+        bitmaps,
+    })
+}
+
+/// Reads the bitmap directory of a valid bitmaps extension with QEMU's loader rules: a
+/// directory QEMU refuses makes the open fail with QEMU's message.
+fn read_bitmaps(
+    storage: &FileStorage,
+    first: &FirstCluster,
+) -> Result<Vec<BitmapDirEntry>, String> {
+    let h = &first.header;
+    let Some(ext) = first.extensions.bitmaps else {
+        return Ok(Vec::new());
+    };
+    if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+        return Ok(Vec::new());
+    }
+    // The extension's validation bounds the size (<= 64 MiB).
+    let len = usize::try_from(ext.directory_size.min(MAX_BITMAP_DIRECTORY_SIZE))
+        .map_err(|e| e.to_string())?;
+    let mut dir = vec![0u8; len];
+    storage
+        .read_at(&mut dir, ext.directory_offset)
+        .map_err(|e| strerror(&e))?;
+    parse_directory(&dir, ext.nb_bitmaps, h.cluster_size(), h.size).map_err(|e| e.to_string())
 }
 
 /// Reads and parses the snapshot table with QEMU's limits (through the snapshot crate,

@@ -11,6 +11,7 @@ use crate::image::{self, Format, Opened};
 use crate::json::Json;
 use crate::size::size_to_str;
 use crate::{out, CliError, OutputFormat};
+use qcow2_format::bitmap::BitmapDirEntry;
 
 /// Civil date from days since 1970-01-01 (proleptic Gregorian).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -132,7 +133,44 @@ fn qcow2_specific(o: &Opened) -> Option<Json> {
         .as_ref()
         .filter(|_| q.first.header.incompatible_features & INCOMPAT_DATA_FILE != 0)
         .map(|n| String::from_utf8_lossy(n).into_owned());
-    Some(qcow2_specific_for(&q.first.header, data_file.as_deref()))
+    let spec = qcow2_specific_for(&q.first.header, data_file.as_deref());
+    Some(with_bitmaps(spec, &q.bitmaps))
+}
+
+/// Adds QEMU's `bitmaps` list (`Qcow2BitmapInfo`: flags, name, granularity) to the
+/// format-specific data of a v3 image; QEMU lists it whenever the extension is valid.
+fn with_bitmaps(spec: Json, bitmaps: &[BitmapDirEntry]) -> Json {
+    let Json::Object(mut members) = spec else {
+        return spec;
+    };
+    if bitmaps.is_empty() {
+        return Json::Object(members);
+    }
+    let list = bitmaps
+        .iter()
+        .map(|b| {
+            let mut flags = Vec::new();
+            if b.in_use() {
+                flags.push(Json::str("in-use"));
+            }
+            if b.auto() {
+                flags.push(Json::str("auto"));
+            }
+            Json::object()
+                .with("flags", Json::List(flags))
+                .with("name", Json::str(b.name_lossy()))
+                .with("granularity", Json::UInt(b.granularity()))
+        })
+        .collect();
+    for (k, v) in members.iter_mut() {
+        if k == "data" {
+            if let Json::Object(data) = v {
+                data.push(("bitmaps".to_string(), Json::List(list)));
+                break;
+            }
+        }
+    }
+    Json::Object(members)
 }
 
 /// The "Format specific information" lines of a qcow2 header, as qemu-io's `info` prints
@@ -256,23 +294,41 @@ pub fn info_json(o: &Opened) -> Json {
     j
 }
 
-/// Prints the members of a flat object as QEMU's `dump_qdict` does ("lazy refcounts: false").
+/// Prints an object's members as QEMU's `dump_qdict` does: "lazy refcounts: false" for
+/// scalars (dashes in keys become spaces), "key:" and the members or items one level deeper
+/// for objects and lists ("[0]: in-use"). `indent` is in spaces.
 fn dump_flat(obj: &Json, indent: usize, out: &mut String) {
     if let Json::Object(members) = obj {
         for (k, v) in crate::json::qdict_order(members) {
-            let value = match v {
-                Json::Bool(b) => b.to_string(),
-                Json::UInt(u) => u.to_string(),
-                Json::Str(s) => String::from_utf8_lossy(s).into_owned(),
-                _ => continue,
-            };
-            out.push_str(&format!(
-                "{}{}: {}\n",
-                " ".repeat(indent),
-                k.replace('-', " "),
-                value
-            ));
+            let key = k.replace('-', " ");
+            dump_member(&format!("{}{key}:", " ".repeat(indent)), v, indent, out);
         }
+    }
+}
+
+/// One member or list item: `label` then the scalar on the same line, or the composite's
+/// contents below it (QEMU's `dump_qobject`).
+fn dump_member(label: &str, v: &Json, indent: usize, out: &mut String) {
+    let scalar = match v {
+        Json::Bool(b) => Some(b.to_string()),
+        Json::UInt(u) => Some(u.to_string()),
+        Json::Str(s) => Some(String::from_utf8_lossy(s).into_owned()),
+        _ => None,
+    };
+    if let Some(text) = scalar {
+        out.push_str(&format!("{label} {text}\n"));
+        return;
+    }
+    out.push_str(&format!("{label}\n"));
+    match v {
+        Json::Object(_) => dump_flat(v, indent + 4, out),
+        Json::List(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let label = format!("{}[{i}]:", " ".repeat(indent + 4));
+                dump_member(&label, item, indent + 4, out);
+            }
+        }
+        _ => {}
     }
 }
 

@@ -11,6 +11,7 @@
     warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod bitmap;
 pub mod compressed;
 pub mod entry;
 pub mod extensions;

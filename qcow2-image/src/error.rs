@@ -214,6 +214,14 @@ pub enum ImageError {
         /// The errno QEMU returns.
         errno: i32,
     },
+    /// The bitmap directory breaks QEMU's loader rules (QEMU refuses to open such images).
+    #[error("{source}")]
+    Bitmaps {
+        /// The operation.
+        op: Op,
+        /// What is wrong, in QEMU's words.
+        source: qcow2_format::bitmap::BitmapDirectoryError,
+    },
     /// The backing chain could not be opened or read.
     #[error("backing file {name:?}: {reason}")]
     Backing {
@@ -258,6 +266,7 @@ impl ImageError {
             ImageError::OutOfRange { .. } | ImageError::InvalidArgument { .. } => EINVAL,
             ImageError::Snapshot { source, .. } => source.errno(),
             ImageError::Refused { errno, .. } => *errno,
+            ImageError::Bitmaps { .. } => EINVAL,
             ImageError::Header(HeaderError::RefcountTableTooLarge { .. })
             | ImageError::Header(HeaderError::L1TableTooLarge { .. }) => EFBIG,
             _ => EIO,

@@ -103,6 +103,9 @@ pub struct Image {
     /// The image file's own storage (`storage` wraps it when there is a data file); a
     /// reopen starts from it.
     pub(crate) image_file: Arc<dyn Storage>,
+    /// The bitmap directory of a writable open with valid bitmaps; bitmaps that a change
+    /// would make stale are marked IN_USE first (see `bitmaps.rs`).
+    pub(crate) bitmap_dir: Option<crate::bitmaps::BitmapDir>,
 }
 
 impl std::fmt::Debug for Image {
@@ -386,6 +389,7 @@ impl Image {
             data,
             data_file_raw,
             image_file,
+            bitmap_dir: None,
         };
         img.messages = messages;
         img.init_overlap(opts)?;
@@ -407,6 +411,14 @@ impl Image {
                         "repair of dirty images is disabled by the open options".into()
                     },
                 });
+            }
+            // QEMU refuses to open an image whose bitmap directory breaks its rules.
+            match img.read_bitmap_directory(op) {
+                Ok(dir) => img.bitmap_dir = dir,
+                Err(e) => {
+                    img.closed = true;
+                    return Err(e);
+                }
             }
             if img.fc.header.clear_unknown_autoclear() {
                 // Invariant 8: unknown autoclear bits are cleared by a writable open.

@@ -25,6 +25,7 @@
 
 mod amend;
 mod backing;
+mod bitmaps;
 mod compress;
 mod data_file;
 mod error;
@@ -39,6 +40,7 @@ mod zero;
 
 pub use amend::AmendOptions;
 pub use backing::{BackingImage, BackingOpener, RawBacking};
+pub use bitmaps::BitmapInfo;
 pub use compress::compress_cluster;
 pub use error::{ImageError, Op, Result};
 pub use image::Image;

@@ -12,6 +12,7 @@
 //! of the engine is overlap-checked, and the overlap view is refreshed after each
 //! operation) and invariant 7 (a failure whose on-disk outcome is unknown poisons).
 
+use crate::bitmaps::Staleness;
 use crate::error::{ImageError, Op, Result};
 use crate::overlap::bits;
 use crate::Image;
@@ -173,6 +174,11 @@ impl Image {
     pub fn snapshot_apply(&mut self, id_or_name: &str) -> Result<()> {
         let op = Op::SnapshotApply;
         self.check_writable(op)?;
+        // Reverting changes guest content; the lookup first, so that a missing snapshot
+        // leaves the bitmaps alone (a size change also invalidates the rest, in resize).
+        if self.snapshots.find_by_id_or_name(id_or_name).is_some() {
+            self.invalidate_bitmaps(op, Staleness::Content)?;
+        }
         self.with_snapshots(op, |snaps, img| snaps.apply(img, id_or_name))?;
         // The active tree changed wholesale: cached decompressed data and the byte
         // allocator's partially used cluster may belong to the old tree.

@@ -3,6 +3,7 @@
 //! refcount cache depends on the L2 cache (invariant 1) and freed clusters wait in
 //! quarantine until a flush (invariant 2).
 
+use crate::bitmaps::Staleness;
 use crate::error::{Op, Result};
 use crate::image::MapKind;
 use crate::Image;
@@ -28,6 +29,7 @@ impl Image {
         if self.fc.header.version < 3 && self.fc.backing_file.is_some() {
             return Ok(());
         }
+        self.invalidate_bitmaps(op, Staleness::Content)?;
         let cs = self.geo.cluster_size();
         let size = self.virtual_size();
         let start = offset.div_ceil(cs) * cs;
@@ -205,6 +207,7 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
+        self.invalidate_bitmaps(op, Staleness::Content)?;
         if self.fc.header.version < 3 {
             return self.write_zero_buffer(op, offset, len);
         }

@@ -1,0 +1,145 @@
+//! Persistent dirty bitmaps made by QEMU, on an engine that does not maintain them yet.
+//!
+//! A bitmap that QEMU reads as consistent must contain every guest range written since it
+//! was stored, or an incremental backup taken from it silently misses data. So before the
+//! first change that could make a bitmap stale, the bitmap is marked IN_USE on disk, the
+//! state QEMU itself leaves after a crash: QEMU then reports it as `in-use`, refuses to use
+//! it for a backup, and lets the user remove it (`qemu-img bitmap --remove`). Refcounts of
+//! bitmap clusters are untouched, so `qemu-img check` stays clean. ARCHITECTURE.md
+//! ("QEMU state a writable open may touch") says why this and not dropping the extension.
+//!
+//! Which bitmaps a change makes stale:
+//! - guest writes, zero writes, discards, compressed writes and reverting to a snapshot:
+//!   the enabled (AUTO) bitmaps; a disabled bitmap is a frozen record by definition;
+//! - a size change: every bitmap, since a bitmap table sized for the old disk is refused by
+//!   QEMU's loader unless the bitmap is IN_USE.
+//!
+//! Crash safety: the directory is rewritten in place with only flags changed, then flushed,
+//! before the change is made. A torn write leaves each sector old or new, and both are
+//! valid directories whose bitmaps are all still consistent (nothing was written yet), so
+//! QEMU's three-step autoclear dance is not needed here.
+
+use crate::error::{ImageError, Op, Result};
+use crate::overlap::bits;
+use crate::Image;
+use qcow2_format::bitmap::{
+    encode_directory, parse_directory, BitmapDirEntry, BitmapDirectoryError, BME_FLAG_IN_USE,
+};
+use qcow2_format::features::AUTOCLEAR_BITMAPS;
+use qcow2_format::limits::MAX_BITMAP_DIRECTORY_SIZE;
+
+/// The bitmap directory of a writable open, as loaded (and kept current by this module).
+#[derive(Debug, Clone)]
+pub(crate) struct BitmapDir {
+    offset: u64,
+    entries: Vec<BitmapDirEntry>,
+}
+
+/// Which bitmaps a change makes stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Staleness {
+    /// Guest content changed: the enabled bitmaps.
+    Content,
+    /// The disk size changed: every bitmap.
+    Size,
+}
+
+/// One persistent bitmap as `qemu-img info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// The bitmap's name.
+    pub name: String,
+    /// Bytes of guest disk one bit covers.
+    pub granularity: u64,
+    /// IN_USE: possibly inconsistent (a writer had it loaded and did not store it).
+    pub in_use: bool,
+    /// AUTO: the bitmap tracks every write ("enabled").
+    pub auto: bool,
+}
+
+impl Image {
+    /// Reads and validates the bitmap directory when the extension is valid (autoclear bit
+    /// 0 set), with QEMU's loader rules and messages. `None` without bitmaps.
+    pub(crate) fn read_bitmap_directory(&self, op: Op) -> Result<Option<BitmapDir>> {
+        let h = &self.fc.header;
+        let Some(ext) = self.fc.extensions.bitmaps else {
+            return Ok(None);
+        };
+        if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 || ext.nb_bitmaps == 0 {
+            return Ok(None);
+        }
+        // Bounded by the extension's validation (<= 64 MiB); refuse anything larger.
+        if ext.directory_size == 0 || ext.directory_size > MAX_BITMAP_DIRECTORY_SIZE {
+            return Err(ImageError::Bitmaps {
+                op,
+                source: BitmapDirectoryError::Broken,
+            });
+        }
+        let mut dir = vec![0u8; ext.directory_size as usize];
+        self.storage
+            .read_at(&mut dir, ext.directory_offset)
+            .map_err(|e| {
+                ImageError::io(op, "read the bitmap directory", ext.directory_offset, e)
+            })?;
+        let entries = parse_directory(
+            &dir,
+            ext.nb_bitmaps,
+            self.geo.cluster_size(),
+            self.virtual_size(),
+        )
+        .map_err(|source| ImageError::Bitmaps { op, source })?;
+        Ok(Some(BitmapDir {
+            offset: ext.directory_offset,
+            entries,
+        }))
+    }
+
+    /// The persistent bitmaps, in directory order (empty when the image has none or the
+    /// extension is not valid). Reads the directory; fails as QEMU's loader does on a
+    /// directory that breaks its rules.
+    pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
+        let dir = match &self.bitmap_dir {
+            Some(d) => Some(d.clone()),
+            None => self.read_bitmap_directory(Op::Open)?,
+        };
+        Ok(dir
+            .map(|d| d.entries)
+            .unwrap_or_default()
+            .iter()
+            .map(|e| BitmapInfo {
+                name: e.name_lossy(),
+                granularity: e.granularity(),
+                in_use: e.in_use(),
+                auto: e.auto(),
+            })
+            .collect())
+    }
+
+    /// Marks IN_USE, durably, every bitmap that `change` would make stale and that is not
+    /// marked yet. Called before the change reaches the image; a no-op once done.
+    pub(crate) fn invalidate_bitmaps(&mut self, op: Op, change: Staleness) -> Result<()> {
+        let Some(dir) = &self.bitmap_dir else {
+            return Ok(());
+        };
+        let stale = |e: &BitmapDirEntry| !e.in_use() && (change == Staleness::Size || e.auto());
+        if !dir.entries.iter().any(stale) {
+            return Ok(());
+        }
+        let mut entries = dir.entries.clone();
+        for e in entries.iter_mut().filter(|e| stale(e)) {
+            e.flags |= BME_FLAG_IN_USE;
+        }
+        let offset = dir.offset;
+        let bytes = encode_directory(&entries);
+        // The directory itself is the only metadata this write may touch.
+        if let Err(e) = self
+            .overlap
+            .check(offset, bytes.len() as u64, bits::BITMAP_DIRECTORY)
+        {
+            return Err(self.corruption(op, true, e.to_string()));
+        }
+        self.metadata_write_sync(op, "mark bitmaps in use", &bytes, offset)?;
+        self.bitmap_dir = Some(BitmapDir { offset, entries });
+        Ok(())
+    }
+}
