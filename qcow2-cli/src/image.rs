@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use qcow2_format::bitmap::{parse_directory, BitmapDirEntry};
 use qcow2_format::extensions::FirstCluster;
 use qcow2_format::features::AUTOCLEAR_BITMAPS;
-use qcow2_format::header::{open_first_cluster, OpenOptions, QCOW_MAGIC};
+use qcow2_format::header::{open_first_cluster, OpenOptions, CRYPT_AES, CRYPT_LUKS, QCOW_MAGIC};
 use qcow2_format::limits::MAX_BITMAP_DIRECTORY_SIZE;
 use qcow2_format::limits::MAX_CLUSTER_BITS;
 use qcow2_format::snapshot::SnapshotEntry;
@@ -65,6 +65,16 @@ pub struct Qcow2Meta {
     pub snapshots: Vec<SnapshotEntry>,
     /// The persistent bitmaps (empty unless the bitmaps extension is valid).
     pub bitmaps: Vec<BitmapDirEntry>,
+    /// The encryption method, if the image is encrypted.
+    pub encryption: Option<Encryption>,
+}
+
+/// How an image's guest data is encrypted (what `qemu-img info` shows without a secret).
+pub enum Encryption {
+    /// Legacy AES-CBC (`crypt_method` 1).
+    Aes,
+    /// LUKS1 inside the image (`crypt_method` 2), described from its header.
+    Luks(qcow2_crypto::LuksInfo),
 }
 
 /// QEMU's "Could not open 'FILE': ..." error.
@@ -157,11 +167,42 @@ fn read_qcow2(storage: &FileStorage, writable: bool) -> Result<Qcow2Meta, String
     let first = open_first_cluster(&first, &opts).map_err(|e| e.to_string())?;
     let snapshots = read_snapshots(storage, &first)?;
     let bitmaps = read_bitmaps(storage, &first)?;
+    let encryption = read_encryption(storage, &first)?;
     Ok(Qcow2Meta {
         first,
         snapshots,
         bitmaps,
+        encryption,
     })
+}
+
+/// The encryption method; for LUKS the header named by the full-disk-encryption header
+/// extension (QEMU's open validated the extension already), parsed as QEMU's LUKS driver
+/// does, with its messages on failure.
+fn read_encryption(
+    storage: &FileStorage,
+    first: &FirstCluster,
+) -> Result<Option<Encryption>, String> {
+    match first.header.crypt_method {
+        CRYPT_AES => Ok(Some(Encryption::Aes)),
+        CRYPT_LUKS => {
+            let Some(ext) = first.extensions.crypto_header else {
+                return Err("Missing disk encryption header extension".into());
+            };
+            let mut buf = vec![0u8; qcow2_crypto::luks::LUKS_HEADER_SIZE];
+            if ext.length < buf.len() as u64 {
+                return Err(qcow2_crypto::LuksError::Truncated.to_string());
+            }
+            storage
+                .read_at(&mut buf, ext.offset)
+                .map_err(|e| strerror(&e))?;
+            let info = qcow2_crypto::LuksHeader::parse(&buf)
+                .and_then(|h| h.info())
+                .map_err(|e| e.to_string())?;
+            Ok(Some(Encryption::Luks(info)))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Reads the bitmap directory of a valid bitmaps extension with QEMU's loader rules: a

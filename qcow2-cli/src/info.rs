@@ -7,7 +7,7 @@ use qcow2_format::features::{
 use qcow2_format::header::Header;
 use qcow2_format::snapshot::{SnapshotEntry, ICOUNT_DISABLED};
 
-use crate::image::{self, Format, Opened};
+use crate::image::{self, Encryption, Format, Opened};
 use crate::json::Json;
 use crate::size::size_to_str;
 use crate::{out, CliError, OutputFormat};
@@ -134,17 +134,68 @@ fn qcow2_specific(o: &Opened) -> Option<Json> {
         .filter(|_| q.first.header.incompatible_features & INCOMPAT_DATA_FILE != 0)
         .map(|n| String::from_utf8_lossy(n).into_owned());
     let spec = qcow2_specific_for(&q.first.header, data_file.as_deref());
+    let spec = with_data_member(spec, "encrypt", q.encryption.as_ref().map(encrypt_json));
     Some(with_bitmaps(spec, &q.bitmaps))
+}
+
+/// QEMU's `ImageInfoSpecificQCow2Encryption`: the format, and for LUKS the header's
+/// description (`QCryptoBlockInfoLUKS`).
+fn encrypt_json(e: &Encryption) -> Json {
+    let info = match e {
+        Encryption::Aes => return Json::object().with("format", Json::str("aes")),
+        Encryption::Luks(info) => info,
+    };
+    let mut j = Json::object()
+        .with("format", Json::str("luks"))
+        .with("cipher-alg", Json::str(&info.cipher_alg))
+        .with("cipher-mode", Json::str(&info.cipher_mode))
+        .with("ivgen-alg", Json::str(&info.ivgen_alg));
+    if let Some(h) = &info.ivgen_hash_alg {
+        j.push("ivgen-hash-alg", Json::str(h));
+    }
+    let slots = info
+        .slots
+        .iter()
+        .map(|s| {
+            let mut o = Json::object().with("active", Json::Bool(s.active));
+            if let Some(i) = s.iters {
+                o.push("iters", Json::UInt(i));
+            }
+            if let Some(st) = s.stripes {
+                o.push("stripes", Json::UInt(st));
+            }
+            o.with("key-offset", Json::UInt(s.key_offset))
+        })
+        .collect();
+    j.with("hash-alg", Json::str(&info.hash_alg))
+        .with("detached-header", Json::Bool(false))
+        .with("payload-offset", Json::UInt(info.payload_offset))
+        .with("master-key-iters", Json::UInt(info.master_key_iters))
+        .with("uuid", Json::str(&info.uuid))
+        .with("slots", Json::List(slots))
+}
+
+/// Adds `key: value` to the `data` member of a format-specific object.
+fn with_data_member(spec: Json, key: &str, value: Option<Json>) -> Json {
+    let (Json::Object(mut members), Some(value)) = (spec.clone(), value) else {
+        return spec;
+    };
+    for (k, v) in members.iter_mut() {
+        if k == "data" {
+            if let Json::Object(data) = v {
+                data.push((key.to_string(), value));
+                break;
+            }
+        }
+    }
+    Json::Object(members)
 }
 
 /// Adds QEMU's `bitmaps` list (`Qcow2BitmapInfo`: flags, name, granularity) to the
 /// format-specific data of a v3 image; QEMU lists it whenever the extension is valid.
 fn with_bitmaps(spec: Json, bitmaps: &[BitmapDirEntry]) -> Json {
-    let Json::Object(mut members) = spec else {
-        return spec;
-    };
     if bitmaps.is_empty() {
-        return Json::Object(members);
+        return spec;
     }
     let list = bitmaps
         .iter()
@@ -162,15 +213,7 @@ fn with_bitmaps(spec: Json, bitmaps: &[BitmapDirEntry]) -> Json {
                 .with("granularity", Json::UInt(b.granularity()))
         })
         .collect();
-    for (k, v) in members.iter_mut() {
-        if k == "data" {
-            if let Json::Object(data) = v {
-                data.push(("bitmaps".to_string(), Json::List(list)));
-                break;
-            }
-        }
-    }
-    Json::Object(members)
+    with_data_member(spec, "bitmaps", Some(Json::List(list)))
 }
 
 /// The "Format specific information" lines of a qcow2 header, as qemu-io's `info` prints
@@ -264,6 +307,9 @@ pub fn info_json(o: &Opened) -> Json {
         .with("virtual-size", Json::UInt(virtual_size(o)));
     if let Some(q) = &o.qcow2 {
         j.push("cluster-size", Json::UInt(q.first.header.cluster_size()));
+        if q.encryption.is_some() {
+            j.push("encrypted", Json::Bool(true));
+        }
         if let Some(b) = &q.first.backing_file {
             j.push("backing-filename", Json::str(b));
             let name = String::from_utf8_lossy(b);
@@ -341,6 +387,9 @@ pub fn info_human(o: &Opened) -> String {
     s.push_str(&format!("virtual size: {} ({vs} bytes)\n", size_to_str(vs)));
     s.push_str(&format!("disk size: {}\n", size_to_str(o.allocated)));
     if let Some(q) = &o.qcow2 {
+        if q.encryption.is_some() {
+            s.push_str("encrypted: yes\n");
+        }
         s.push_str(&format!(
             "cluster_size: {}\n",
             q.first.header.cluster_size()

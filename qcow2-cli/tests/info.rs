@@ -1,5 +1,6 @@
 //! `qcow2 info` and `qcow2 snapshot -l` against qemu-img on images qemu-img and qemu-io
-//! made (fresh, v2, backing files, snapshots, a dirty lazy-refcounts image, raw files).
+//! made (fresh, v2, backing files, snapshots, a dirty lazy-refcounts image, LUKS and AES
+//! encrypted images, raw files).
 //!
 //! Human text and JSON text are compared byte for byte, and the JSON also as
 //! `serde_json::Value`s. No field is exempt: "actual-size" and "disk size" come from the
@@ -97,6 +98,31 @@ fn make_images(dir: &Path) -> Vec<&'static str> {
         dir,
         &["-c", "write 0 512", "-c", "sigraise 9", "dirty.qcow2"],
     );
+    // Encrypted images: LUKS with QEMU's default and a CBC/ESSIV set, legacy AES (v2, v3).
+    for (name, opts) in [
+        ("luks.qcow2", "encrypt.format=luks,encrypt.iter-time=10"),
+        (
+            "luks-essiv.qcow2",
+            "encrypt.format=luks,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,\
+             encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256,\
+             encrypt.hash-alg=sha512,cluster_size=4k",
+        ),
+        ("aes.qcow2", "encrypt.format=aes"),
+        ("aes-v2.qcow2", "encrypt.format=aes,compat=0.10"),
+    ] {
+        img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=sec0,data=123456",
+            "-o",
+            &format!("{opts},encrypt.key-secret=sec0"),
+            name,
+            "16M",
+        ]);
+    }
     std::fs::write(dir.join("disk.raw"), vec![1u8; 5000]).expect("write");
     std::fs::write(dir.join("empty.raw"), b"").expect("write");
     vec![
@@ -107,6 +133,10 @@ fn make_images(dir: &Path) -> Vec<&'static str> {
         "sub/deep.qcow2",
         "snaps.qcow2",
         "dirty.qcow2",
+        "luks.qcow2",
+        "luks-essiv.qcow2",
+        "aes.qcow2",
+        "aes-v2.qcow2",
         "disk.raw",
         "empty.raw",
     ]
