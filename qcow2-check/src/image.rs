@@ -5,6 +5,7 @@
 use std::io;
 use std::sync::Arc;
 
+use qcow2_format::bitmap::load_bitmaps;
 use qcow2_format::entry::L1E_OFFSET_MASK;
 use qcow2_format::extensions::Extensions;
 use qcow2_format::features::{AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE};
@@ -139,6 +140,19 @@ impl Image {
         }
         let has_data_file = header.incompatible_features & INCOMPAT_DATA_FILE != 0;
         let virtual_size = header.size & !511;
+        if let Some(b) = fc.extensions.bitmaps {
+            if header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+                let mut read = |offset: u64, buf: &mut [u8]| pread(&*storage, buf, offset);
+                load_bitmaps(
+                    b.nb_bitmaps,
+                    b.directory_offset,
+                    b.directory_size,
+                    cs,
+                    virtual_size,
+                    &mut read,
+                )?;
+            }
+        }
         Ok(Self {
             reftable_offset: header.refcount_table_offset,
             codec: RefcountCodec::for_geometry(&geo),

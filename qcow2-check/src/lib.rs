@@ -78,6 +78,10 @@ pub enum CheckError {
     /// A table QEMU reads at open could not be read.
     #[error("{0}: {1}")]
     Read(&'static str, std::io::Error),
+    /// The persistent bitmaps break QEMU's loader rules (QEMU's open fails, so its check
+    /// never starts).
+    #[error("{0}")]
+    Bitmaps(#[from] qcow2_format::bitmap::BitmapError),
 }
 
 /// Checks (and with `opts.repair`, repairs) the qcow2 image in `storage`, as

@@ -4,11 +4,10 @@
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 
-use qcow2_format::bitmap::{parse_directory, BitmapDirEntry};
+use qcow2_format::bitmap::{load_bitmaps, BitmapDirEntry};
 use qcow2_format::extensions::FirstCluster;
 use qcow2_format::features::AUTOCLEAR_BITMAPS;
 use qcow2_format::header::{open_first_cluster, OpenOptions, CRYPT_AES, CRYPT_LUKS, QCOW_MAGIC};
-use qcow2_format::limits::MAX_BITMAP_DIRECTORY_SIZE;
 use qcow2_format::limits::MAX_CLUSTER_BITS;
 use qcow2_format::snapshot::SnapshotEntry;
 use qcow2_io::{FileStorage, Storage};
@@ -205,8 +204,8 @@ fn read_encryption(
     }
 }
 
-/// Reads the bitmap directory of a valid bitmaps extension with QEMU's loader rules: a
-/// directory QEMU refuses makes the open fail with QEMU's message.
+/// Loads the bitmaps of a valid bitmaps extension as QEMU's open does (directory and the
+/// tables of consistent bitmaps): bitmaps QEMU refuses make the open fail with its message.
 fn read_bitmaps(
     storage: &FileStorage,
     first: &FirstCluster,
@@ -218,14 +217,16 @@ fn read_bitmaps(
     if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
         return Ok(Vec::new());
     }
-    // The extension's validation bounds the size (<= 64 MiB).
-    let len = usize::try_from(ext.directory_size.min(MAX_BITMAP_DIRECTORY_SIZE))
-        .map_err(|e| e.to_string())?;
-    let mut dir = vec![0u8; len];
-    storage
-        .read_at(&mut dir, ext.directory_offset)
-        .map_err(|e| strerror(&e))?;
-    parse_directory(&dir, ext.nb_bitmaps, h.cluster_size(), h.size).map_err(|e| e.to_string())
+    let mut read = |offset: u64, buf: &mut [u8]| storage.read_at(buf, offset);
+    load_bitmaps(
+        ext.nb_bitmaps,
+        ext.directory_offset,
+        ext.directory_size,
+        h.cluster_size(),
+        h.size & !511,
+        &mut read,
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Reads and parses the snapshot table with QEMU's limits (through the snapshot crate,

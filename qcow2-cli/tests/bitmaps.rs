@@ -35,8 +35,24 @@ fn dirty_extents(dir: &Path, img: &str, name: &str) -> Result<Vec<(u64, u64)>, S
         sock.display()
     );
     let map = qemu_img(dir, &["map", "--output=json", "--image-opts", &opts]);
+    // The server may still hold the image's locks for a moment after the client left:
+    // stop it and wait until it is gone (at most 10 s).
     if let Ok(p) = std::fs::read_to_string(&pid) {
-        let _ = Command::new("kill").arg(p.trim()).status();
+        let p = p.trim().to_string();
+        let _ = Command::new("kill").arg(&p).status();
+        for _ in 0..200 {
+            // Gone, or a zombie nobody reaps (it holds no file any more).
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            if stat.is_empty()
+                || stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
     assert_eq!(map.code, 0, "{map:?}");
     // A dirty range reads as "data": false through x-dirty-bitmap.

@@ -37,9 +37,10 @@ pub const BME_TABLE_ENTRY_FLAG_ALL_ONES: u64 = 1;
 /// Size of the fixed part of a directory entry.
 pub const DIR_ENTRY_FIXED_SIZE: usize = 24;
 
-/// Why a bitmap directory cannot be loaded; the texts are QEMU's.
+/// Why QEMU's open refuses an image's bitmaps (the directory, or a bitmap that claims to
+/// be consistent); the texts are QEMU's.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum BitmapDirectoryError {
+pub enum BitmapError {
     /// An entry runs past the end of the directory, or bytes are left after the last one.
     #[error("Broken bitmap directory")]
     Broken,
@@ -61,6 +62,108 @@ pub enum BitmapDirectoryError {
         /// The bitmap's name (lossily decoded).
         name: String,
     },
+    /// Two bitmaps share a name.
+    #[error("Bitmap already exists: {name}")]
+    DuplicateName {
+        /// The name.
+        name: String,
+    },
+    /// The directory could not be read.
+    #[error("Failed to read bitmap directory: {reason}")]
+    ReadDirectory {
+        /// The I/O error's text.
+        reason: String,
+    },
+    /// A consistent bitmap's table could not be read, or has an invalid entry.
+    #[error("Could not read bitmap_table table from image for bitmap '{name}': {reason}")]
+    Table {
+        /// The bitmap's name.
+        name: String,
+        /// The I/O error's text, or "Invalid argument" for a bad entry.
+        reason: String,
+    },
+    /// A consistent bitmap's table does not have the size the disk needs.
+    #[error("Could not read bitmap '{name}' from image: Invalid argument")]
+    TableSize {
+        /// The bitmap's name.
+        name: String,
+        /// Entries the disk size and granularity need.
+        expected: u64,
+        /// Entries the directory gives.
+        found: u32,
+    },
+}
+
+/// Bitmap-table entries a bitmap of `granularity_bits` needs for a disk of `virtual_size`
+/// bytes: QEMU serializes 64-bit words of bits, one cluster per table entry.
+pub fn table_size_for(virtual_size: u64, granularity_bits: u8, cluster_size: u64) -> u64 {
+    let bits = virtual_size.div_ceil(1u64 << granularity_bits.min(63));
+    let bytes = bits.div_ceil(64) * 8;
+    bytes.div_ceil(cluster_size.max(1))
+}
+
+/// QEMU's loading of the bitmaps at open (`qcow2_load_dirty_bitmaps`): the directory
+/// (`bitmap_list_load`), unique names, and for every bitmap not IN_USE its table (entries
+/// valid, size matching the disk). `read(offset, buf)` reads the image file. Bitmap data
+/// clusters are not read. Bounded: the directory is at most 64 MiB, a table at most 8 MiB.
+pub fn load_bitmaps(
+    nb_bitmaps: u32,
+    directory_offset: u64,
+    directory_size: u64,
+    cluster_size: u64,
+    virtual_size: u64,
+    read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+) -> Result<Vec<BitmapDirEntry>, BitmapError> {
+    let io_text = |e: std::io::Error| {
+        let s = e.to_string();
+        match s.find(" (os error") {
+            Some(i) => s[..i].to_string(),
+            None => s,
+        }
+    };
+    if directory_size == 0 || directory_size > crate::limits::MAX_BITMAP_DIRECTORY_SIZE {
+        return Err(BitmapError::Broken);
+    }
+    let mut dir = vec![0u8; directory_size as usize];
+    read(directory_offset, &mut dir)
+        .map_err(|e| BitmapError::ReadDirectory { reason: io_text(e) })?;
+    let entries = parse_directory(&dir, nb_bitmaps, cluster_size, virtual_size)?;
+    let mut names = std::collections::HashSet::new();
+    for e in &entries {
+        let name = e.name_lossy();
+        if !names.insert(e.name.clone()) {
+            return Err(BitmapError::DuplicateName { name });
+        }
+        if e.in_use() {
+            continue;
+        }
+        // check_dir_entry bounds the table: size * cluster_size <= 512 MiB.
+        let mut table = vec![0u8; e.bitmap_table_size as usize * 8];
+        read(e.bitmap_table_offset, &mut table).map_err(|err| BitmapError::Table {
+            name: name.clone(),
+            reason: io_text(err),
+        })?;
+        let all_ok = table.chunks_exact(8).all(|c| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            table_entry_ok(u64::from_be_bytes(w), cluster_size)
+        });
+        if !all_ok {
+            return Err(BitmapError::Table {
+                name,
+                reason: "Invalid argument".into(),
+            });
+        }
+        let expected = table_size_for(virtual_size, e.granularity_bits, cluster_size);
+        if expected != u64::from(e.bitmap_table_size) {
+            return Err(BitmapError::TableSize {
+                name,
+                expected,
+                found: e.bitmap_table_size,
+            });
+        }
+    }
+    Ok(entries)
 }
 
 /// One bitmap directory entry.
@@ -181,15 +284,15 @@ fn be64(b: &[u8], at: usize) -> u64 {
 pub fn parse_directory_raw(
     dir: &[u8],
     nb_bitmaps: u32,
-) -> Result<Vec<BitmapDirEntry>, BitmapDirectoryError> {
+) -> Result<Vec<BitmapDirEntry>, BitmapError> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while pos < dir.len() {
         let fixed = dir
             .get(pos..pos + DIR_ENTRY_FIXED_SIZE)
-            .ok_or(BitmapDirectoryError::Broken)?;
+            .ok_or(BitmapError::Broken)?;
         if out.len() as u64 >= u64::from(nb_bitmaps) {
-            return Err(BitmapDirectoryError::TooMany);
+            return Err(BitmapError::TooMany);
         }
         let name_size = usize::from(be16(fixed, 18));
         let extra_size = be32(fixed, 20) as usize;
@@ -198,7 +301,7 @@ pub fn parse_directory_raw(
         let end = (pos as u64)
             .checked_add(len)
             .filter(|&e| e <= dir.len() as u64)
-            .ok_or(BitmapDirectoryError::Broken)? as usize;
+            .ok_or(BitmapError::Broken)? as usize;
         let var = pos + DIR_ENTRY_FIXED_SIZE;
         let extra = dir.get(var..var + extra_size).unwrap_or_default().to_vec();
         let name = dir
@@ -217,7 +320,7 @@ pub fn parse_directory_raw(
         pos = end;
     }
     if (out.len() as u64) < u64::from(nb_bitmaps) {
-        return Err(BitmapDirectoryError::TooFew);
+        return Err(BitmapError::TooFew);
     }
     Ok(out)
 }
@@ -230,24 +333,24 @@ pub fn parse_directory(
     nb_bitmaps: u32,
     cluster_size: u64,
     virtual_size: u64,
-) -> Result<Vec<BitmapDirEntry>, BitmapDirectoryError> {
+) -> Result<Vec<BitmapDirEntry>, BitmapError> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while pos < dir.len() {
         // Parse one entry at a time so that errors come in QEMU's order.
         let rest = dir.get(pos..).unwrap_or_default();
         if rest.len() < DIR_ENTRY_FIXED_SIZE {
-            return Err(BitmapDirectoryError::Broken);
+            return Err(BitmapError::Broken);
         }
         if out.len() as u64 >= u64::from(nb_bitmaps) {
-            return Err(BitmapDirectoryError::TooMany);
+            return Err(BitmapError::TooMany);
         }
         let mut one = parse_directory_raw_prefix(rest)?;
         if !one.extra_data.is_empty() {
-            return Err(BitmapDirectoryError::ExtraData { index: out.len() });
+            return Err(BitmapError::ExtraData { index: out.len() });
         }
         if !one.satisfies_constraints(cluster_size, virtual_size) {
-            return Err(BitmapDirectoryError::Constraints {
+            return Err(BitmapError::Constraints {
                 name: one.name_lossy(),
             });
         }
@@ -256,22 +359,22 @@ pub fn parse_directory(
         out.push(one);
     }
     if (out.len() as u64) != u64::from(nb_bitmaps) {
-        return Err(BitmapDirectoryError::TooFew);
+        return Err(BitmapError::TooFew);
     }
     Ok(out)
 }
 
 /// The first entry of `rest` (at least [`DIR_ENTRY_FIXED_SIZE`] bytes).
-fn parse_directory_raw_prefix(rest: &[u8]) -> Result<BitmapDirEntry, BitmapDirectoryError> {
+fn parse_directory_raw_prefix(rest: &[u8]) -> Result<BitmapDirEntry, BitmapError> {
     let name_size = usize::from(be16(rest, 18));
     let extra_size = be32(rest, 20) as usize;
     let len = (DIR_ENTRY_FIXED_SIZE as u64 + name_size as u64 + extra_size as u64).div_ceil(8) * 8;
     if len > rest.len() as u64 {
-        return Err(BitmapDirectoryError::Broken);
+        return Err(BitmapError::Broken);
     }
     let len = len as usize;
     let mut v = parse_directory_raw(rest.get(..len).unwrap_or_default(), 1)?;
-    v.pop().ok_or(BitmapDirectoryError::Broken)
+    v.pop().ok_or(BitmapError::Broken)
 }
 
 /// Serializes a directory (every entry padded to a multiple of 8).
@@ -331,21 +434,21 @@ mod tests {
         let bytes = encode_directory(&v);
         assert_eq!(
             parse_directory(&bytes, 2, 65536, 1 << 20),
-            Err(BitmapDirectoryError::TooFew)
+            Err(BitmapError::TooFew)
         );
         let two = encode_directory(&[v[0].clone(), v[0].clone()]);
         assert_eq!(
             parse_directory(&two, 1, 65536, 1 << 20),
-            Err(BitmapDirectoryError::TooMany)
+            Err(BitmapError::TooMany)
         );
         assert_eq!(
             parse_directory(&bytes[..20], 1, 65536, 1 << 20),
-            Err(BitmapDirectoryError::Broken)
+            Err(BitmapError::Broken)
         );
         // One table cluster of 64 KiB covers 2^19 bits of 64 KiB: 32 GiB; not 64 GiB.
         assert!(matches!(
             parse_directory(&bytes, 1, 65536, 64 << 30),
-            Err(BitmapDirectoryError::Constraints { .. })
+            Err(BitmapError::Constraints { .. })
         ));
         // ... unless the bitmap is in use.
         let in_use = encode_directory(&[entry("b0", BME_FLAG_IN_USE, 16)]);
@@ -355,7 +458,7 @@ mod tests {
         let bytes = encode_directory(&[extra.clone()]);
         assert_eq!(
             parse_directory(&bytes, 1, 65536, 1 << 20),
-            Err(BitmapDirectoryError::ExtraData { index: 0 })
+            Err(BitmapError::ExtraData { index: 0 })
         );
         assert_eq!(parse_directory_raw(&bytes, 1).unwrap(), vec![extra]);
         for bad in [
@@ -383,9 +486,59 @@ mod tests {
             let bytes = encode_directory(&[bad]);
             assert_eq!(
                 parse_directory(&bytes, 1, 65536, 1 << 20),
-                Err(BitmapDirectoryError::Constraints { name: "t".into() })
+                Err(BitmapError::Constraints { name: "t".into() })
             );
         }
+    }
+
+    #[test]
+    fn loading_checks_tables_of_consistent_bitmaps() {
+        // 64 MiB disk, 64 KiB granularity: 1024 bits = 128 bytes: one table entry.
+        assert_eq!(table_size_for(64 << 20, 16, 65536), 1);
+        // 1 TiB at 512 B granularity: 2^31 bits = 256 MiB of bitmap = 4096 clusters.
+        assert_eq!(table_size_for(1 << 40, 9, 65536), 4096);
+        let dir = encode_directory(&[entry("b0", BME_FLAG_AUTO, 16)]);
+        let image = |table: u64| {
+            let mut img = vec![0u8; 0x20000];
+            img[0x10000..0x10008].copy_from_slice(&table.to_be_bytes());
+            img[0x18000..0x18000 + dir.len()].copy_from_slice(&dir);
+            img
+        };
+        let load = |img: &[u8], size: u64| {
+            let mut read = |off: u64, buf: &mut [u8]| {
+                let o = off as usize;
+                buf.copy_from_slice(&img[o..o + buf.len()]);
+                Ok(())
+            };
+            load_bitmaps(1, 0x18000, dir.len() as u64, 65536, size, &mut read)
+        };
+        assert!(load(&image(0), 64 << 20).is_ok());
+        assert!(load(&image(1), 64 << 20).is_ok());
+        assert_eq!(
+            load(&image(2), 64 << 20),
+            Err(BitmapError::Table {
+                name: "b0".into(),
+                reason: "Invalid argument".into()
+            })
+        );
+        // A 1 MiB disk needs the same one entry; 64 GiB needs more than the directory's.
+        assert!(load(&image(0), 1 << 20).is_ok());
+        assert!(matches!(
+            load(&image(0), 64 << 30),
+            Err(BitmapError::Constraints { .. })
+        ));
+        let two = encode_directory(&[entry("b0", 0, 16), entry("b0", 0, 16)]);
+        let mut img = image(0);
+        img[0x18000..0x18000 + two.len()].copy_from_slice(&two);
+        let mut read = |off: u64, buf: &mut [u8]| {
+            let o = off as usize;
+            buf.copy_from_slice(&img[o..o + buf.len()]);
+            Ok(())
+        };
+        assert_eq!(
+            load_bitmaps(2, 0x18000, two.len() as u64, 65536, 1 << 20, &mut read),
+            Err(BitmapError::DuplicateName { name: "b0".into() })
+        );
     }
 
     #[test]

@@ -22,11 +22,9 @@
 use crate::error::{ImageError, Op, Result};
 use crate::overlap::bits;
 use crate::Image;
-use qcow2_format::bitmap::{
-    encode_directory, parse_directory, BitmapDirEntry, BitmapDirectoryError, BME_FLAG_IN_USE,
-};
+use qcow2_format::bitmap::{encode_directory, load_bitmaps, BitmapDirEntry, BME_FLAG_IN_USE};
 use qcow2_format::features::AUTOCLEAR_BITMAPS;
-use qcow2_format::limits::MAX_BITMAP_DIRECTORY_SIZE;
+use qcow2_io::Storage;
 
 /// The bitmap directory of a writable open, as loaded (and kept current by this module).
 #[derive(Debug, Clone)]
@@ -58,8 +56,9 @@ pub struct BitmapInfo {
 }
 
 impl Image {
-    /// Reads and validates the bitmap directory when the extension is valid (autoclear bit
-    /// 0 set), with QEMU's loader rules and messages. `None` without bitmaps.
+    /// Loads the bitmaps as QEMU's open does when the extension is valid (autoclear bit 0
+    /// set): the directory with QEMU's rules and, for bitmaps not IN_USE, their tables;
+    /// QEMU's messages on failure. `None` without bitmaps.
     pub(crate) fn read_bitmap_directory(&self, op: Op) -> Result<Option<BitmapDir>> {
         let h = &self.fc.header;
         let Some(ext) = self.fc.extensions.bitmaps else {
@@ -68,24 +67,15 @@ impl Image {
         if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 || ext.nb_bitmaps == 0 {
             return Ok(None);
         }
-        // Bounded by the extension's validation (<= 64 MiB); refuse anything larger.
-        if ext.directory_size == 0 || ext.directory_size > MAX_BITMAP_DIRECTORY_SIZE {
-            return Err(ImageError::Bitmaps {
-                op,
-                source: BitmapDirectoryError::Broken,
-            });
-        }
-        let mut dir = vec![0u8; ext.directory_size as usize];
-        self.storage
-            .read_at(&mut dir, ext.directory_offset)
-            .map_err(|e| {
-                ImageError::io(op, "read the bitmap directory", ext.directory_offset, e)
-            })?;
-        let entries = parse_directory(
-            &dir,
+        let storage = self.storage.clone();
+        let mut read = |offset: u64, buf: &mut [u8]| storage.read_at(buf, offset);
+        let entries = load_bitmaps(
             ext.nb_bitmaps,
+            ext.directory_offset,
+            ext.directory_size,
             self.geo.cluster_size(),
-            self.virtual_size(),
+            self.virtual_size() & !511,
+            &mut read,
         )
         .map_err(|source| ImageError::Bitmaps { op, source })?;
         Ok(Some(BitmapDir {
@@ -95,15 +85,12 @@ impl Image {
     }
 
     /// The persistent bitmaps, in directory order (empty when the image has none or the
-    /// extension is not valid). Reads the directory; fails as QEMU's loader does on a
-    /// directory that breaks its rules.
+    /// extension is not valid), as loaded at open.
     pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
-        let dir = match &self.bitmap_dir {
-            Some(d) => Some(d.clone()),
-            None => self.read_bitmap_directory(Op::Open)?,
-        };
-        Ok(dir
-            .map(|d| d.entries)
+        Ok(self
+            .bitmap_dir
+            .as_ref()
+            .map(|d| d.entries.as_slice())
             .unwrap_or_default()
             .iter()
             .map(|e| BitmapInfo {

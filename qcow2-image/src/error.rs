@@ -214,13 +214,13 @@ pub enum ImageError {
         /// The errno QEMU returns.
         errno: i32,
     },
-    /// The bitmap directory breaks QEMU's loader rules (QEMU refuses to open such images).
+    /// The bitmaps break QEMU's loader rules (QEMU refuses to open such images).
     #[error("{source}")]
     Bitmaps {
         /// The operation.
         op: Op,
         /// What is wrong, in QEMU's words.
-        source: qcow2_format::bitmap::BitmapDirectoryError,
+        source: qcow2_format::bitmap::BitmapError,
     },
     /// The backing chain could not be opened or read.
     #[error("backing file {name:?}: {reason}")]

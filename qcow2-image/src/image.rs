@@ -393,6 +393,14 @@ impl Image {
         };
         img.messages = messages;
         img.init_overlap(opts)?;
+        // QEMU's open loads the bitmaps and refuses an image whose bitmaps break its rules.
+        match img.read_bitmap_directory(op) {
+            Ok(dir) => img.bitmap_dir = dir,
+            Err(e) => {
+                img.closed = true;
+                return Err(e);
+            }
+        }
 
         if !opts.read_only {
             if img.fc.header.incompatible_features & INCOMPAT_DIRTY != 0 {
@@ -411,14 +419,6 @@ impl Image {
                         "repair of dirty images is disabled by the open options".into()
                     },
                 });
-            }
-            // QEMU refuses to open an image whose bitmap directory breaks its rules.
-            match img.read_bitmap_directory(op) {
-                Ok(dir) => img.bitmap_dir = dir,
-                Err(e) => {
-                    img.closed = true;
-                    return Err(e);
-                }
             }
             if img.fc.header.clear_unknown_autoclear() {
                 // Invariant 8: unknown autoclear bits are cleared by a writable open.
