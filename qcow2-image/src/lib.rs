@@ -33,6 +33,8 @@ mod image;
 mod map;
 mod options;
 mod overlap;
+mod plan;
+mod shared;
 mod shrink;
 mod snapshot;
 mod write;
@@ -51,6 +53,7 @@ pub use options::{
 pub use qcow2_format::features::CompressionType;
 pub use qcow2_format::layout::Compat;
 pub use qcow2_snapshot::{NewSnapshot, SnapshotEntry};
+pub use shared::SharedImage;
 
 #[cfg(test)]
 mod send_check {

@@ -30,7 +30,7 @@ use qcow2_refcount::DiscardType;
 
 /// What a write needs for one cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Need {
+pub(crate) enum Need {
     /// The cluster is ours (refcount 1) and every touched subcluster holds data: write in
     /// place, no metadata change.
     InPlace(u64),
@@ -444,7 +444,14 @@ impl Image {
     // ------------------------------------------------------------------ classification
 
     /// What a write of bytes `[a, b)` of the cluster described by `e` needs.
-    fn need(&mut self, op: Op, e: L2Entry, guest_cluster: u64, a: u64, b: u64) -> Result<Need> {
+    pub(crate) fn need(
+        &mut self,
+        op: Op,
+        e: L2Entry,
+        guest_cluster: u64,
+        a: u64,
+        b: u64,
+    ) -> Result<Need> {
         let ty = e.cluster_type(self.ctx);
         let host = e.host_offset();
         let ext = self.geo.extended_l2();

@@ -1,0 +1,396 @@
+//! Concurrent guest I/O on one image: [`SharedImage`] is `Send + Sync` and its guest I/O
+//! takes `&self`.
+//!
+//! The metadata engine (caches, refcount engine, allocator, overlap state, header bits, L1)
+//! sits behind one lock, held while a request is mapped, allocated and linked, never while
+//! the data of a read or of an in-place write moves (QEMU's block layer drops its qcow2
+//! lock around data I/O the same way). What keeps that safe:
+//!
+//! - **In-flight data ranges.** A request whose data moves without the lock registers its
+//!   guest clusters first, under the lock. Any request that would change the mapping of a
+//!   registered cluster (allocating or copy-on-write writes, zero writes, discards,
+//!   compressed writes) waits, holding the lock, until those clusters have no data in
+//!   flight. So a host cluster is never freed, reused or moved while data is read from or
+//!   written to it for another request; unrelated requests proceed.
+//! - **Drain.** Operations on the whole image (snapshots, amend, resize, close, and
+//!   [`SharedImage::exclusive`]) wait for every request in flight and run alone.
+//! - Freed clusters stay quarantined until a durable flush (invariant 2), as before.
+//!
+//! Which methods may run in parallel: `read`, `write`, `write_zeroes`, `discard`,
+//! `write_compressed`, `flush`, `map`, `block_status` and the accessors, from any number
+//! of threads. Reads and in-place writes of data clusters overlap their data movement;
+//! requests that change metadata run one at a time under the lock. Whole-image operations
+//! run alone.
+
+use crate::error::{ImageError, Op, Result};
+use crate::map::Extent;
+use crate::plan::ReadPiece;
+use crate::Image;
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
+
+/// Guest byte ranges (cluster aligned) whose data is moving without the metadata lock.
+#[derive(Debug, Default)]
+struct InFlight {
+    ranges: Mutex<Registry>,
+    idle: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    next: u64,
+    live: HashMap<u64, (u64, u64)>,
+}
+
+impl Registry {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.live.values().any(|&(s, e)| s < end && start < e)
+    }
+}
+
+/// Unregisters its range when dropped (also on error paths and panics).
+struct InFlightGuard<'a> {
+    owner: &'a InFlight,
+    id: u64,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut r = self
+            .owner
+            .ranges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.live.remove(&self.id);
+        drop(r);
+        self.owner.idle.notify_all();
+    }
+}
+
+impl InFlight {
+    fn register(&self, start: u64, end: u64) -> InFlightGuard<'_> {
+        let mut r = self
+            .ranges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let id = r.next;
+        r.next += 1;
+        r.live.insert(id, (start, end));
+        InFlightGuard { owner: self, id }
+    }
+
+    /// Blocks until no data moves in `[start, end)`. Called with the metadata lock held, so
+    /// no new data movement can start there meanwhile; movements in flight never need the
+    /// metadata lock to finish, so this cannot deadlock.
+    fn wait_idle(&self, start: u64, end: u64) {
+        let mut r = self
+            .ranges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while r.overlaps(start, end) {
+            r = self
+                .idle
+                .wait(r)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+/// An image shared by many threads: guest I/O takes `&self` (see the module docs for what
+/// may run in parallel).
+pub struct SharedImage {
+    core: Mutex<Image>,
+    drain: RwLock<()>,
+    in_flight: InFlight,
+    cluster_size: u64,
+}
+
+impl std::fmt::Debug for SharedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedImage")
+            .field("cluster_size", &self.cluster_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock_failed(op: Op) -> ImageError {
+    ImageError::Poisoned {
+        op,
+        cause: "a thread panicked while changing the image's metadata".into(),
+    }
+}
+
+impl SharedImage {
+    /// Shares an open image between threads.
+    pub fn new(image: Image) -> Self {
+        let cluster_size = image.geometry().cluster_size();
+        SharedImage {
+            core: Mutex::new(image),
+            drain: RwLock::new(()),
+            in_flight: InFlight::default(),
+            cluster_size,
+        }
+    }
+
+    fn core(&self, op: Op) -> Result<MutexGuard<'_, Image>> {
+        self.core.lock().map_err(|_| lock_failed(op))
+    }
+
+    fn requests(&self, op: Op) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
+        self.drain.read().map_err(|_| lock_failed(op))
+    }
+
+    /// The cluster-aligned guest range around `[offset, offset + len)`.
+    fn clusters(&self, offset: u64, len: u64) -> (u64, u64) {
+        let cs = self.cluster_size;
+        let start = offset / cs * cs;
+        let end = offset.saturating_add(len).div_ceil(cs).saturating_mul(cs);
+        (start, end)
+    }
+
+    /// Runs `f` on the engine alone: requests in flight finish first and new ones wait
+    /// (QEMU's drain). For whole-image operations without a method here.
+    pub fn exclusive<R>(&self, f: impl FnOnce(&mut Image) -> R) -> Result<R> {
+        let _alone = self.drain.write().map_err(|_| lock_failed(Op::Open))?;
+        let mut core = self.core(Op::Open)?;
+        Ok(f(&mut core))
+    }
+
+    /// Reads guest bytes; data moves without the metadata lock.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let op = Op::Read;
+        let _req = self.requests(op)?;
+        let mut core = self.core(op)?;
+        let pieces = core.plan_read(offset, buf)?;
+        if !pieces.iter().any(|p| matches!(p, ReadPiece::Host { .. })) {
+            return Ok(());
+        }
+        let storage = core.data_storage_arc();
+        let (start, end) = self.clusters(offset, buf.len() as u64);
+        let _moving = self.in_flight.register(start, end);
+        drop(core);
+        for p in pieces {
+            if let ReadPiece::Host { at, len, host } = p {
+                let dst = &mut buf[at as usize..(at + len) as usize];
+                storage
+                    .read_at(dst, host)
+                    .map_err(|e| ImageError::io(op, "read guest data", host, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes guest bytes. Into clusters the image owns whose subclusters hold data, the
+    /// data moves without the metadata lock; otherwise the request allocates under it.
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let op = Op::Write;
+        let _req = self.requests(op)?;
+        let mut core = self.core(op)?;
+        core.check_writable(op)?;
+        core.check_range(op, offset, buf.len() as u64)?;
+        core.invalidate_bitmaps(op, crate::bitmaps::Staleness::Content)?;
+        let (start, end) = self.clusters(offset, buf.len() as u64);
+        if let Some(pieces) = core.plan_rewrite(offset, buf.len() as u64)? {
+            let storage = core.data_storage_arc();
+            let _moving = self.in_flight.register(start, end);
+            drop(core);
+            for p in pieces {
+                let src = &buf[p.at as usize..(p.at + p.len) as usize];
+                storage
+                    .write_at(src, p.host)
+                    .map_err(|e| ImageError::io(op, "write guest data", p.host, e))?;
+            }
+            return Ok(());
+        }
+        self.in_flight.wait_idle(start, end);
+        core.write(offset, buf)
+    }
+
+    /// Makes guest bytes read as zeros (see [`Image::write_zeroes`]).
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.metadata_request(Op::WriteZeroes, offset, len, |img| {
+            img.write_zeroes(offset, len, unmap)
+        })
+    }
+
+    /// Discards guest bytes (see [`Image::discard`]).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.metadata_request(Op::Discard, offset, len, |img| img.discard(offset, len))
+    }
+
+    /// Writes one compressed cluster (see [`Image::write_compressed`]).
+    pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.metadata_request(Op::WriteCompressed, offset, data.len() as u64, |img| {
+            img.write_compressed(offset, data)
+        })
+    }
+
+    /// A request that changes the mapping of its clusters: waits until no data moves there,
+    /// then runs under the lock.
+    fn metadata_request<R>(
+        &self,
+        op: Op,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&mut Image) -> Result<R>,
+    ) -> Result<R> {
+        let _req = self.requests(op)?;
+        let mut core = self.core(op)?;
+        let (start, end) = self.clusters(offset, len.max(1));
+        self.in_flight.wait_idle(start, end);
+        f(&mut core)
+    }
+
+    /// Makes every completed write durable (see [`Image::flush`]).
+    pub fn flush(&self) -> Result<()> {
+        let _req = self.requests(Op::Flush)?;
+        self.core(Op::Flush)?.flush()
+    }
+
+    /// Maps a guest range (see [`Image::map`]).
+    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let _req = self.requests(Op::Map)?;
+        self.core(Op::Map)?.map(offset, len)
+    }
+
+    /// The block status of the range starting at `offset` (see [`Image::block_status`]).
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let _req = self.requests(Op::Map)?;
+        self.core(Op::Map)?.block_status(offset, len)
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn virtual_size(&self) -> Result<u64> {
+        Ok(self.core(Op::Map)?.virtual_size())
+    }
+
+    /// Changes the disk size, alone (see [`Image::resize`]).
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        self.exclusive(|img| img.resize(new_size))?
+    }
+
+    /// Creates an internal snapshot, alone (see [`Image::snapshot_create`]).
+    pub fn snapshot_create(&self, name: &str) -> Result<crate::SnapshotEntry> {
+        self.exclusive(|img| img.snapshot_create(name))?
+    }
+
+    /// Reverts to an internal snapshot, alone (see [`Image::snapshot_apply`]).
+    pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        self.exclusive(|img| img.snapshot_apply(id_or_name))?
+    }
+
+    /// Deletes an internal snapshot, alone (see [`Image::snapshot_delete`]).
+    pub fn snapshot_delete(&self, name: &str) -> Result<crate::SnapshotEntry> {
+        self.exclusive(|img| img.snapshot_delete(name))?
+    }
+
+    /// Waits for the requests in flight, then closes the image (see [`Image::close`]).
+    pub fn close(self) -> Result<()> {
+        let image = self.core.into_inner().map_err(|_| lock_failed(Op::Close))?;
+        image.close()
+    }
+
+    /// Gives the image back once no other thread uses it (the requests in flight hold
+    /// borrows, so none remains when this runs).
+    pub fn into_inner(self) -> Result<Image> {
+        self.core.into_inner().map_err(|_| lock_failed(Op::Close))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn shared_image_is_send_and_sync() {
+        assert_send_sync::<SharedImage>();
+    }
+
+    /// Counts data reads and writes in progress at once (each takes 20 ms).
+    struct Slow {
+        inner: qcow2_io::MemStorage,
+        now: std::sync::atomic::AtomicU32,
+        max: std::sync::atomic::AtomicU32,
+        slow: std::sync::atomic::AtomicBool,
+    }
+
+    impl Slow {
+        fn io<R>(&self, f: impl FnOnce() -> R) -> R {
+            use std::sync::atomic::Ordering::SeqCst;
+            if !self.slow.load(SeqCst) {
+                return f();
+            }
+            let n = self.now.fetch_add(1, SeqCst) + 1;
+            self.max.fetch_max(n, SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let r = f();
+            self.now.fetch_sub(1, SeqCst);
+            r
+        }
+    }
+
+    impl qcow2_io::Storage for Slow {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.io(|| self.inner.read_at(buf, offset))
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.io(|| self.inner.write_at(buf, offset))
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+    }
+
+    #[test]
+    fn reads_and_rewrites_move_data_in_parallel() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let storage = std::sync::Arc::new(Slow {
+            inner: qcow2_io::MemStorage::new(),
+            now: 0.into(),
+            max: 0.into(),
+            slow: false.into(),
+        });
+        let mut img = Image::create(storage.clone(), &crate::CreateOptions::new(4 << 20)).unwrap();
+        img.write(0, &vec![7u8; 4 << 20]).unwrap();
+        img.flush().unwrap();
+        let shared = SharedImage::new(img);
+        // Metadata is cached now; only data I/O is slow.
+        storage.slow.store(true, SeqCst);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let shared = &shared;
+                s.spawn(move || {
+                    let mut b = vec![0u8; 4096];
+                    shared.read(t << 20, &mut b).unwrap();
+                    assert!(b.iter().all(|&x| x == 7));
+                    shared.write((t << 20) + 8192, &b).unwrap();
+                });
+            }
+        });
+        assert!(storage.max.load(SeqCst) >= 2, "data I/O never overlapped");
+    }
+
+    #[test]
+    fn waiting_ends_when_the_range_is_released() {
+        let f = std::sync::Arc::new(InFlight::default());
+        let g = f.register(0, 65536);
+        let f2 = f.clone();
+        let t = std::thread::spawn(move || {
+            f2.wait_idle(4096, 8192);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!t.is_finished());
+        // An unrelated range does not wait.
+        f.wait_idle(65536, 131072);
+        drop(g);
+        t.join().unwrap();
+    }
+}
