@@ -24,6 +24,9 @@ fn sector_pattern(tid: u64, seq: u64, sector: u64) -> Vec<u8> {
     v
 }
 
+/// A write into the shared region: (thread, seq, first sector, sectors).
+type SharedWrite = (u64, u64, u64, u64);
+
 struct Layout {
     region: u64,
     shared_at: u64,
@@ -50,7 +53,7 @@ fn run(opts: &CreateOptions, what: &str) {
     }
     let shared = Arc::new(SharedImage::new(img));
     // Every write into the shared region: (tid, seq, offset, len).
-    let log: Arc<Mutex<Vec<(u64, u64, u64, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let log: Arc<Mutex<Vec<SharedWrite>>> = Arc::new(Mutex::new(Vec::new()));
     let models: Vec<Vec<u8>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|tid| {
