@@ -45,6 +45,9 @@ impl Storage for FlushesDataFirst {
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         self.meta.allocate(offset, len)
     }
+    fn zero_fast(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.meta.zero_fast(offset, len)
+    }
     fn event(&self, event: Event) {
         self.meta.event(event)
     }

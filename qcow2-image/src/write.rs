@@ -743,6 +743,20 @@ impl Image {
                 };
                 let olds: Vec<L2Entry> = (0..run).map(|i| self.slice_entry(&h, idx + i)).collect();
                 self.put(op, h)?;
+                // QEMU's is_zero_cow: when the copy-on-write areas read as zero, the new
+                // clusters are zeroed by the storage and only the guest data is written.
+                let head = (
+                    cluster_guest + cow.start,
+                    in_cluster - cow.start.min(in_cluster),
+                );
+                let tail_at = guest + n;
+                let tail_end = cluster_guest + (run - 1) * cs + cow.end;
+                let tail = (tail_at, tail_end.saturating_sub(tail_at));
+                let has_cow = head.1 > 0 || tail.1 > 0;
+                let zero_cow = has_cow
+                    && self.reads_as_zero(op, head.0, head.1)?
+                    && self.reads_as_zero(op, tail.0, tail.1)?;
+                let direct = zero_cow.then_some((in_cluster, &data[..n as usize]));
                 self.alloc_and_link(
                     op,
                     l2_offset,
@@ -751,6 +765,7 @@ impl Image {
                     run,
                     cow,
                     olds,
+                    direct,
                     |img| {
                         let end = (run - 1) * cs + cow.end;
                         img.cow_buffer(
@@ -780,15 +795,24 @@ impl Image {
         run: u64,
         cow: Cow,
         olds: Vec<L2Entry>,
+        direct: Option<(u64, &[u8])>,
         fill: impl FnOnce(&mut Image) -> Result<Vec<u8>>,
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let host = self.alloc_data_clusters(op, cluster_guest, run)?;
         self.sync_overlap_refcounts();
-        let result = fill(self).and_then(|buf| {
-            let whole = buf.len() as u64 == run * cs;
-            let cow_flag = !whole;
-            self.write_data(op, host + cow.start, &buf, cow_flag)
+        let span = (run - 1) * cs + cow.end - cow.start;
+        let zeroed = match direct {
+            Some(_) => self.zero_new_clusters(op, host + cow.start, span),
+            None => Ok(false),
+        };
+        let result = zeroed.and_then(|zeroed| match direct {
+            Some((at, data)) if zeroed => self.write_data(op, host + at, data, false),
+            _ => fill(self).and_then(|buf| {
+                let whole = buf.len() as u64 == run * cs;
+                let cow_flag = !whole;
+                self.write_data(op, host + cow.start, &buf, cow_flag)
+            }),
         });
         if let Err(e) = result {
             // Invariant 3: nothing references the new clusters; give them back.
@@ -802,6 +826,20 @@ impl Image {
         self.link(
             op, l2_offset, l2_index, host, run, cow.start, cow.end, &olds,
         )
+    }
+
+    /// Zeroes freshly allocated host clusters through the storage's fast zeroing, if it has
+    /// one (overlap-checked like a data write). `false`: nothing changed, write the COW.
+    fn zero_new_clusters(&mut self, op: Op, host: u64, len: u64) -> Result<bool> {
+        if self.data.is_none() {
+            if let Err(e) = self.overlap.check(host, len, 0) {
+                return Err(self.corruption(op, true, e.to_string()));
+            }
+        }
+        self.storage.event(Event::ClusterAllocSpace);
+        self.data_storage()
+            .zero_fast(host, len)
+            .map_err(|e| ImageError::io(op, "zero new clusters", host, e))
     }
 
     /// Host clusters for the `run` guest clusters starting at `guest` (cluster aligned): in

@@ -827,6 +827,11 @@ impl Storage for CrashStorage {
         self.record(Op::WriteZeroes { offset, len })
     }
 
+    /// A zero-range the model keeps as one pending operation, like a file's fallocate.
+    fn zero_fast(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.write_zeroes(offset, len).map(|()| true)
+    }
+
     fn event(&self, event: Event) {
         self.lock().last_event = Some(event);
     }

@@ -517,6 +517,11 @@ impl<S: Storage> Storage for FaultStorage<S> {
         self.inner.write_zeroes(offset, len)
     }
 
+    fn zero_fast(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.check(IoKind::WriteZeroes, offset, len)?;
+        self.inner.zero_fast(offset, len)
+    }
+
     fn event(&self, event: Event) {
         {
             let mut st = self.lock();

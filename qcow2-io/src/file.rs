@@ -166,6 +166,25 @@ impl Storage for FileStorage {
         }
     }
 
+    fn zero_fast(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if len == 0 {
+            return Ok(true);
+        }
+        match self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len) {
+            Ok(()) => Ok(true),
+            // Filesystems without ZERO_RANGE: nothing was changed; the caller writes.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             // An empty range changes nothing, not even the length (as an empty `pwrite`).

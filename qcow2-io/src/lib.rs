@@ -105,6 +105,16 @@ pub trait Storage: Send + Sync {
         Ok(())
     }
 
+    /// Makes `[offset, offset + len)` read as zero **only if the backend can do it without
+    /// writing the zeros** (files: `fallocate(FALLOC_FL_ZERO_RANGE)`), extending the
+    /// storage like [`Storage::write_zeroes`]; returns `Ok(true)` then. Returns `Ok(false)`
+    /// and changes nothing when it cannot (QEMU's `BDRV_REQ_NO_FALLBACK`): the caller then
+    /// writes what it needs itself. The default cannot.
+    fn zero_fast(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
+
     /// A hint that `[offset, offset + len)` will be read soon: a backend may start fetching
     /// it in the background (files: `posix_fadvise(WILLNEED)`). Never changes contents;
     /// the default does nothing.
@@ -144,6 +154,9 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).allocate(offset, len)
     }
+    fn zero_fast(&self, offset: u64, len: u64) -> io::Result<bool> {
+        (**self).zero_fast(offset, len)
+    }
     fn prefetch(&self, offset: u64, len: u64) {
         (**self).prefetch(offset, len)
     }
@@ -176,6 +189,9 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).allocate(offset, len)
+    }
+    fn zero_fast(&self, offset: u64, len: u64) -> io::Result<bool> {
+        (**self).zero_fast(offset, len)
     }
     fn prefetch(&self, offset: u64, len: u64) {
         (**self).prefetch(offset, len)
