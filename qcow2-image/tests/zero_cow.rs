@@ -8,6 +8,8 @@ use qcow2_io::{MemStorage, Storage};
 use std::io;
 use std::sync::{Arc, Mutex};
 
+type Ranges = Vec<(u64, u64)>;
+
 /// Memory storage that can zero fast and records every data write.
 #[derive(Default)]
 struct Recording {
@@ -17,7 +19,7 @@ struct Recording {
 }
 
 impl Recording {
-    fn take(&self) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+    fn take(&self) -> (Ranges, Ranges) {
         (
             std::mem::take(&mut *self.writes.lock().unwrap()),
             std::mem::take(&mut *self.fast_zeroes.lock().unwrap()),
