@@ -3,17 +3,23 @@
 //! The workload: COUNT requests of SIZE bytes, the first at OFFSET, each next one STEP bytes
 //! further, wrapping at the end of the image (offset modulo the virtual size); reads, or
 //! writes of a buffer filled with PATTERN; with `--flush-interval N` a flush after every N
-//! completed requests. qemu-img keeps DEPTH requests in flight through its AIO engine. The
-//! engine here is synchronous, so DEPTH is spent differently: the requests in flight at a
-//! time that continue each other in the guest are merged into one engine call (as the
-//! block layer merges adjacent requests), so a sequential run reaches the engine as large
-//! requests and a scattered one as single requests, in qemu-img's submission order (same
-//! offsets, same bytes, same flush points). `-t` (cache mode) is accepted and ignored: I/O
-//! is buffered and made durable by the flushes and the final flush at close.
+//! completed requests. qemu-img keeps DEPTH requests in flight through its AIO engine;
+//! here DEPTH worker threads (at most 64, QEMU's thread-pool size) each keep one request
+//! going on the shared image ([`SharedImage`]: data moves outside the metadata lock), and
+//! the requests in flight that continue each other in the guest are merged into one engine
+//! call (as the block layer merges adjacent requests), so a sequential run reaches the
+//! engine as large requests and a scattered one as single requests in parallel (same
+//! offsets, same bytes, same flush points). `-t none|directsync` bypasses the host page
+//! cache for aligned requests (`O_DIRECT`), the other cache modes go through it; writes are
+//! made durable by the flushes and the final flush at close.
 
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
-use crate::io::{strerror, BlockDev};
+use qcow2_image::{ImageError, SharedImage};
+use qcow2_io::{FileStorage, Storage};
+
+use crate::io::strerror;
 use crate::size::{parse_size, SizeError};
 use crate::{out, CliError};
 
@@ -226,49 +232,190 @@ impl BenchParams {
     }
 }
 
-/// Runs the benchmark on `dev`; prints qemu-img's lines.
-pub fn run(dev: &mut dyn BlockDev, p: &BenchParams) -> Result<(), CliError> {
+/// Whether qemu-img's cache mode bypasses the host page cache (`none`, `directsync`);
+/// unknown modes get qemu-img's message.
+pub fn cache_is_direct(mode: Option<&str>) -> Result<bool, CliError> {
+    match mode.unwrap_or("writeback") {
+        "none" | "off" | "directsync" => Ok(true),
+        "writeback" | "writethrough" | "unsafe" => Ok(false),
+        _ => Err(CliError::new("Invalid cache mode")),
+    }
+}
+
+/// A device the benchmark's workers share: every method takes `&self`, so requests run
+/// in parallel (the qcow2 engine's [`SharedImage`], a raw file's positioned I/O).
+pub trait SharedDev: Sync {
+    /// Virtual size in bytes.
+    fn length(&self) -> Result<u64, i32>;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32>;
+    /// Writes `buf` at `offset`.
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<(), i32>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> Result<(), i32>;
+}
+
+impl SharedDev for SharedImage {
+    fn length(&self) -> Result<u64, i32> {
+        self.virtual_size().map_err(|e| image_errno(&e))
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        SharedImage::read(self, offset, buf).map_err(|e| image_errno(&e))
+    }
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        SharedImage::write(self, offset, buf).map_err(|e| image_errno(&e))
+    }
+    fn flush(&self) -> Result<(), i32> {
+        SharedImage::flush(self).map_err(|e| image_errno(&e))
+    }
+}
+
+/// The errno of an engine error; a corruption is reported once, as the engine words it.
+fn image_errno(e: &ImageError) -> i32 {
+    if e.is_corruption() {
+        eprintln!("qcow2: {}", crate::qcowdev::error_text(e));
+    }
+    e.errno()
+}
+
+/// A raw image file: positioned reads and writes need no lock.
+pub struct RawFile(pub FileStorage);
+
+impl SharedDev for RawFile {
+    fn length(&self) -> Result<u64, i32> {
+        // The block layer counts whole sectors.
+        self.0
+            .len()
+            .map(|l| l / 512 * 512)
+            .map_err(|e| e.raw_os_error().unwrap_or(5))
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        self.0
+            .read_at(buf, offset)
+            .map_err(|e| e.raw_os_error().unwrap_or(5))
+    }
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        self.0
+            .write_at(buf, offset)
+            .map_err(|e| e.raw_os_error().unwrap_or(5))
+    }
+    fn flush(&self) -> Result<(), i32> {
+        self.0.flush().map_err(|e| e.raw_os_error().unwrap_or(5))
+    }
+}
+
+/// Most worker threads a run uses (QEMU's thread pool has 64 by default).
+const MAX_WORKERS: u64 = 64;
+
+/// What the workers share: the submissions not yet taken, and the flush point they wait at.
+struct Dispatch<I> {
+    subs: I,
+    issued: u64,
+    completed: u64,
+    /// Requests that must complete before the pending flush runs and anything new starts.
+    flush_at: Option<u64>,
+    failed: Option<CliError>,
+}
+
+/// Runs the benchmark on `dev`; prints qemu-img's lines. `depth` requests are in flight
+/// at a time: that many workers (at most [`MAX_WORKERS`]) each keep one engine call going,
+/// requests in flight that continue each other in the guest merged into one call (see
+/// [`BenchParams::submissions`]). At a flush point every earlier request completes, then the
+/// flush runs, then later requests start (qemu-img's drain; `--no-drain` is not
+/// distinguished).
+pub fn run(dev: &dyn SharedDev, p: &BenchParams) -> Result<(), CliError> {
     out(&p.banner());
     let size = dev
         .length()
         .map_err(|e| CliError::new(format!("Failed request: {}", strerror(e))))?;
-    let max_len = p.bufsize.max(MERGE_BYTES.min(p.bufsize * p.depth));
-    let mut buf = vec![p.pattern; max_len as usize];
+    let max_len = p.bufsize.max(MERGE_BYTES.min(p.bufsize * p.depth)) as usize;
+    let workers = p.depth.min(MAX_WORKERS).min(p.count);
+    let state = Mutex::new(Dispatch {
+        subs: p.submissions(size),
+        issued: 0,
+        completed: 0,
+        flush_at: None,
+        failed: None,
+    });
+    let wake = Condvar::new();
     let start = Instant::now();
-    let mut done = 0u64;
-    let mut subs = p.submissions(size).peekable();
-    while let Some(sub) = subs.next() {
-        // Reads: the next submission's data is fetched in the background while this one
-        // is read (the synchronous engine's way of keeping a request in flight).
-        if !p.write {
-            if let Some(Ok(next)) = subs.peek() {
-                dev.prefetch(next.offset, next.len);
-            }
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| worker(dev, p, max_len, &state, &wake));
         }
-        let r = match sub {
-            Ok(s) => {
-                let b = &mut buf[..s.len as usize];
-                let r = if p.write {
-                    dev.write(s.offset, b)
-                } else {
-                    dev.read(s.offset, b)
-                };
-                done += s.requests;
-                r
-            }
-            Err(()) => Err(5),
-        };
-        r.map_err(|e| CliError::new(format!("Failed request: {}", strerror(e))))?;
-        if p.flush_interval > 0 && done % p.flush_interval == 0 {
-            dev.flush()
-                .map_err(|e| CliError::new(format!("Failed flush request: {}", strerror(e))))?;
-        }
+    });
+    let st = state.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = st.failed {
+        return Err(e);
     }
     out(&format!(
         "Run completed in {:.3} seconds.\n",
         start.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+fn worker<I: Iterator<Item = Result<Submission, ()>>>(
+    dev: &dyn SharedDev,
+    p: &BenchParams,
+    max_len: usize,
+    state: &Mutex<Dispatch<I>>,
+    wake: &Condvar,
+) {
+    let mut buf = vec![p.pattern; max_len];
+    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    let mut st = lock();
+    loop {
+        if st.failed.is_some() {
+            return;
+        }
+        if st.flush_at.is_some() {
+            st = wake.wait(st).unwrap_or_else(|e| e.into_inner());
+            continue;
+        }
+        let sub = match st.subs.next() {
+            None => return,
+            Some(Err(())) => {
+                st.failed = Some(CliError::new(format!("Failed request: {}", strerror(5))));
+                wake.notify_all();
+                return;
+            }
+            Some(Ok(s)) => s,
+        };
+        st.issued += sub.requests;
+        if p.flush_interval > 0 && st.issued % p.flush_interval == 0 {
+            st.flush_at = Some(st.issued);
+        }
+        drop(st);
+        let b = &mut buf[..sub.len as usize];
+        let r = if p.write {
+            dev.write(sub.offset, b)
+        } else {
+            dev.read(sub.offset, b)
+        };
+        st = lock();
+        st.completed += sub.requests;
+        if let Err(e) = r {
+            st.failed = Some(CliError::new(format!("Failed request: {}", strerror(e))));
+            wake.notify_all();
+            return;
+        }
+        if st.flush_at == Some(st.completed) {
+            // Every request before the flush point has completed and no later one has
+            // started: the others wait on `flush_at`.
+            drop(st);
+            let r = dev.flush();
+            st = lock();
+            st.flush_at = None;
+            if let Err(e) = r {
+                st.failed = Some(CliError::new(format!(
+                    "Failed flush request: {}",
+                    strerror(e)
+                )));
+            }
+            wake.notify_all();
+        }
+    }
 }
 
 #[cfg(test)]

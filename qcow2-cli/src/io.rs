@@ -39,10 +39,6 @@ pub trait BlockDev {
     fn specific_info(&mut self) -> Vec<String>;
     /// Whether writes are refused (opened read-only).
     fn read_only(&self) -> bool;
-    /// Hints that `[offset, offset + len)` will be read soon (default: nothing).
-    fn prefetch(&mut self, offset: u64, len: u64) {
-        let _ = (offset, len);
-    }
 }
 
 /// `strerror` text for the errno values the engine reports.

@@ -629,28 +629,35 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 no_drain: a.no_drain,
             })?;
             let file = one_file("bench", &a.files)?;
-            // qemu-img bench prints its lines even with -q; cache and AIO modes do not apply
-            // to this engine's synchronous I/O.
-            let _ = (a.quiet, a.cache, a.aio, a.native);
+            // qemu-img bench prints its lines even with -q; the AIO mode does not apply to
+            // this engine's worker threads.
+            let _ = (a.quiet, a.aio, a.native);
+            let direct = bench::cache_is_direct(a.cache.as_deref())?;
             let format = match parse_format(a.format.as_deref())? {
                 Some(f) => f,
                 None => image::open(&file, None, false)?.format,
             };
             match format {
                 Format::Raw => {
-                    let mut dev = rawdev::RawDev::open(&file, !params.write).map_err(|_| {
+                    let storage = if direct {
+                        qcow2_io::FileStorage::open_direct(&file, params.write)
+                    } else {
+                        qcow2_io::FileStorage::open(&file, params.write)
+                    };
+                    let storage = storage.map_err(|_| {
                         image::open(&file, Some(Format::Raw), params.write)
                             .err()
                             .unwrap_or_else(|| CliError::new(format!("Could not open '{file}'")))
                     })?;
-                    bench::run(&mut dev, &params)
+                    bench::run(&bench::RawFile(storage), &params)
                 }
                 Format::Qcow2 => {
-                    let image = qcowdev::open_image(&file, !params.write)
+                    let image = qcowdev::open_image_cached(&file, !params.write, false, direct)
                         .map_err(|e| image::open_error(&file, e))?;
-                    let mut dev = qcowdev::QcowDev::from_image(image, !params.write);
-                    bench::run(&mut dev, &params)?;
-                    dev.close()
+                    let shared = qcow2_image::SharedImage::new(image);
+                    bench::run(&shared, &params)?;
+                    shared
+                        .close()
                         .map_err(|e| CliError::new(format!("Error while closing the image: {e}")))
                 }
             }

@@ -26,8 +26,24 @@ pub fn open_image(path: &str, read_only: bool) -> Result<Image, String> {
 /// [`open_image`]; `unmap` passes guest discards down to the files (QEMU's `BDRV_O_UNMAP`,
 /// which qemu-io sets by default).
 pub fn open_image_with(path: &str, read_only: bool, unmap: bool) -> Result<Image, String> {
-    let storage = FileStorage::open(path, !read_only)
-        .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
+    open_image_cached(path, read_only, unmap, false)
+}
+
+/// [`open_image_with`]; `direct` bypasses the page cache for the image file's aligned
+/// requests (QEMU's `cache=none`).
+pub fn open_image_cached(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    direct: bool,
+) -> Result<Image, String> {
+    let storage = if direct {
+        FileStorage::open_direct(path, !read_only)
+    } else {
+        FileStorage::open(path, !read_only)
+    };
+    let storage =
+        storage.map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
     let base_dir = std::path::Path::new(path)
         .parent()
         .map(|p| p.to_path_buf())
@@ -69,14 +85,6 @@ impl QcowDev {
             image: Some(image),
             read_only,
         })
-    }
-
-    /// Wraps an image opened by [`open_image`].
-    pub fn from_image(image: Image, read_only: bool) -> Self {
-        QcowDev {
-            image: Some(image),
-            read_only,
-        }
     }
 
     fn img(&mut self) -> Result<&mut Image, i32> {
@@ -171,10 +179,5 @@ impl BlockDev for QcowDev {
     }
     fn read_only(&self) -> bool {
         self.read_only
-    }
-    fn prefetch(&mut self, offset: u64, len: u64) {
-        if let Ok(img) = self.img() {
-            img.prefetch(offset, len);
-        }
     }
 }

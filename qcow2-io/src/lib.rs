@@ -13,6 +13,7 @@
 //!   may be lost in any subset, or torn at 512-byte sector granularity).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+mod direct;
 mod event;
 mod file;
 mod mem;
@@ -24,7 +25,7 @@ pub mod crash;
 pub mod fault;
 
 pub use event::{Event, UnknownEvent};
-pub use file::FileStorage;
+pub use file::{FileStorage, DIRECT_ALIGN};
 pub use mem::MemStorage;
 pub use sparse::SparseStorage;
 
