@@ -508,6 +508,50 @@ pub fn all(params: &Params) -> Vec<Workload> {
         floor: Some("floor-read"),
     });
 
+    // Random 4 KiB reads of a written image with one and with 32 requests in flight: what
+    // concurrent I/O buys (the engine's data reads run outside its metadata lock). The step
+    // is 4 KiB times an odd number, so every request reads a block no other request read
+    // (the image size is a power of two).
+    let blocks = big / (4 * KIB);
+    let reads = (blocks / 8).max(16);
+    let step = 4 * KIB * coprime_multiplier(blocks);
+    for (name, d) in [("rand-read-4k-d1", "1"), ("rand-read-4k-d32", "32")] {
+        let mut args = lits(&[
+            "bench",
+            "-t",
+            cache,
+            "-d",
+            d,
+            "-s",
+            "4096",
+            "-S",
+            &step.to_string(),
+            "-c",
+            &reads.to_string(),
+        ]);
+        args.push(Arg::Image);
+        w.push(Workload {
+            name,
+            title: format!(
+                "random 4 KiB reads of a written image, {d} in flight, {reads} of them, {}",
+                fmt_bytes(big)
+            ),
+            template: Some(Template::Written {
+                cluster: 64 * KIB,
+                size: big,
+            }),
+            kind: Kind::Pair {
+                needs: "bench",
+                args,
+                fresh_copy: false,
+                output: false,
+                evict_input: cache == "none",
+            },
+            bytes: reads * 4 * KIB,
+            floor: Some("floor-read"),
+        });
+    }
+
     for (name, zstd) in [("convert-zlib", false), ("convert-zstd", true)] {
         let mut args = lits(&["convert", "-c", "-O", "qcow2"]);
         if zstd {
