@@ -6,44 +6,13 @@
 
 mod common;
 
-use common::{qemu_check, Rng};
-use qcow2_image::{CreateOptions, Image, OpenOptions};
+use common::Rng;
+use qcow2_image::{CreateOptions, Image};
 use qcow2_io::crash::{Checkpoint, CrashOptions, CrashStorage};
-use qcow2_io::MemStorage;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 const FINAL_SIZE: u64 = 4 << 20;
-
-fn check_state(image: &[u8], stable: &[u8], unstable: &[bool], what: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("crash.qcow2");
-    std::fs::write(&p, image).unwrap();
-    let (code, v) = qemu_check(&p);
-    let corrupt = v["corruptions"].as_u64().unwrap_or(0);
-    let errors = v["check-errors"].as_u64().unwrap_or(0);
-    assert!(
-        (code == 0 || code == 3) && corrupt == 0 && errors == 0,
-        "{what}: qemu-img check exit {code}: {v}"
-    );
-    let mut img = Image::open(
-        Arc::new(MemStorage::from_bytes(image.to_vec())),
-        &OpenOptions::read_only(),
-    )
-    .unwrap_or_else(|e| panic!("{what}: open: {e}"));
-    let n = img.virtual_size().min(stable.len() as u64) as usize;
-    let mut buf = vec![0u8; n];
-    img.read(0, &mut buf).unwrap();
-    for i in 0..n {
-        // Bytes not written since the last completed flush must be the flushed ones.
-        if !unstable[i] && buf[i] != stable[i] {
-            panic!(
-                "{what}: flushed byte at {i:#x} lost ({:#x} != {:#x})",
-                buf[i], stable[i]
-            );
-        }
-    }
-}
 
 #[test]
 fn crash_states_show_no_corruption_and_keep_flushed_data() {
@@ -146,7 +115,7 @@ fn crash_states_show_no_corruption_and_keep_flushed_data() {
             if j % step != 0 && j + 2 < states.len() {
                 continue;
             }
-            check_state(
+            common::check_crash_state(
                 &st.image,
                 &mirrors[k],
                 &unstable,
@@ -162,7 +131,7 @@ fn crash_states_show_no_corruption_and_keep_flushed_data() {
     let step = (states.len() / 6).max(1);
     for (j, st) in states.iter().enumerate() {
         if j % step == 0 || j + 3 >= states.len() {
-            check_state(
+            common::check_crash_state(
                 &st.image,
                 &mirrors[rounds],
                 &mask(&written[rounds]),

@@ -221,3 +221,35 @@ impl Workload {
         img
     }
 }
+
+/// A post-crash image: `qemu-img check` finds no corruption (leaks allowed), and every
+/// byte not marked `unstable` (written since the last completed flush) reads as `stable`.
+pub fn check_crash_state(image: &[u8], stable: &[u8], unstable: &[bool], what: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("crash.qcow2");
+    std::fs::write(&p, image).unwrap();
+    let (code, v) = qemu_check(&p);
+    let corrupt = v["corruptions"].as_u64().unwrap_or(0);
+    let errors = v["check-errors"].as_u64().unwrap_or(0);
+    assert!(
+        (code == 0 || code == 3) && corrupt == 0 && errors == 0,
+        "{what}: qemu-img check exit {code}: {v}"
+    );
+    let mut img = qcow2_image::Image::open(
+        std::sync::Arc::new(qcow2_io::MemStorage::from_bytes(image.to_vec())),
+        &qcow2_image::OpenOptions::read_only(),
+    )
+    .unwrap_or_else(|e| panic!("{what}: open: {e}"));
+    let n = img.virtual_size().min(stable.len() as u64) as usize;
+    let mut buf = vec![0u8; n];
+    img.read(0, &mut buf).unwrap();
+    for i in 0..n {
+        // Bytes not written since the last completed flush must be the flushed ones.
+        if !unstable[i] && buf[i] != stable[i] {
+            panic!(
+                "{what}: flushed byte at {i:#x} lost ({:#x} != {:#x})",
+                buf[i], stable[i]
+            );
+        }
+    }
+}
