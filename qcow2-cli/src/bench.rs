@@ -9,15 +9,15 @@
 //! the requests in flight that continue each other in the guest are merged into one engine
 //! call (as the block layer merges adjacent requests), so a sequential run reaches the
 //! engine as large requests and a scattered one as single requests in parallel (same
-//! offsets, same bytes, same flush points). `-t none|directsync` bypasses the host page
-//! cache for aligned requests (`O_DIRECT`), the other cache modes go through it; writes are
-//! made durable by the flushes and the final flush at close.
+//! offsets, same bytes, same flush points). `-t` takes QEMU's cache modes on the image
+//! file ([`CacheMode`]: `none`/`directsync` bypass the page cache for aligned requests,
+//! `writethrough`/`directsync` make each write durable, `unsafe` skips flushes).
 
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use qcow2_image::{ImageError, SharedImage};
-use qcow2_io::{FileStorage, Storage};
+use qcow2_io::{CacheMode, FileStorage, Storage};
 
 use crate::io::strerror;
 use crate::size::{parse_size, SizeError};
@@ -232,13 +232,11 @@ impl BenchParams {
     }
 }
 
-/// Whether qemu-img's cache mode bypasses the host page cache (`none`, `directsync`);
-/// unknown modes get qemu-img's message.
-pub fn cache_is_direct(mode: Option<&str>) -> Result<bool, CliError> {
-    match mode.unwrap_or("writeback") {
-        "none" | "off" | "directsync" => Ok(true),
-        "writeback" | "writethrough" | "unsafe" => Ok(false),
-        _ => Err(CliError::new("Invalid cache mode")),
+/// qemu-img's cache mode (`-t`; writeback by default); unknown modes get its message.
+pub fn cache_mode(mode: Option<&str>) -> Result<CacheMode, CliError> {
+    match mode {
+        None => Ok(CacheMode::Writeback),
+        Some(m) => CacheMode::parse(m).ok_or_else(|| CliError::new("Invalid cache mode")),
     }
 }
 

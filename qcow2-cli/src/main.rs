@@ -632,18 +632,14 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             // qemu-img bench prints its lines even with -q; the AIO mode does not apply to
             // this engine's worker threads.
             let _ = (a.quiet, a.aio, a.native);
-            let direct = bench::cache_is_direct(a.cache.as_deref())?;
+            let cache = bench::cache_mode(a.cache.as_deref())?;
             let format = match parse_format(a.format.as_deref())? {
                 Some(f) => f,
                 None => image::open(&file, None, false)?.format,
             };
             match format {
                 Format::Raw => {
-                    let storage = if direct {
-                        qcow2_io::FileStorage::open_direct(&file, params.write)
-                    } else {
-                        qcow2_io::FileStorage::open(&file, params.write)
-                    };
+                    let storage = qcow2_io::FileStorage::open_cached(&file, params.write, cache);
                     let storage = storage.map_err(|_| {
                         image::open(&file, Some(Format::Raw), params.write)
                             .err()
@@ -652,7 +648,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     bench::run(&bench::RawFile(storage), &params)
                 }
                 Format::Qcow2 => {
-                    let image = qcowdev::open_image_cached(&file, !params.write, false, direct)
+                    let image = qcowdev::open_image_cached(&file, !params.write, false, cache)
                         .map_err(|e| image::open_error(&file, e))?;
                     let shared = qcow2_image::SharedImage::new(image);
                     bench::run(&shared, &params)?;

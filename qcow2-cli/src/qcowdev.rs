@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use qcow2_image::{BackingPolicy, Image, ImageError, OpenOptions};
-use qcow2_io::FileStorage;
+use qcow2_io::{CacheMode, FileStorage};
 
 use crate::info::format_specific_lines;
 use crate::io::BlockDev;
@@ -26,22 +26,17 @@ pub fn open_image(path: &str, read_only: bool) -> Result<Image, String> {
 /// [`open_image`]; `unmap` passes guest discards down to the files (QEMU's `BDRV_O_UNMAP`,
 /// which qemu-io sets by default).
 pub fn open_image_with(path: &str, read_only: bool, unmap: bool) -> Result<Image, String> {
-    open_image_cached(path, read_only, unmap, false)
+    open_image_cached(path, read_only, unmap, CacheMode::Writeback)
 }
 
-/// [`open_image_with`]; `direct` bypasses the page cache for the image file's aligned
-/// requests (QEMU's `cache=none`).
+/// [`open_image_with`] with one of QEMU's cache modes on the image file.
 pub fn open_image_cached(
     path: &str,
     read_only: bool,
     unmap: bool,
-    direct: bool,
+    cache: CacheMode,
 ) -> Result<Image, String> {
-    let storage = if direct {
-        FileStorage::open_direct(path, !read_only)
-    } else {
-        FileStorage::open(path, !read_only)
-    };
+    let storage = FileStorage::open_cached(path, !read_only, cache);
     let storage =
         storage.map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
     let base_dir = std::path::Path::new(path)

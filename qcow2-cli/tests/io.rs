@@ -262,6 +262,9 @@ fn qcow2_bench_writes_what_qemu_img_bench_writes() {
         ("none", "1", "0", "68k"),
         ("none", "16", "0", "68k"),
         ("none", "32", "512", "4k"),
+        ("directsync", "8", "0", "20k"),
+        ("writethrough", "8", "0", "20k"),
+        ("unsafe", "8", "0", "20k"),
     ];
     for (cache, depth, offset, step) in cases {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -11,11 +11,56 @@ use std::path::Path;
 /// [`FileStorage::open_direct`] (the largest logical block size of common disks).
 pub const DIRECT_ALIGN: usize = 4096;
 
+/// QEMU's cache modes (`-t`/`cache=`): whether the host page cache is bypassed
+/// (`O_DIRECT`), whether every write is durable when it returns (`O_DSYNC`), and whether
+/// flushes reach the disk at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Page cache; durable at flush (QEMU's default).
+    #[default]
+    Writeback,
+    /// `O_DIRECT`; durable at flush.
+    None,
+    /// Page cache, `O_DSYNC`: durable when each write returns.
+    Writethrough,
+    /// `O_DIRECT` and `O_DSYNC`.
+    DirectSync,
+    /// Page cache; flushes are ignored (a crash may lose everything since open).
+    Unsafe,
+}
+
+impl CacheMode {
+    /// The mode named as QEMU names it (`none`, `off`, `writeback`, `writethrough`,
+    /// `directsync`, `unsafe`); `None` for anything else.
+    pub fn parse(name: &str) -> Option<CacheMode> {
+        Some(match name {
+            "writeback" => CacheMode::Writeback,
+            "none" | "off" => CacheMode::None,
+            "writethrough" => CacheMode::Writethrough,
+            "directsync" => CacheMode::DirectSync,
+            "unsafe" => CacheMode::Unsafe,
+            _ => return None,
+        })
+    }
+
+    /// Whether aligned requests bypass the page cache.
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::DirectSync)
+    }
+
+    /// Whether each write is durable when it returns.
+    pub fn sync_writes(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::DirectSync)
+    }
+}
+
 /// Storage in a host file, read with `pread` and written with `pwrite`.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     writable: bool,
+    /// `cache=unsafe`: flushes do nothing.
+    ignore_flush: bool,
     /// A second descriptor opened with `O_DIRECT` (QEMU's `cache=none`): aligned requests
     /// go through it, bypassing the page cache; the others through `file`. The kernel keeps
     /// the two coherent (a direct read writes back dirty cached pages of its range first, a
@@ -27,26 +72,40 @@ impl FileStorage {
     /// Opens an existing file, read-only or read-write.
     pub fn open(path: impl AsRef<Path>, writable: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        Ok(Self {
-            file,
-            writable,
-            direct: None,
-        })
+        Ok(Self::from_file(file, writable))
     }
 
     /// Opens an existing file whose requests aligned to [`DIRECT_ALIGN`] bypass the page
     /// cache (`O_DIRECT`, QEMU's `cache=none`). Fails as the `open` does where the file
     /// system refuses `O_DIRECT` (`EINVAL`).
     pub fn open_direct(path: impl AsRef<Path>, writable: bool) -> io::Result<Self> {
+        Self::open_cached(path, writable, CacheMode::None)
+    }
+
+    /// Opens an existing file in one of QEMU's cache modes.
+    pub fn open_cached(
+        path: impl AsRef<Path>,
+        writable: bool,
+        mode: CacheMode,
+    ) -> io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         let path = path.as_ref();
-        let mut me = Self::open(path, writable)?;
-        let direct = OpenOptions::new()
+        let sync = if mode.sync_writes() { libc::O_DSYNC } else { 0 };
+        let file = OpenOptions::new()
             .read(true)
             .write(writable)
-            .custom_flags(libc::O_DIRECT)
+            .custom_flags(sync)
             .open(path)?;
-        me.direct = Some(direct);
+        let mut me = Self::from_file(file, writable);
+        me.ignore_flush = mode == CacheMode::Unsafe;
+        if mode.direct() {
+            let direct = OpenOptions::new()
+                .read(true)
+                .write(writable)
+                .custom_flags(libc::O_DIRECT | sync)
+                .open(path)?;
+            me.direct = Some(direct);
+        }
         Ok(me)
     }
 
@@ -71,11 +130,7 @@ impl FileStorage {
             .create(true)
             .truncate(true)
             .open(path)?;
-        Ok(Self {
-            file,
-            writable: true,
-            direct: None,
-        })
+        Ok(Self::from_file(file, true))
     }
 
     /// Wraps an already open file.
@@ -83,6 +138,7 @@ impl FileStorage {
         Self {
             file,
             writable,
+            ignore_flush: false,
             direct: None,
         }
     }
@@ -154,6 +210,9 @@ impl Storage for FileStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
+        if self.ignore_flush {
+            return Ok(());
+        }
         self.file.sync_data()
     }
 

@@ -25,7 +25,7 @@ pub mod crash;
 pub mod fault;
 
 pub use event::{Event, UnknownEvent};
-pub use file::{FileStorage, DIRECT_ALIGN};
+pub use file::{CacheMode, FileStorage, DIRECT_ALIGN};
 pub use mem::MemStorage;
 pub use sparse::SparseStorage;
 
