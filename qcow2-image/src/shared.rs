@@ -12,14 +12,24 @@
 //!   compressed writes) waits, holding the lock, until those clusters have no data in
 //!   flight. So a host cluster is never freed, reused or moved while data is read from or
 //!   written to it for another request; unrelated requests proceed.
+//! - **In-flight allocations** (QEMU's `QCowL2Meta`). A write into fresh clusters whose
+//!   copy-on-write areas read as zero allocates them under the lock (refcounts taken,
+//!   overlap-checked), registers its guest clusters as allocating, writes its data without
+//!   the lock (one fast zeroing of the new clusters and the guest bytes), and links the L2
+//!   entries under the lock again. Every write, zero write, discard or compressed write that
+//!   touches an allocating cluster waits for it **without** the lock (the allocation needs
+//!   it to finish), then plans again; reads do not wait (they see the old mapping until the
+//!   link, as a read racing a write may). Data reaches the storage before the entry that
+//!   points at it, as on the single-threaded path; a crash in between leaks the clusters
+//!   and never exposes them.
 //! - **Drain.** Operations on the whole image (snapshots, amend, resize, close, and
 //!   [`SharedImage::exclusive`]) wait for every request in flight and run alone.
 //! - Freed clusters stay quarantined until a durable flush (invariant 2), as before.
 //!
 //! Which methods may run in parallel: `read`, `write`, `write_zeroes`, `discard`,
 //! `write_compressed`, `flush`, `map`, `block_status` and the accessors, from any number
-//! of threads. Reads and in-place writes of data clusters overlap their data movement;
-//! requests that change metadata run one at a time under the lock. Whole-image operations
+//! of threads. Reads, in-place writes and zero-COW allocating writes overlap their data
+//! movement; the other requests that change metadata run one at a time under the lock. Whole-image operations
 //! run alone.
 
 use crate::error::{ImageError, Op, Result};
@@ -36,15 +46,27 @@ struct InFlight {
     idle: Condvar,
 }
 
+/// What a registered range is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moving {
+    /// Data of a read or in-place write: finishes without the metadata lock.
+    Data,
+    /// An allocation in flight: its data is being written to clusters that are allocated
+    /// but not linked yet; it needs the metadata lock again to link them.
+    Alloc,
+}
+
 #[derive(Debug, Default)]
 struct Registry {
     next: u64,
-    live: HashMap<u64, (u64, u64)>,
+    live: HashMap<u64, (u64, u64, Moving)>,
 }
 
 impl Registry {
-    fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.live.values().any(|&(s, e)| s < end && start < e)
+    fn overlaps(&self, start: u64, end: u64, kind: Moving) -> bool {
+        self.live
+            .values()
+            .any(|&(s, e, k)| k == kind && s < end && start < e)
     }
 }
 
@@ -68,26 +90,44 @@ impl Drop for InFlightGuard<'_> {
 }
 
 impl InFlight {
-    fn register(&self, start: u64, end: u64) -> InFlightGuard<'_> {
-        let mut r = self
-            .ranges
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.ranges
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers `[start, end)`; called with the metadata lock held.
+    fn register(&self, start: u64, end: u64, kind: Moving) -> InFlightGuard<'_> {
+        let mut r = self.registry();
         let id = r.next;
         r.next += 1;
-        r.live.insert(id, (start, end));
+        r.live.insert(id, (start, end, kind));
         InFlightGuard { owner: self, id }
     }
 
-    /// Blocks until no data moves in `[start, end)`. Called with the metadata lock held, so
-    /// no new data movement can start there meanwhile; movements in flight never need the
-    /// metadata lock to finish, so this cannot deadlock.
+    /// Whether an allocation is in flight in `[start, end)`.
+    fn allocating(&self, start: u64, end: u64) -> bool {
+        self.registry().overlaps(start, end, Moving::Alloc)
+    }
+
+    /// Blocks until no allocation is in flight in `[start, end)`. Called **without** the
+    /// metadata lock: the allocation needs it to finish.
+    fn wait_allocations(&self, start: u64, end: u64) {
+        let mut r = self.registry();
+        while r.overlaps(start, end, Moving::Alloc) {
+            r = self
+                .idle
+                .wait(r)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Blocks until no data of a read or in-place write moves in `[start, end)`. Called
+    /// with the metadata lock held, so no new data movement can start there meanwhile;
+    /// such movements never need the metadata lock to finish, so this cannot deadlock.
     fn wait_idle(&self, start: u64, end: u64) {
-        let mut r = self
-            .ranges
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        while r.overlaps(start, end) {
+        let mut r = self.registry();
+        while r.overlaps(start, end, Moving::Data) {
             r = self
                 .idle
                 .wait(r)
@@ -111,6 +151,25 @@ impl std::fmt::Debug for SharedImage {
             .field("cluster_size", &self.cluster_size)
             .finish_non_exhaustive()
     }
+}
+
+/// Writes the data of a planned allocation: the new clusters' range `zero` is zeroed by
+/// the storage where it can do that fast and the data written into it; otherwise the
+/// whole range is written, zeros around the data.
+fn write_fresh(
+    storage: &dyn qcow2_io::Storage,
+    zero: (u64, u64),
+    data_at: u64,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let (at, len) = zero;
+    if storage.zero_fast(at, len)? {
+        return storage.write_at(data, data_at);
+    }
+    let mut whole = vec![0u8; len as usize];
+    let d = (data_at - at) as usize;
+    whole[d..d + data.len()].copy_from_slice(data);
+    storage.write_at(&whole, at)
 }
 
 fn lock_failed(op: Op) -> ImageError {
@@ -167,7 +226,7 @@ impl SharedImage {
         }
         let storage = core.data_storage_arc();
         let (start, end) = self.clusters(offset, buf.len() as u64);
-        let _moving = self.in_flight.register(start, end);
+        let _moving = self.in_flight.register(start, end, Moving::Data);
         drop(core);
         for p in pieces {
             if let ReadPiece::Host { at, len, host } = p {
@@ -181,18 +240,21 @@ impl SharedImage {
     }
 
     /// Writes guest bytes. Into clusters the image owns whose subclusters hold data, the
-    /// data moves without the metadata lock; otherwise the request allocates under it.
+    /// data moves without the metadata lock; fresh clusters whose copy-on-write areas read
+    /// as zero are allocated under the lock, written without it and linked under it again
+    /// (other requests touching them wait); everything else runs under the lock.
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let op = Op::Write;
+        let len = buf.len() as u64;
         let _req = self.requests(op)?;
-        let mut core = self.core(op)?;
+        let (start, end) = self.clusters(offset, len);
+        let mut core = self.lock_clear_of_allocations(op, start, end)?;
         core.check_writable(op)?;
-        core.check_range(op, offset, buf.len() as u64)?;
+        core.check_range(op, offset, len)?;
         core.invalidate_bitmaps(op, crate::bitmaps::Staleness::Content)?;
-        let (start, end) = self.clusters(offset, buf.len() as u64);
-        if let Some(pieces) = core.plan_rewrite(offset, buf.len() as u64)? {
+        if let Some(pieces) = core.plan_rewrite(offset, len)? {
             let storage = core.data_storage_arc();
-            let _moving = self.in_flight.register(start, end);
+            let _moving = self.in_flight.register(start, end, Moving::Data);
             drop(core);
             for p in pieces {
                 let src = &buf[p.at as usize..(p.at + p.len) as usize];
@@ -202,8 +264,41 @@ impl SharedImage {
             }
             return Ok(());
         }
+        // Nothing may read from or write to clusters whose mapping changes now.
         self.in_flight.wait_idle(start, end);
-        core.write(offset, buf)
+        let Some(plan) = core.plan_alloc(offset, len)? else {
+            return core.write(offset, buf);
+        };
+        let storage = core.data_storage_arc();
+        let _allocating = self.in_flight.register(start, end, Moving::Alloc);
+        drop(core);
+        let written = write_fresh(&*storage, plan.zero, plan.data_at, buf);
+        let mut core = self.core(op)?;
+        match written {
+            Ok(()) => core.finish_alloc(plan),
+            Err(e) => {
+                core.abort_alloc(&plan);
+                Err(ImageError::io(op, "write guest data", plan.data_at, e))
+            }
+        }
+    }
+
+    /// Takes the metadata lock once no allocation is in flight in `[start, end)` (waiting
+    /// for them without the lock, which they need to finish).
+    fn lock_clear_of_allocations(
+        &self,
+        op: Op,
+        start: u64,
+        end: u64,
+    ) -> Result<MutexGuard<'_, Image>> {
+        loop {
+            let core = self.core(op)?;
+            if !self.in_flight.allocating(start, end) {
+                return Ok(core);
+            }
+            drop(core);
+            self.in_flight.wait_allocations(start, end);
+        }
     }
 
     /// Makes guest bytes read as zeros (see [`Image::write_zeroes`]).
@@ -235,8 +330,8 @@ impl SharedImage {
         f: impl FnOnce(&mut Image) -> Result<R>,
     ) -> Result<R> {
         let _req = self.requests(op)?;
-        let mut core = self.core(op)?;
         let (start, end) = self.clusters(offset, len.max(1));
+        let mut core = self.lock_clear_of_allocations(op, start, end)?;
         self.in_flight.wait_idle(start, end);
         f(&mut core)
     }
@@ -379,9 +474,70 @@ mod tests {
     }
 
     #[test]
+    fn allocating_writes_move_data_in_parallel() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let storage = std::sync::Arc::new(Slow {
+            inner: qcow2_io::MemStorage::new(),
+            now: 0.into(),
+            max: 0.into(),
+            slow: false.into(),
+        });
+        let mut img = Image::create(storage.clone(), &crate::CreateOptions::new(8 << 20)).unwrap();
+        // L2 table present; every data cluster still unallocated.
+        img.write(0, &[1u8; 512]).unwrap();
+        img.flush().unwrap();
+        let shared = SharedImage::new(img);
+        let before = qcow2_io::Storage::len(&storage.inner).unwrap();
+        storage.slow.store(true, SeqCst);
+        std::thread::scope(|s| {
+            for i in 0..8u64 {
+                let shared = &shared;
+                // Two threads race into each fresh cluster: one allocates, the other waits
+                // for that allocation and must not allocate a second cluster.
+                let (t, at) = (i / 2 + 1, if i % 2 == 0 { 4096 } else { 12288 });
+                s.spawn(move || shared.write((t << 20) + at, &[t as u8; 4096]).unwrap());
+            }
+        });
+        assert!(
+            storage.max.load(SeqCst) >= 2,
+            "allocating writes never overlapped"
+        );
+        storage.slow.store(false, SeqCst);
+        let mut img = shared.into_inner().unwrap();
+        for t in 1..5u64 {
+            let mut b = vec![0u8; 65536];
+            img.read(t << 20, &mut b).unwrap();
+            assert!(b[..4096].iter().all(|&x| x == 0));
+            assert!(b[4096..8192].iter().all(|&x| x == t as u8));
+            assert!(b[8192..12288].iter().all(|&x| x == 0));
+            assert!(b[12288..16384].iter().all(|&x| x == t as u8));
+            assert!(b[16384..].iter().all(|&x| x == 0));
+        }
+        // One new cluster per thread, not one per request.
+        let after = qcow2_io::Storage::len(&storage.inner).unwrap();
+        assert_eq!(after - before, 4 * 65536);
+        img.close().unwrap();
+    }
+
+    #[test]
+    fn allocations_block_their_range_until_released() {
+        let f = std::sync::Arc::new(InFlight::default());
+        let g = f.register(0, 65536, Moving::Alloc);
+        // Data waits ignore allocations (they would need the lock the waiter holds).
+        f.wait_idle(0, 65536);
+        assert!(f.allocating(4096, 8192) && !f.allocating(65536, 70000));
+        let f2 = f.clone();
+        let t = std::thread::spawn(move || f2.wait_allocations(4096, 8192));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!t.is_finished());
+        drop(g);
+        t.join().unwrap();
+    }
+
+    #[test]
     fn waiting_ends_when_the_range_is_released() {
         let f = std::sync::Arc::new(InFlight::default());
-        let g = f.register(0, 65536);
+        let g = f.register(0, 65536, Moving::Data);
         let f2 = f.clone();
         let t = std::thread::spawn(move || {
             f2.wait_idle(4096, 8192);

@@ -44,11 +44,11 @@ pub(crate) enum Need {
 
 /// Where the copy-on-write regions of an allocation start and end.
 #[derive(Debug, Clone, Copy)]
-struct Cow {
+pub(crate) struct Cow {
     /// Offset in the first cluster where the written area (COW head included) starts.
-    start: u64,
+    pub start: u64,
     /// Offset in the last cluster where it ends (COW tail included).
-    end: u64,
+    pub end: u64,
 }
 
 impl Image {
@@ -535,7 +535,7 @@ impl Image {
 
     /// The copy-on-write start in the first cluster of a new allocation (QEMU's
     /// `calculate_l2_meta`, `keep_old == false`).
-    fn cow_start_new(&self, e: L2Entry, in_cluster: u64) -> u64 {
+    pub(crate) fn cow_start_new(&self, e: L2Entry, in_cluster: u64) -> u64 {
         let sc_bits = self.geo.subcluster_bits();
         let sc = u64::from(self.geo.subcluster_index(in_cluster));
         match e.cluster_type(self.ctx) {
@@ -554,7 +554,7 @@ impl Image {
 
     /// The copy-on-write end in the last cluster of a new allocation; `end` is the end of the
     /// guest write inside that cluster (1..=cluster_size).
-    fn cow_end_new(&self, e: L2Entry, end: u64) -> u64 {
+    pub(crate) fn cow_end_new(&self, e: L2Entry, end: u64) -> u64 {
         let cs = self.geo.cluster_size();
         let sc_bits = self.geo.subcluster_bits();
         let scs = self.geo.subcluster_size();
@@ -845,7 +845,7 @@ impl Image {
     /// Host clusters for the `run` guest clusters starting at `guest` (cluster aligned): in
     /// an external data file a guest cluster lives at its own offset, unrefcounted;
     /// otherwise they are allocated from the refcounts.
-    fn alloc_data_clusters(&mut self, op: Op, guest: u64, run: u64) -> Result<u64> {
+    pub(crate) fn alloc_data_clusters(&mut self, op: Op, guest: u64, run: u64) -> Result<u64> {
         if self.data.is_some() {
             return Ok(guest);
         }
@@ -857,7 +857,7 @@ impl Image {
 
     /// Publishes `run` new clusters at `host` in the L2 slice and frees what they replace.
     #[allow(clippy::too_many_arguments)]
-    fn link(
+    pub(crate) fn link(
         &mut self,
         op: Op,
         l2_offset: u64,
