@@ -6,7 +6,8 @@
 //! test backend can inject an error exactly there.
 //!
 //! Backends:
-//! - [`FileStorage`]: positional I/O on a file, `fdatasync` for flush.
+//! - [`FileStorage`]: positional I/O on a file, `fdatasync` for flush, QEMU's image locks
+//!   ([`lock`]).
 //! - [`MemStorage`]: a growable byte vector.
 //! - behind the `test-utils` feature: [`fault::FaultStorage`] (blkdebug-style error
 //!   injection) and [`crash::CrashStorage`] (a volatile write cache whose unflushed writes
@@ -15,6 +16,7 @@
 
 mod event;
 mod file;
+pub mod lock;
 mod mem;
 mod sparse;
 
@@ -25,6 +27,7 @@ pub mod fault;
 
 pub use event::{Event, UnknownEvent};
 pub use file::FileStorage;
+pub use lock::{LockError, Locking, Perms};
 pub use mem::MemStorage;
 pub use sparse::SparseStorage;
 
