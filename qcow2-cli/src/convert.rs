@@ -73,6 +73,13 @@ impl Source {
             Format::Raw => {
                 let storage = FileStorage::open(path, false)
                     .map_err(|e| image::open_error(path, image::strerror(&e)))?;
+                image::lock(
+                    &storage,
+                    path,
+                    image::FileRole::Raw { resize: false },
+                    false,
+                )
+                .map_err(|e| image::open_error(path, e))?;
                 Ok(Source {
                     reader: Reader::Raw(storage),
                     start: 0,
