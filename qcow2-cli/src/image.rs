@@ -1,7 +1,6 @@
 //! Opening image files for the commands that only need the format crate: format probing,
 //! header validation with QEMU's messages, the snapshot table, file sizes.
 
-use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -333,12 +332,36 @@ pub fn backing_size(path: &str, fmt: Option<Format>) -> Result<(u64, Format), St
     Ok((size, o.format))
 }
 
-/// Opens a file for writing from scratch (truncating), as qemu-img create does.
-pub fn create_file(path: &str) -> Result<File, CliError> {
-    File::create(path).map_err(|e| {
-        CliError::new(format!(
-            "{path}: Could not create '{path}': {}",
-            strerror(&e)
-        ))
-    })
+/// Opens a file for writing from scratch, as qemu-img create does: created if missing,
+/// QEMU's image locks taken in `role` (`FileRole::NewFile` for a raw file, `Qcow2` for a
+/// file formatted as qcow2 right away), and only then truncated, so that an image another
+/// process holds is refused ("FILE: Failed to get \"write\" lock" and the hint line)
+/// and left as it was.
+pub fn create_file(path: &str, role: FileRole) -> Result<FileStorage, CliError> {
+    create_file_for(path, role, path)
+}
+
+/// [`create_file`] of a file that belongs to the image `image` (its data file): errors
+/// start with the image's name, as qemu-img prints them.
+pub fn create_file_for(path: &str, role: FileRole, image: &str) -> Result<FileStorage, CliError> {
+    create_file_detail(path, role).map_err(|e| CliError::new(format!("{image}: {e}")))
+}
+
+/// [`create_file`] with the bare reason for a failure ("Could not create 'FILE':
+/// strerror", or the lock conflict and its hint line).
+pub fn create_file_detail(path: &str, role: FileRole) -> Result<FileStorage, String> {
+    let io_err = |e: std::io::Error| format!("Could not create '{path}': {}", strerror(&e));
+    let storage = FileStorage::open_for_create(path).map_err(io_err)?;
+    // Creating never force-shares (qemu-img create has no -U).
+    qcow2_image::locking::lock_file(
+        &storage,
+        Path::new(path),
+        role,
+        true,
+        qcow2_image::Locking::Auto,
+        false,
+    )
+    .map_err(|e| image_error_text(&e))?;
+    storage.set_len(0).map_err(io_err)?;
+    Ok(storage)
 }

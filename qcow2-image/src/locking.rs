@@ -9,6 +9,7 @@
 //! | qcow2 image file (and qcow2 backing files) | holds consistent read; shares consistent read, write unchanged | holds consistent read, write, resize; shares consistent read, write unchanged |
 //! | external data file | holds consistent read; shares all but resize | holds consistent read, write, resize; shares all but resize |
 //! | raw image (and raw backing files) | holds consistent read; shares all | holds consistent read, write (resize when resizing); shares all |
+//! | a file being created (before truncation) | — | holds write, resize; shares all but resize |
 //!
 //! A qcow2 file never shares "write" or "resize": its metadata lives in the file and two
 //! writers with separate caches corrupt it. With `force_share` (`-U`) an open shares
@@ -32,6 +33,9 @@ pub enum FileRole {
         /// Whether the open may change the length.
         resize: bool,
     },
+    /// A file being created (QEMU's `raw_co_create`): writes and resizes, shares all but
+    /// resize; taken before the old contents are truncated. Always writable.
+    NewFile,
 }
 
 /// QEMU's message for `-U` on a writable open.
@@ -65,6 +69,10 @@ pub fn permissions(role: FileRole, writable: bool, force_share: bool) -> (Perms,
             };
             (perm, Perms::ALL)
         }
+        FileRole::NewFile => (
+            Perms::WRITE | Perms::RESIZE,
+            Perms::ALL.without(Perms::RESIZE),
+        ),
     };
     if force_share {
         (perm, Perms::ALL)
