@@ -294,3 +294,27 @@ fn our_readers_hold_what_qemus_readers_hold() {
         drop(h);
     }
 }
+
+#[test]
+fn sleep_reads_its_operand_as_qemu_io_does() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_image(d, "img.qcow2");
+    for cmd in [
+        "sleep abc",
+        "sleep -5",
+        "sleep",
+        "sleep 1 2",
+        "sleep 0x10",
+        "sleep 010",
+        "sleep 09",
+        "sleep +3",
+    ] {
+        let o = qcow2(d, &["io", "-c", cmd, "img.qcow2"]);
+        let t = qemu_io(d, &["-c", cmd, "img.qcow2"]);
+        assert_eq!((o.code, o.text()), (t.code, t.text()), "{cmd}");
+    }
+}
