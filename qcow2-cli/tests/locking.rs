@@ -318,3 +318,79 @@ fn sleep_reads_its_operand_as_qemu_io_does() {
         assert_eq!((o.code, o.text()), (t.code, t.text()), "{cmd}");
     }
 }
+
+/// Backing files and data files: our holders lock the same bytes on them as qemu-io's.
+#[test]
+fn backing_and_data_files_are_locked_as_qemu_locks_them() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_image(d, "base.qcow2");
+    let r = qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=d.raw",
+            "dd.qcow2",
+            "4M",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let bin = env!("CARGO_BIN_EXE_qcow2");
+    let (base, data) = (d.join("base.qcow2"), d.join("d.raw"));
+    // (our io options, qemu-io's, image, file inspected, its bytes).
+    let cases: [(&[&str], &str, &Path, &[u64]); 6] = [
+        (&[], "top.qcow2", &base, RO),
+        (&["-r"], "top.qcow2", &base, RO),
+        (&["-r", "-U"], "top.qcow2", &base, SHARED),
+        (&[], "dd.qcow2", &data, &[100, 101, 103, 203]),
+        (&["-r"], "dd.qcow2", &data, &[100, 203]),
+        (&["-r", "-U"], "dd.qcow2", &data, SHARED),
+    ];
+    for (opts, image, file, bytes) in cases {
+        for program in [bin, "qemu-io"] {
+            let mut args: Vec<&str> = Vec::new();
+            if program == bin {
+                args.push("io");
+            }
+            args.extend(opts);
+            args.extend(["-c", "sleep 60000", image]);
+            // Killed with SIGKILL on drop: a crashed holder's locks go with its fds.
+            drop(Holder::start(d, program, &args, file, bytes));
+            assert!(locked_bytes(file).is_empty(), "{program} {args:?}");
+        }
+    }
+    // A writer on the backing file keeps our overlay out as it keeps qemu-io out.
+    let w = Holder::start(
+        d,
+        "qemu-io",
+        &["-c", "sleep 60000", "base.qcow2"],
+        &base,
+        RW,
+    );
+    let o = qcow2(d, &["io", "-c", "read 0 4k", "top.qcow2"]);
+    let t = qemu_io(d, &["-c", "read 0 4k", "top.qcow2"]);
+    assert_same_failure(&o, &t, "overlay of a held backing file");
+    drop(w);
+}
