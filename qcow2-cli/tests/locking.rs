@@ -393,4 +393,19 @@ fn backing_and_data_files_are_locked_as_qemu_locks_them() {
     let t = qemu_io(d, &["-c", "read 0 4k", "top.qcow2"]);
     assert_same_failure(&o, &t, "overlay of a held backing file");
     drop(w);
+    // A data file held by a qcow2 writer (a qcow2 file used as data file): QEMU finds the
+    // holder of "resize" first, because it attaches the data file holding nothing.
+    std::fs::copy(&base, &data).unwrap();
+    let w = Holder::start(d, "qemu-io", &["-c", "sleep 60000", "d.raw"], &data, RW);
+    for ro in [false, true] {
+        let flag: &[&str] = if ro { &["-r"] } else { &[] };
+        let o = qcow2(
+            d,
+            &[&["io"], flag, &["-c", "read 0 4k", "dd.qcow2"]].concat(),
+        );
+        let t = qemu_io(d, &[flag, &["-c", "read 0 4k", "dd.qcow2"]].concat());
+        assert_same_failure(&o, &t, "image of a held data file");
+        assert!(o.stderr.contains("shared \"resize\""), "{o:?}");
+    }
+    drop(w);
 }

@@ -120,3 +120,22 @@ pub(crate) fn lock_with(
 ) -> Result<()> {
     lock_file(file, path, role, writable, opts.locking, opts.force_share)
 }
+
+/// Locks an external data file as QEMU does: QEMU attaches the data child while the image
+/// has no user yet, holding nothing and sharing all but resize, then raises it to the
+/// final permissions when the image's user attaches. Both steps are taken so that a
+/// conflict reports the permission QEMU reports (a holder of "resize" is found first).
+pub(crate) fn lock_data_file(
+    file: &FileStorage,
+    path: &Path,
+    writable: bool,
+    opts: &OpenOptions,
+) -> Result<()> {
+    if opts.force_share && writable {
+        return Err(force_share_refused());
+    }
+    let (_, shared) = permissions(FileRole::DataFile, false, opts.force_share);
+    file.set_permissions(opts.locking, Perms::NONE, shared)
+        .map_err(|source| ImageError::locked(path, None, source))?;
+    lock_with(file, path, FileRole::DataFile, writable, opts)
+}
