@@ -121,7 +121,8 @@ fn normalize(list: &OptList) -> Result<String, CliError> {
 /// The text of an engine error with QEMU's hint line after it, if any.
 fn amend_error_text(e: &ImageError) -> String {
     let mut msg = qcowdev::error_text(e);
-    if let Some(h) = e.hint() {
+    // `error_text` already ends a lock conflict with its hint line.
+    if let Some(h) = e.hint().filter(|_| !e.is_locked()) {
         msg.push('\n');
         msg.push_str(h);
     }

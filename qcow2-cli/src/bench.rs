@@ -284,7 +284,7 @@ impl SharedDev for RawFile {
         // The block layer counts whole sectors.
         self.0
             .len()
-            .map(|l| l / 512 * 512)
+            .map(|l| l.next_multiple_of(512))
             .map_err(|e| e.raw_os_error().unwrap_or(5))
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {

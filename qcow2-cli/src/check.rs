@@ -57,6 +57,8 @@ pub fn run(req: CheckRequest) -> Result<(), CliError> {
             format_args!("Could not open '{file}': {}", image::strerror(&e)),
         )
     })?;
+    image::lock(&storage, file, image::FileRole::Qcow2, req.repair.is_some())
+        .map_err(|e| image::open_error(file, e))?;
     let storage: Arc<dyn Storage> = Arc::new(storage);
     let bar = req.progress.then(|| {
         let b = indicatif::ProgressBar::new(100);

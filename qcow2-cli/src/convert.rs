@@ -16,7 +16,6 @@
 //! - `-p`: QEMU's progress lines over the bytes of data to copy.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -73,6 +72,13 @@ impl Source {
             Format::Raw => {
                 let storage = FileStorage::open(path, false)
                     .map_err(|e| image::open_error(path, image::strerror(&e)))?;
+                image::lock(
+                    &storage,
+                    path,
+                    image::FileRole::Raw { resize: false },
+                    false,
+                )
+                .map_err(|e| image::open_error(path, e))?;
                 Ok(Source {
                     reader: Reader::Raw(storage),
                     start: 0,
@@ -182,7 +188,7 @@ fn write_error(offset: u64, e: &str) -> CliError {
 
 /// The target being written.
 enum Target {
-    Raw(File),
+    Raw(FileStorage),
     Qcow2(Box<Image>),
 }
 
@@ -190,6 +196,7 @@ impl Target {
     fn write(&mut self, off: u64, data: &[u8]) -> Result<(), CliError> {
         match self {
             Target::Raw(f) => f
+                .file()
                 .write_all_at(data, off)
                 .map_err(|e| write_error(off, &image::strerror(&e))),
             Target::Qcow2(img) => img
@@ -201,6 +208,7 @@ impl Target {
     fn finish(self) -> Result<(), CliError> {
         match self {
             Target::Raw(f) => f
+                .file()
                 .sync_all()
                 .map_err(|e| CliError::new(format!("Error while closing the image: {e}"))),
             Target::Qcow2(img) => img.close().map_err(|e| {
@@ -301,18 +309,14 @@ fn create_target(
                     )));
                 }
             }
-            let f = File::create(dst).map_err(|e| {
-                driver(format!("Could not create '{dst}': {}", image::strerror(&e)))
-            })?;
+            let f = image::create_file_detail(dst, image::FileRole::NewFile).map_err(driver)?;
             f.set_len(size)
                 .map_err(|e| driver(format!("Could not resize file: {}", image::strerror(&e))))?;
             Ok(Target::Raw(f))
         }
         Format::Qcow2 => {
             let c = qcow2_options(dst, opts, size)?;
-            let storage = FileStorage::create(dst).map_err(|e| {
-                driver(format!("Could not create '{dst}': {}", image::strerror(&e)))
-            })?;
+            let storage = image::create_file_detail(dst, image::FileRole::Qcow2).map_err(driver)?;
             let mut open = qcow2_image::OpenOptions {
                 backing: qcow2_image::BackingPolicy::Ignore,
                 ..qcow2_image::OpenOptions::default()
@@ -320,12 +324,8 @@ fn create_target(
             if let Some(name) = &c.data_file {
                 // Created by its name as given (relative to the working directory), as
                 // qemu-img does.
-                let data = FileStorage::create(name).map_err(|e| {
-                    driver(format!(
-                        "Could not create '{name}': {}",
-                        image::strerror(&e)
-                    ))
-                })?;
+                let data =
+                    image::create_file_detail(name, image::FileRole::NewFile).map_err(driver)?;
                 open.data_file = Some(qcow2_image::DataFileStorage(Arc::new(data)));
             }
             let img = Image::create_with(Arc::new(storage), &c, &open).map_err(|e| {

@@ -427,7 +427,8 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
             if prealloc != Preallocation::Off || opts.data_file.is_some() {
                 return create_preallocated(&filename, &opts, prealloc);
             }
-            let mut file = image::create_file(&filename)?;
+            let storage = image::create_file(&filename, image::FileRole::Qcow2)?;
+            let mut file = storage.file();
             file.write_all(&fresh.to_bytes())
                 .and_then(|_| file.sync_all())
                 .map_err(|e| in_file(format!("Could not write image: {}", image::strerror(&e))))?;
@@ -459,6 +460,10 @@ fn create_preallocated(
         ));
     }
     let create_error = |e: qcow2_image::ImageError| {
+        if e.is_locked() {
+            // qemu-img: "FILE: Failed to get \"write\" lock" and the hint line.
+            return in_file(crate::qcowdev::error_text(&e));
+        }
         in_file(format!(
             "Could not create image: {}",
             crate::qcowdev::error_text(&e)
@@ -467,19 +472,9 @@ fn create_preallocated(
     let img = match &opts.data_file {
         None => Image::create_path(filename, &opts).map_err(create_error)?,
         Some(name) => {
-            let io = |e: std::io::Error| {
-                in_file(format!(
-                    "Could not create '{name}': {}",
-                    image::strerror(&e)
-                ))
-            };
-            let data = qcow2_io::FileStorage::create(name).map_err(io)?;
-            let meta = qcow2_io::FileStorage::create(filename).map_err(|e| {
-                in_file(format!(
-                    "Could not create '{filename}': {}",
-                    image::strerror(&e)
-                ))
-            })?;
+            // qemu-img names the image in front of the data file's errors.
+            let data = image::create_file_for(name, image::FileRole::NewFile, filename)?;
+            let meta = image::create_file(filename, image::FileRole::Qcow2)?;
             let open = qcow2_image::OpenOptions {
                 backing: qcow2_image::BackingPolicy::Ignore,
                 data_file: Some(qcow2_image::DataFileStorage(std::sync::Arc::new(data))),
@@ -511,7 +506,8 @@ fn create_raw(filename: &str, size: u64, prealloc: Option<String>) -> Result<(),
             )))
         }
     }
-    let mut file = image::create_file(filename)?;
+    let storage = image::create_file(filename, image::FileRole::NewFile)?;
+    let mut file = storage.file();
     let res = if prealloc.as_deref() == Some("full") {
         let chunk = vec![0u8; 1 << 20];
         let mut left = size;

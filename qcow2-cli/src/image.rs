@@ -1,8 +1,9 @@
 //! Opening image files for the commands that only need the format crate: format probing,
 //! header validation with QEMU's messages, the snapshot table, file sizes.
 
-use std::fs::File;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use qcow2_format::bitmap::{load_bitmaps, BitmapDirEntry};
 use qcow2_format::extensions::FirstCluster;
@@ -13,6 +14,57 @@ use qcow2_format::snapshot::SnapshotEntry;
 use qcow2_io::{FileStorage, Storage};
 
 use crate::CliError;
+
+pub use qcow2_image::locking::FileRole;
+
+/// `-U/--force-share` of the running command. qemu-img passes its `force_share` to every
+/// open a command makes (the image, its backing files, convert's sources); one command
+/// runs per process here, so it is set once before the command opens anything.
+static FORCE_SHARE: AtomicBool = AtomicBool::new(false);
+
+/// Sets `-U/--force-share` for every open the command makes from now on.
+pub fn set_force_share(on: bool) {
+    FORCE_SHARE.store(on, Ordering::Relaxed);
+}
+
+/// Whether the command runs with `-U/--force-share`.
+pub fn force_share() -> bool {
+    FORCE_SHARE.load(Ordering::Relaxed)
+}
+
+/// The text of an image-library error as qemu-img prints it after its prefix: the
+/// message, and for a lock conflict the hint line ("Is another process using the image
+/// [PATH]?").
+pub fn image_error_text(e: &qcow2_image::ImageError) -> String {
+    let msg = match e {
+        qcow2_image::ImageError::Header(h) => h.to_string(),
+        other => other.to_string(),
+    };
+    match (e.is_locked(), e.hint()) {
+        (true, Some(hint)) => format!("{msg}\n{hint}"),
+        _ => msg,
+    }
+}
+
+/// Takes QEMU's image locks on `storage` (the file `path`, in `role`, writable or not)
+/// with the command's force-share; the error is qemu-img's text after "Could not open
+/// 'FILE': " (the lock message and its hint line, or the force-share refusal).
+pub fn lock(
+    storage: &FileStorage,
+    path: &str,
+    role: FileRole,
+    writable: bool,
+) -> Result<(), String> {
+    qcow2_image::locking::lock_file(
+        storage,
+        Path::new(path),
+        role,
+        writable,
+        qcow2_image::Locking::Auto,
+        force_share(),
+    )
+    .map_err(|e| image_error_text(&e))
+}
 
 /// The image formats the tool knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,12 +157,14 @@ fn probe_qcow2(buf: &[u8]) -> bool {
 /// own engine use this instead of [`open`], which also reads the first cluster (up to
 /// 2 MiB) and the snapshot table.
 pub fn probe(path: &str) -> Result<Format, CliError> {
-    let fail = |e: std::io::Error| {
-        open_error(
-            path,
-            format_args!("Could not open '{path}': {}", strerror(&e)),
-        )
-    };
+    probe_detail(path).map_err(|e| open_error(path, e))
+}
+
+/// [`probe`] with the bare reason for a failure ("Could not open 'FILE': strerror"). The
+/// probe takes no lock (QEMU probes before its permissions are applied): commands that
+/// open the image afterwards report the lock conflict of *that* open, as qemu-img does.
+pub fn probe_detail(path: &str) -> Result<Format, String> {
+    let fail = |e: std::io::Error| format!("Could not open '{path}': {}", strerror(&e));
     let storage = FileStorage::open(path, false).map_err(fail)?;
     let mut head = [0u8; 8];
     storage.read_at(&mut head, 0).map_err(fail)?;
@@ -142,6 +196,12 @@ pub fn open_detail(path: &str, format: Option<Format>, writable: bool) -> Result
         None if probe_qcow2(&head) => Format::Qcow2,
         None => Format::Raw,
     };
+    // QEMU's open takes its locks before the format driver reads its metadata.
+    let role = match format {
+        Format::Qcow2 => FileRole::Qcow2,
+        Format::Raw => FileRole::Raw { resize: false },
+    };
+    lock(&storage, path, role, writable)?;
     let qcow2 = match format {
         Format::Raw => None,
         Format::Qcow2 => Some(read_qcow2(&storage, writable)?),
@@ -272,12 +332,36 @@ pub fn backing_size(path: &str, fmt: Option<Format>) -> Result<(u64, Format), St
     Ok((size, o.format))
 }
 
-/// Opens a file for writing from scratch (truncating), as qemu-img create does.
-pub fn create_file(path: &str) -> Result<File, CliError> {
-    File::create(path).map_err(|e| {
-        CliError::new(format!(
-            "{path}: Could not create '{path}': {}",
-            strerror(&e)
-        ))
-    })
+/// Opens a file for writing from scratch, as qemu-img create does: created if missing,
+/// QEMU's image locks taken in `role` (`FileRole::NewFile` for a raw file, `Qcow2` for a
+/// file formatted as qcow2 right away), and only then truncated, so that an image another
+/// process holds is refused ("FILE: Failed to get \"write\" lock" and the hint line)
+/// and left as it was.
+pub fn create_file(path: &str, role: FileRole) -> Result<FileStorage, CliError> {
+    create_file_for(path, role, path)
+}
+
+/// [`create_file`] of a file that belongs to the image `image` (its data file): errors
+/// start with the image's name, as qemu-img prints them.
+pub fn create_file_for(path: &str, role: FileRole, image: &str) -> Result<FileStorage, CliError> {
+    create_file_detail(path, role).map_err(|e| CliError::new(format!("{image}: {e}")))
+}
+
+/// [`create_file`] with the bare reason for a failure ("Could not create 'FILE':
+/// strerror", or the lock conflict and its hint line).
+pub fn create_file_detail(path: &str, role: FileRole) -> Result<FileStorage, String> {
+    let io_err = |e: std::io::Error| format!("Could not create '{path}': {}", strerror(&e));
+    let storage = FileStorage::open_for_create(path).map_err(io_err)?;
+    // Creating never force-shares (qemu-img create has no -U).
+    qcow2_image::locking::lock_file(
+        &storage,
+        Path::new(path),
+        role,
+        true,
+        qcow2_image::Locking::Auto,
+        false,
+    )
+    .map_err(|e| image_error_text(&e))?;
+    storage.set_len(0).map_err(io_err)?;
+    Ok(storage)
 }

@@ -241,6 +241,15 @@ const SPECS: &[Spec] = &[
         oneline: "gets the length of the current file",
         writes: false,
     },
+    Spec {
+        name: "sleep",
+        opts: "",
+        argmin: 1,
+        argmax: Some(1),
+        args: "milliseconds",
+        oneline: "waits for the given value in milliseconds",
+        writes: false,
+    },
 ];
 
 /// Parsed options and operands of one command (GNU getopt with permutation).
@@ -417,7 +426,16 @@ pub fn run_command(dev: &mut dyn BlockDev, line: &str) -> Outcome {
     let usage = |o: &mut Outcome| {
         o.out(format!("{} {} -- {}\n", spec.name, spec.args, spec.oneline));
     };
-    let p = match getopt(spec, args) {
+    // qemu-io's sleep takes its operand without getopt ("-5 is not a valid number").
+    let parsed = if spec.name == "sleep" {
+        Ok(Parsed {
+            flags: Vec::new(),
+            operands: args.to_vec(),
+        })
+    } else {
+        getopt(spec, args)
+    };
+    let p = match parsed {
         Ok(p) => p,
         Err(e) => {
             o.err(e);
@@ -443,6 +461,8 @@ pub fn run_command(dev: &mut dyn BlockDev, line: &str) -> Outcome {
             }
             Err(e) => Err(format!("getlength: {}\n", strerror(e))),
         },
+        // The image stays open (and locked) meanwhile: how scripts hold an image.
+        "sleep" => cmd_sleep(&p),
         _ => Ok(()),
     };
     match result {
@@ -456,6 +476,36 @@ pub fn run_command(dev: &mut dyn BlockDev, line: &str) -> Outcome {
             o.fail()
         }
     }
+}
+
+/// qemu-io's `sleep MS`: the number as C's `strtol(.., 0)` reads it (decimal, 0x hex,
+/// leading-0 octal), refused when negative or not a number.
+fn cmd_sleep(p: &Parsed) -> Result<(), String> {
+    let arg = p.operands.first().map(String::as_str).unwrap_or("");
+    let bad = || format!("{arg} is not a valid number\n");
+    let t = arg.trim_start();
+    let (neg, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (16, h)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(bad());
+    }
+    // strtol saturates; so does this (a sleep that long is what was asked for).
+    let ms = u64::from_str_radix(digits, radix).unwrap_or(u64::MAX);
+    if neg && ms != 0 {
+        return Err(bad());
+    }
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    Ok(())
 }
 
 /// Checks `[offset, offset + len)` against the device like the block layer (EIO beyond the

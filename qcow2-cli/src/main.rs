@@ -232,7 +232,8 @@ struct InfoArgs {
     /// Show the whole backing chain.
     #[arg(long = "backing-chain")]
     backing_chain: bool,
-    /// Open without locking (accepted for compatibility; this tool does not lock).
+    /// Force-share: open even while another process writes the image (read-only opens
+    /// only, as qemu-img's -U; what is read may be inconsistent).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image file.
@@ -259,7 +260,8 @@ struct CheckArgs {
     /// Cache mode (accepted for compatibility).
     #[arg(short = 'T', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
-    /// Open without locking (accepted for compatibility).
+    /// Force-share: open even while another process writes the image (read-only opens
+    /// only, as qemu-img's -U; what is read may be inconsistent).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image file.
@@ -286,7 +288,8 @@ struct SnapshotArgs {
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
-    /// Open without locking (accepted for compatibility).
+    /// Force-share: open even while another process writes the image (read-only opens
+    /// only, as qemu-img's -U; what is read may be inconsistent).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image file.
@@ -307,7 +310,8 @@ struct MapArgs {
     /// Length to map.
     #[arg(short = 'l', long = "max-length", value_name = "LENGTH")]
     max_length: Option<String>,
-    /// Open without locking (accepted for compatibility).
+    /// Force-share: open even while another process writes the image (read-only opens
+    /// only, as qemu-img's -U; what is read may be inconsistent).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image file.
@@ -334,6 +338,10 @@ struct ConvertArgs {
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// Force-share: open the sources even while another process writes them (read-only opens
+    /// only, as qemu-img's -U; what is read may be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Source file(s) and the target file.
     files: Vec<String>,
 }
@@ -448,6 +456,10 @@ struct BenchArgs {
     /// Quiet (qemu-img bench prints its lines anyway; so does this).
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// Force-share: open even while another process writes the image (read-only opens
+    /// only, as qemu-img's -U; what is read may be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image file.
     files: Vec<String>,
 }
@@ -464,7 +476,8 @@ struct IoArgs {
     /// Image format.
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
-    /// Open without locking (accepted for compatibility).
+    /// Force-share: open even while another process writes the image (read-only opens
+    /// only, as qemu-img's -U; what is read may be inconsistent).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image file.
@@ -512,14 +525,15 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             if a.backing_chain {
                 return Err(CliError::new("info: --backing-chain is not available yet"));
             }
-            let _ = a.force_share;
+            image::set_force_share(a.force_share);
             info::run(&file, parse_format(a.format.as_deref())?, output)
         }
         Command::Check(a) => {
             let output = OutputFormat::parse(a.output.as_deref())?;
             let repair = check::parse_repair(a.repair.as_deref())?;
             let file = one_file("check", &a.files)?;
-            let _ = (a.cache, a.force_share);
+            let _ = a.cache;
+            image::set_force_share(a.force_share);
             check::run(check::CheckRequest {
                 file,
                 format: parse_format(a.format.as_deref())?,
@@ -540,7 +554,8 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 ));
             }
             let file = one_file("snapshot", &a.files)?;
-            let _ = (a.quiet, a.force_share);
+            let _ = a.quiet;
+            image::set_force_share(a.force_share);
             let format = parse_format(a.format.as_deref())?;
             let op = if let Some(n) = a.create.into_iter().next() {
                 snapshot::SnapshotOp::Create(n)
@@ -556,7 +571,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
         Command::Map(a) => {
             let output = OutputFormat::parse(a.output.as_deref())?;
             let file = one_file("map", &a.files)?;
-            let _ = a.force_share;
+            image::set_force_share(a.force_share);
             map::run(
                 &file,
                 parse_format(a.format.as_deref())?,
@@ -567,6 +582,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
         }
         Command::Convert(a) => {
             let source_format = parse_format(a.format.as_deref())?;
+            image::set_force_share(a.force_share);
             convert::run(convert::ConvertRequest {
                 source_format,
                 target_format: a.output_format,
@@ -633,9 +649,11 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             // this engine's worker threads.
             let _ = (a.quiet, a.aio, a.native);
             let cache = bench::cache_mode(a.cache.as_deref())?;
+            image::set_force_share(a.force_share);
+            // Probe only: the lock that matters (and its message) is the benchmark's open.
             let format = match parse_format(a.format.as_deref())? {
                 Some(f) => f,
-                None => image::open(&file, None, false)?.format,
+                None => image::probe(&file)?,
             };
             match format {
                 Format::Raw => {
@@ -645,6 +663,13 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                             .err()
                             .unwrap_or_else(|| CliError::new(format!("Could not open '{file}'")))
                     })?;
+                    image::lock(
+                        &storage,
+                        &file,
+                        image::FileRole::Raw { resize: false },
+                        params.write,
+                    )
+                    .map_err(|e| image::open_error(&file, e))?;
                     bench::run(&bench::RawFile(storage), &params)
                 }
                 Format::Qcow2 => {
@@ -660,11 +685,11 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
         }
         Command::Io(a) => {
             let file = one_file("io", &a.files)?;
-            let _ = a.force_share;
+            image::set_force_share(a.force_share);
+            // Probe only: the lock that matters (and its message) is the device's open.
             let format = match parse_format(a.format.as_deref())? {
                 Some(f) => f,
-                None => image::open_detail(&file, None, false)
-                    .map(|o| o.format)
+                None => image::probe_detail(&file)
                     .map_err(|e| CliError::new(format!("can't open device {file}: {e}")))?,
             };
             match format {

@@ -1,7 +1,5 @@
 //! qcow2 images (through the qcow2-image facade) as a [`BlockDev`] for `io` and `bench`.
 
-use std::sync::Arc;
-
 use qcow2_image::{BackingPolicy, Image, ImageError, OpenOptions};
 use qcow2_io::{CacheMode, FileStorage};
 
@@ -45,6 +43,7 @@ pub fn open_image_cached(
         .unwrap_or_default();
     let opts = OpenOptions {
         read_only,
+        force_share: crate::image::force_share(),
         backing: BackingPolicy::Open {
             base_dir,
             max_depth: 16,
@@ -55,19 +54,18 @@ pub fn open_image_cached(
         pass_discard_request: unmap,
         ..OpenOptions::default()
     };
-    let image = Image::open(Arc::new(storage), &opts).map_err(|e| error_text(&e))?;
+    let image =
+        Image::open_file(storage, std::path::Path::new(path), &opts).map_err(|e| error_text(&e))?;
     for m in image.messages() {
         eprintln!("{m}");
     }
     Ok(image)
 }
 
-/// The message of an image error without the engine's operation prefix where QEMU has none.
+/// The message of an image error without the engine's operation prefix where QEMU has none
+/// (a lock conflict with qemu-img's hint line after it).
 pub fn error_text(e: &ImageError) -> String {
-    match e {
-        ImageError::Header(h) => h.to_string(),
-        other => other.to_string(),
-    }
+    crate::image::image_error_text(e)
 }
 
 impl QcowDev {

@@ -30,6 +30,13 @@ impl RawDev {
                 crate::image::strerror(&e)
             )
         })?;
+        crate::image::lock(
+            &storage,
+            path,
+            crate::image::FileRole::Raw { resize: false },
+            !read_only,
+        )
+        .map_err(|e| format!("can't open device {path}: {e}"))?;
         Ok(RawDev { storage, read_only })
     }
 

@@ -74,6 +74,8 @@ pub fn run(
     }
     let storage = qcow2_io::FileStorage::open(file, true)
         .map_err(|e| image::open_error(file, image::strerror(&e)))?;
+    image::lock(&storage, file, image::FileRole::Raw { resize: true }, true)
+        .map_err(|e| image::open_error(file, e))?;
     storage
         .set_len(new)
         .and_then(|_| storage.flush())

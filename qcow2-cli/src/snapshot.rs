@@ -128,7 +128,8 @@ fn preliminary_lines(op: &SnapshotOp, e: &ImageError) -> Vec<String> {
 fn modify(file: &str, format: Option<Format>, op: &SnapshotOp, name: &str) -> Result<(), CliError> {
     let format = match format {
         Some(f) => f,
-        None => image::open(file, None, false)?.format,
+        // Probe only: the lock that matters (and its message) is the writable open's.
+        None => image::probe(file)?,
     };
     if format == Format::Raw {
         // The raw driver has no snapshots; qemu-img's answers per operation.

@@ -5,6 +5,7 @@
 //! directories, maximum chain depth) or a caller-supplied [`BackingOpener`].
 
 use crate::error::{ImageError, Result};
+use crate::locking::FileRole;
 use crate::options::{BackingPolicy, OpenOptions};
 use crate::Image;
 use qcow2_io::{FileStorage, Storage};
@@ -120,13 +121,16 @@ pub(crate) fn resolve(name: &str, base_dir: &Path, allowed: &[PathBuf]) -> Resul
     Ok(canon)
 }
 
-/// Opens the backing chain of an image according to `policy`.
+/// Opens the backing chain of an image according to `opts.backing`. Backing files opened
+/// by path hold QEMU's read-only locks (force-share and the locking mode inherited from
+/// `opts`, as QEMU's children inherit them).
 pub(crate) fn open_backing(
     name: &str,
     format: Option<&str>,
-    policy: &BackingPolicy,
+    opts: &OpenOptions,
     depth: u32,
 ) -> Result<Option<Box<dyn BackingImage>>> {
+    let policy = &opts.backing;
     let err = |reason: String| ImageError::Backing {
         name: name.to_string(),
         reason,
@@ -148,22 +152,34 @@ pub(crate) fn open_backing(
                 )));
             }
             let path = resolve(name, base_dir, allowed_dirs)?;
-            let storage: Arc<dyn Storage> = Arc::new(
-                FileStorage::open(&path, false)
-                    .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?,
-            );
+            let file = FileStorage::open(&path, false)
+                .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
             let is_qcow2 = match format {
                 Some("qcow2") => true,
                 Some("raw") => false,
                 Some(other) => return Err(err(format!("unsupported backing format '{other}'"))),
                 None => {
                     let mut magic = [0u8; 4];
-                    storage
-                        .read_at(&mut magic, 0)
+                    file.read_at(&mut magic, 0)
                         .map_err(|e| err(format!("cannot probe the format: {e}")))?;
                     magic == *b"QFI\xfb"
                 }
             };
+            // QEMU names the backing file in its hint as the image's directory joined with
+            // the stored name (`path_combine`), not the canonical path.
+            let shown = if Path::new(name).is_absolute() {
+                PathBuf::from(name)
+            } else {
+                base_dir.join(name)
+            };
+            let role = if is_qcow2 {
+                FileRole::Qcow2
+            } else {
+                // A raw backing node passes the overlay's sharing through: it shares all.
+                FileRole::Raw { resize: false }
+            };
+            lock_backing(&file, &shown, role, opts)?;
+            let storage: Arc<dyn Storage> = Arc::new(file);
             if !is_qcow2 {
                 return Ok(Some(Box::new(RawBacking::new(storage)?)));
             }
@@ -178,10 +194,24 @@ pub(crate) fn open_backing(
             let opts = OpenOptions {
                 read_only: true,
                 backing: next_policy,
+                locking: opts.locking,
+                force_share: opts.force_share,
                 ..OpenOptions::default()
             };
             let img = Image::open_at_depth(storage, &opts, depth)?;
             Ok(Some(Box::new(img)))
         }
     }
+}
+
+/// Takes the read-only locks of a backing file; a conflict reads as QEMU's "Could not open backing file: ...".
+fn lock_backing(
+    file: &FileStorage,
+    shown: &Path,
+    role: FileRole,
+    opts: &OpenOptions,
+) -> Result<()> {
+    let (perm, shared) = crate::locking::permissions(role, false, opts.force_share);
+    file.set_permissions(opts.locking, perm, shared)
+        .map_err(|source| ImageError::locked(shown, Some("Could not open backing file: "), source))
 }

@@ -90,6 +90,7 @@ pub(crate) fn open(name: &str, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
             })?;
             let storage =
                 FileStorage::open(&path, !opts.read_only).map_err(|e| could_not_open(&e))?;
+            crate::locking::lock_data_file(&storage, plain, !opts.read_only, opts)?;
             Ok(Arc::new(storage))
         }
         _ => Err(err(format!(

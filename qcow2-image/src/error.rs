@@ -230,6 +230,24 @@ pub enum ImageError {
         /// What went wrong.
         reason: String,
     },
+    /// Another open holds the file in a way that conflicts with this one (QEMU's image
+    /// locks: "Failed to get \"write\" lock"), or the locks could not be taken. `hint` is
+    /// the line qemu-img prints after it: "Is another process using the image [PATH]?".
+    /// Nothing was read or written.
+    #[error("{context}{source}")]
+    Locked {
+        /// The file whose lock failed, as QEMU names it (the image, a backing file or the
+        /// data file).
+        path: String,
+        /// What was being opened, as QEMU prefixes it ("Could not open backing file: "),
+        /// or empty.
+        context: &'static str,
+        /// The lock error (QEMU's message).
+        #[source]
+        source: qcow2_io::LockError,
+        /// QEMU's hint line.
+        hint: String,
+    },
     /// The external data file could not be opened (`reason` names it, in QEMU's words
     /// where QEMU has them).
     #[error("{reason}")]
@@ -242,6 +260,27 @@ pub enum ImageError {
 }
 
 impl ImageError {
+    /// A lock failure on the file at `path`, with QEMU's hint line.
+    pub(crate) fn locked(
+        path: &std::path::Path,
+        context: Option<&'static str>,
+        source: qcow2_io::LockError,
+    ) -> Self {
+        let path = path.display().to_string();
+        let hint = format!("Is another process using the image [{path}]?");
+        ImageError::Locked {
+            path,
+            context: context.unwrap_or(""),
+            source,
+            hint,
+        }
+    }
+
+    /// Whether this error is a lock conflict with another open of the same file.
+    pub fn is_locked(&self) -> bool {
+        matches!(self, ImageError::Locked { .. })
+    }
+
     pub(crate) fn io(op: Op, context: &'static str, offset: u64, source: io::Error) -> Self {
         ImageError::Io {
             op,
@@ -266,6 +305,7 @@ impl ImageError {
             ImageError::OutOfRange { .. } | ImageError::InvalidArgument { .. } => EINVAL,
             ImageError::Snapshot { source, .. } => source.errno(),
             ImageError::Refused { errno, .. } => *errno,
+            ImageError::Locked { source, .. } => source.errno(),
             ImageError::Bitmaps { .. } => EINVAL,
             ImageError::Header(HeaderError::RefcountTableTooLarge { .. })
             | ImageError::Header(HeaderError::L1TableTooLarge { .. }) => EFBIG,
@@ -282,6 +322,7 @@ impl ImageError {
     pub fn hint(&self) -> Option<&str> {
         match self {
             ImageError::Refused { hint, .. } => hint.as_deref(),
+            ImageError::Locked { hint, .. } => Some(hint),
             _ => None,
         }
     }

@@ -106,6 +106,9 @@ pub struct Image {
     /// The bitmap directory of a writable open with valid bitmaps; bitmaps that a change
     /// would make stale are marked IN_USE first (see `bitmaps.rs`).
     pub(crate) bitmap_dir: Option<crate::bitmaps::BitmapDir>,
+    /// The image file and its name when the library opened it and holds QEMU's locks on
+    /// it (see `locking.rs`); the locks go with the last reference to the file.
+    pub(crate) locked: Option<(Arc<FileStorage>, std::path::PathBuf)>,
 }
 
 impl std::fmt::Debug for Image {
@@ -212,12 +215,37 @@ impl Image {
         Self::open_at_depth(storage, opts, 0)
     }
 
-    /// Opens the image file at `path` (read-only if `opts.read_only`).
+    /// Opens the image file at `path` (read-only if `opts.read_only`), taking QEMU's image
+    /// locks on it first as [`OpenOptions::locking`] says (see [`Image::open_file`]).
     pub fn open_path(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         let f = FileStorage::open(path, !opts.read_only)
             .map_err(|e| ImageError::io(Op::Open, "open image file", 0, e))?;
-        Self::open(Arc::new(f), opts)
+        Self::open_file(f, path, opts)
+    }
+
+    /// Opens the image in `file` (named `path` in messages), which the caller opened
+    /// (writable unless `opts.read_only`). Before anything is read, QEMU's image locks are
+    /// taken as [`OpenOptions::locking`] and [`OpenOptions::force_share`] say: while
+    /// another process (QEMU or this library) holds the image in a conflicting way, the
+    /// open fails with [`ImageError::Locked`] ("Failed to get \"write\" lock") and
+    /// nothing is read or written. Backing files and the data file that the library opens
+    /// by name are locked the same way. The locks last until the image is dropped.
+    pub fn open_file(file: FileStorage, path: &Path, opts: &OpenOptions) -> Result<Image> {
+        if opts.force_share && !opts.read_only {
+            return Err(crate::locking::force_share_refused());
+        }
+        let file = Arc::new(file);
+        crate::locking::lock_with(
+            &file,
+            path,
+            crate::locking::FileRole::Qcow2,
+            !opts.read_only,
+            opts,
+        )?;
+        let mut img = Self::open(file.clone(), opts)?;
+        img.locked = Some((file, path.to_path_buf()));
+        Ok(img)
     }
 
     pub(crate) fn open_at_depth(
@@ -225,6 +253,9 @@ impl Image {
         opts: &OpenOptions,
         depth: u32,
     ) -> Result<Image> {
+        if opts.force_share && !opts.read_only {
+            return Err(crate::locking::force_share_refused());
+        }
         if let Some(img) = Self::open_inner(storage.clone(), opts, depth, Vec::new(), true)? {
             return Ok(img);
         }
@@ -390,6 +421,7 @@ impl Image {
             data_file_raw,
             image_file,
             bitmap_dir: None,
+            locked: None,
         };
         img.messages = messages;
         img.init_overlap(opts)?;
@@ -431,7 +463,7 @@ impl Image {
 
         if let Some(name) = img.fc.backing_file_str() {
             let fmt = img.fc.backing_format_str();
-            match backing::open_backing(&name, fmt.as_deref(), &opts.backing, depth + 1) {
+            match backing::open_backing(&name, fmt.as_deref(), opts, depth + 1) {
                 Ok(b) => img.backing = b,
                 Err(e) => {
                     img.closed = true;
@@ -522,11 +554,27 @@ impl Image {
         Self::create_with(storage, opts, &open)
     }
 
-    /// Creates the image file at `path` (truncating it) and opens it read-write.
+    /// Creates the image file at `path` (truncating it) and opens it read-write. As
+    /// QEMU's create, QEMU's image locks for a writer are taken (where OFD locks work)
+    /// **before** the file is truncated: an image another process holds is refused with
+    /// [`ImageError::Locked`] and left untouched. The image keeps the locks.
     pub fn create_path(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Image> {
-        let f = FileStorage::create(path.as_ref())
-            .map_err(|e| ImageError::io(Op::Create, "create image file", 0, e))?;
-        Self::create(Arc::new(f), opts)
+        let path = path.as_ref();
+        let f = Arc::new(
+            FileStorage::open_for_create(path)
+                .map_err(|e| ImageError::io(Op::Create, "create image file", 0, e))?,
+        );
+        crate::locking::lock_file(
+            &f,
+            path,
+            crate::locking::FileRole::Qcow2,
+            true,
+            crate::Locking::Auto,
+            false,
+        )?;
+        let mut img = Self::create(f.clone(), opts)?;
+        img.locked = Some((f, path.to_path_buf()));
+        Ok(img)
     }
 
     /// Creates an image on `storage` and opens it with `open` options.
@@ -947,6 +995,18 @@ impl Image {
     /// on disk rather than patched). If the open fails the image is poisoned: the in-memory
     /// state no longer describes the disk.
     pub(crate) fn reopen(&mut self, op: Op) -> Result<()> {
+        // The reopen is writable: a file the library locked must hold the writer's
+        // permissions first (an upgrade takes and checks the new bytes; a no-op when the
+        // image was opened writable).
+        if let Some((file, path)) = &self.locked {
+            crate::locking::lock_with(
+                file,
+                path,
+                crate::locking::FileRole::Qcow2,
+                true,
+                &self.opts,
+            )?;
+        }
         self.flush_caches(op, true)?;
         self.engine.release_quarantine(&mut self.caches);
         self.mark_clean(op)?;
@@ -960,6 +1020,7 @@ impl Image {
             Ok(Some(mut new)) => {
                 new.opts = self.opts.clone();
                 new.backing = self.backing.take();
+                new.locked = self.locked.take();
                 self.closed = true;
                 let old = std::mem::replace(self, new);
                 drop(old);

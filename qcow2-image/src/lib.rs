@@ -30,6 +30,7 @@ mod compress;
 mod data_file;
 mod error;
 mod image;
+pub mod locking;
 mod map;
 mod options;
 mod overlap;
@@ -52,6 +53,7 @@ pub use options::{
 };
 pub use qcow2_format::features::CompressionType;
 pub use qcow2_format::layout::Compat;
+pub use qcow2_io::{Locking, Perms};
 pub use qcow2_snapshot::{NewSnapshot, SnapshotEntry};
 pub use shared::SharedImage;
 

@@ -156,6 +156,17 @@ pub struct OpenOptions {
     /// relative to the working directory) if it lies in the allowed directories of a
     /// [`BackingPolicy::Open`]; any other backing policy then refuses the image.
     pub data_file: Option<DataFileStorage>,
+    /// QEMU's `locking` option of the file driver for the files the library opens by name
+    /// ([`crate::Image::open_path`], [`crate::Image::open_file`], backing files of
+    /// [`BackingPolicy::Open`], the data file by its name): `Auto` (the default) takes
+    /// QEMU's image locks where OFD locks work, `On` requires them, `Off` takes none.
+    /// Storage the caller passes in ([`crate::Image::open`], [`OpenOptions::data_file`])
+    /// is never locked by the library.
+    pub locking: qcow2_io::Locking,
+    /// QEMU's `force-share` (`-U`): share every permission with other opens (a writer
+    /// elsewhere may change the image under this open). Read-only opens only; a writable
+    /// open with it is refused with QEMU's message. Inherited by backing and data files.
+    pub force_share: bool,
 }
 
 /// Caller-supplied storage of an external data file (see [`OpenOptions::data_file`]).
@@ -184,6 +195,8 @@ impl Default for OpenOptions {
             backing: BackingPolicy::None,
             repair_dirty: true,
             data_file: None,
+            locking: qcow2_io::Locking::Auto,
+            force_share: false,
         }
     }
 }

@@ -1,11 +1,14 @@
-//! A file backend: positional I/O, `fdatasync` for flush, hole punching for discard.
+//! A file backend: positional I/O, `fdatasync` for flush, hole punching for discard, and
+//! QEMU's image locks (see [`crate::lock`]).
 
+use crate::lock::{self, LockError, LockState, Locking, Perms};
 use crate::Storage;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::Mutex;
 
 /// Offset, length and memory alignment of the requests that bypass the page cache in
 /// [`FileStorage::open_direct`] (the largest logical block size of common disks).
@@ -55,6 +58,9 @@ impl CacheMode {
 }
 
 /// Storage in a host file, read with `pread` and written with `pwrite`.
+///
+/// Each `FileStorage` is one open file description: the QEMU permission locks taken with
+/// [`FileStorage::set_permissions`] belong to it and are released when it is dropped.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
@@ -66,6 +72,7 @@ pub struct FileStorage {
     /// the two coherent (a direct read writes back dirty cached pages of its range first, a
     /// direct write drops them).
     direct: Option<File>,
+    lock: Mutex<LockState>,
 }
 
 impl FileStorage {
@@ -133,6 +140,19 @@ impl FileStorage {
         Ok(Self::from_file(file, true))
     }
 
+    /// Opens (creating if needed) a file for writing **without truncating it**, so that a
+    /// caller can take its locks with [`FileStorage::set_permissions`] before it destroys
+    /// the old contents (QEMU's create takes the locks before truncating).
+    pub fn open_for_create(path: impl AsRef<Path>) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        Ok(Self::from_file(file, true))
+    }
+
     /// Wraps an already open file.
     pub fn from_file(file: File, writable: bool) -> Self {
         Self {
@@ -140,7 +160,33 @@ impl FileStorage {
             writable,
             ignore_flush: false,
             direct: None,
+            lock: Mutex::new(LockState::new()),
         }
+    }
+
+    /// Holds the QEMU permissions `perm` on the file and shares only `shared` with other
+    /// opens, through QEMU's lock bytes (see [`crate::lock`]); replaces what an earlier
+    /// call set (an upgrade from read-only to read-write takes the new bytes and checks
+    /// them first; a downgrade only releases bytes). On a conflict nothing changes and
+    /// the error is QEMU's ("Failed to get \"write\" lock"). `locking` decides at the
+    /// first call whether locks are used at all ([`Locking::Auto`]: when OFD locks work on
+    /// the file); later calls keep that decision.
+    pub fn set_permissions(
+        &self,
+        locking: Locking,
+        perm: Perms,
+        shared: Perms,
+    ) -> Result<(), LockError> {
+        // A poisoned mutex only means another thread panicked mid-change; the state it
+        // describes is still the kernel's (each byte is recorded after it changed).
+        let mut st = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        lock::set_permissions(&self.file, &mut st, locking, perm, shared)
+    }
+
+    /// The permissions held and shared through this file, if it uses locks.
+    pub fn permissions(&self) -> Option<(Perms, Perms)> {
+        let st = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        st.current()
     }
 
     /// Whether the file was opened for writing.

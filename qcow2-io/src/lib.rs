@@ -6,7 +6,8 @@
 //! test backend can inject an error exactly there.
 //!
 //! Backends:
-//! - [`FileStorage`]: positional I/O on a file, `fdatasync` for flush.
+//! - [`FileStorage`]: positional I/O on a file, `fdatasync` for flush, QEMU's image locks
+//!   ([`lock`]).
 //! - [`MemStorage`]: a growable byte vector.
 //! - behind the `test-utils` feature: [`fault::FaultStorage`] (blkdebug-style error
 //!   injection) and [`crash::CrashStorage`] (a volatile write cache whose unflushed writes
@@ -16,6 +17,7 @@
 mod direct;
 mod event;
 mod file;
+pub mod lock;
 mod mem;
 mod sparse;
 
@@ -26,6 +28,7 @@ pub mod fault;
 
 pub use event::{Event, UnknownEvent};
 pub use file::{CacheMode, FileStorage, DIRECT_ALIGN};
+pub use lock::{LockError, Locking, Perms};
 pub use mem::MemStorage;
 pub use sparse::SparseStorage;
 
