@@ -1,7 +1,9 @@
 //! `qcow2 map`: qemu-img map's extents (through the qcow2-image facade, following qcow2
-//! backing files) in its human and JSON forms.
+//! and raw backing files; raw images from the file system's holes) in its human and JSON
+//! forms.
 
 use qcow2_image::{ExtentKind, Image};
+use qcow2_io::{FileStorage, Storage};
 
 use crate::image::{self, Format};
 use crate::qcowdev::{error_text, open_image};
@@ -99,13 +101,9 @@ fn map_layer(
         .map(start, len)
         .map_err(|e| CliError::new(error_text(&e)))?;
     let mut backing: Option<(Option<Image>, String, u64)> = None;
-    // Host bytes beyond the end of the file read as zeros: qemu-img reports that part of a
-    // data extent as "zero": true (the file layer's block status). Data clusters of an
-    // image with an external data file are in that file (opened by its name as stored).
+    // A range with a host offset names the file the offset is in: the external data file
+    // (by its name as stored) or the image itself, as QEMU's block status names its file.
     let data_name = img.data_file().unwrap_or_else(|| name.to_string());
-    let file_len = std::fs::metadata(&data_name)
-        .map(|m| m.len())
-        .unwrap_or(u64::MAX);
     for x in extents {
         let base = MapEntry {
             start: x.offset,
@@ -115,46 +113,24 @@ fn map_layer(
             zero: false,
             data: false,
             compressed: false,
-            offset: None,
-            filename: name.to_string(),
+            offset: x.host_offset,
+            filename: if x.host_offset.is_some() {
+                data_name.clone()
+            } else {
+                name.to_string()
+            },
         };
         match x.kind {
-            ExtentKind::Data => {
-                let host = x.host_offset.unwrap_or(0);
-                let inside = file_len.saturating_sub(host).min(x.length);
-                let base = MapEntry {
-                    filename: data_name.clone(),
-                    ..base
-                };
-                push(
-                    entries,
-                    MapEntry {
-                        data: true,
-                        offset: x.host_offset,
-                        length: inside,
-                        ..base.clone()
-                    },
-                );
-                push(
-                    entries,
-                    MapEntry {
-                        start: x.offset + inside,
-                        length: x.length - inside,
-                        data: true,
-                        zero: true,
-                        offset: x.host_offset.map(|h| h + inside),
-                        ..base
-                    },
-                );
-            }
-            ExtentKind::Zero => push(
+            ExtentKind::Data => push(entries, MapEntry { data: true, ..base }),
+            ExtentKind::DataHole => push(
                 entries,
                 MapEntry {
+                    data: true,
                     zero: true,
-                    offset: x.host_offset,
                     ..base
                 },
             ),
+            ExtentKind::Zero => push(entries, MapEntry { zero: true, ..base }),
             ExtentKind::Compressed => push(
                 entries,
                 MapEntry {
@@ -183,17 +159,7 @@ fn map_layer(
                 if inside > 0 {
                     match bimg {
                         Some(b) => map_layer(b, bname, depth + 1, x.offset, inside, entries)?,
-                        None => push(
-                            entries,
-                            MapEntry {
-                                depth: depth + 1,
-                                data: true,
-                                offset: Some(x.offset),
-                                filename: bname.clone(),
-                                length: inside,
-                                ..base.clone()
-                            },
-                        ),
+                        None => map_raw(bname, depth + 1, x.offset, inside, entries)?,
                     }
                 }
                 if inside < x.length {
@@ -211,6 +177,46 @@ fn map_layer(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Maps `[start, start + len)` of the raw file `name` at `depth`: QEMU's raw format passes
+/// block status to the file, which answers from the file system's holes (`SEEK_DATA` /
+/// `SEEK_HOLE`): data where the file has data, zero (still present, at the same offset)
+/// in holes and beyond the end of the file.
+fn map_raw(
+    name: &str,
+    depth: u64,
+    start: u64,
+    len: u64,
+    entries: &mut Vec<MapEntry>,
+) -> Result<(), CliError> {
+    let file =
+        FileStorage::open(name, false).map_err(|e| image::open_error(name, image::strerror(&e)))?;
+    let mut pos = 0;
+    while pos < len {
+        let at = start + pos;
+        // QEMU pretends there are no holes when the file system cannot tell.
+        let (data, n) = match file.data_status(at, len - pos) {
+            Ok((data, n)) if n > 0 => (data, n.min(len - pos)),
+            _ => (true, len - pos),
+        };
+        push(
+            entries,
+            MapEntry {
+                start: at,
+                length: n,
+                depth,
+                present: true,
+                zero: !data,
+                data,
+                compressed: false,
+                offset: Some(at),
+                filename: name.to_string(),
+            },
+        );
+        pos += n;
     }
     Ok(())
 }
@@ -259,20 +265,27 @@ pub fn run(
         .map(|v| parse_offset("max length", v))
         .transpose()?;
     let opened = image::open(file, format, false)?;
-    if opened.format == Format::Raw {
-        return Err(CliError::new(
-            "map of raw images is not available yet (it needs the file's hole map)",
-        ));
-    }
-    let mut img = open_image(file, true).map_err(|e| image::open_error(file, e))?;
-    let size = img.virtual_size();
-    let end = match max_len {
-        Some(l) => start.saturating_add(l).min(size),
-        None => size,
-    };
     let mut entries = Vec::new();
-    if start < end {
-        map_layer(&mut img, file, 0, start, end - start, &mut entries)?;
+    if opened.format == Format::Raw {
+        // The block layer counts whole sectors.
+        let size = opened.file_len.next_multiple_of(512);
+        let end = match max_len {
+            Some(l) => start.saturating_add(l).min(size),
+            None => size,
+        };
+        if start < end {
+            map_raw(file, 0, start, end - start, &mut entries)?;
+        }
+    } else {
+        let mut img = open_image(file, true).map_err(|e| image::open_error(file, e))?;
+        let size = img.virtual_size();
+        let end = match max_len {
+            Some(l) => start.saturating_add(l).min(size),
+            None => size,
+        };
+        if start < end {
+            map_layer(&mut img, file, 0, start, end - start, &mut entries)?;
+        }
     }
     match output {
         OutputFormat::Json => {
