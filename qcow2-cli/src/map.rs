@@ -287,6 +287,21 @@ pub fn run(
             map_layer(&mut img, file, 0, start, end - start, &mut entries)?;
         }
     }
+    if entries.is_empty() {
+        // qemu-img always prints its last entry, which is still the empty one it started
+        // with when the range is empty (a start offset at or beyond the end).
+        entries.push(MapEntry {
+            start,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            filename: file.to_string(),
+        });
+    }
     match output {
         OutputFormat::Json => {
             let body: Vec<String> = entries.iter().map(MapEntry::json).collect();
