@@ -322,6 +322,14 @@ fn create_target(
             })?;
             f.set_len(size)
                 .map_err(|e| driver(format!("Could not resize file: {}", image::strerror(&e))))?;
+            if size > 0 {
+                // QEMU's file driver allocates the first block of a file it grows from
+                // empty (`allocate_first_block`, for its alignment probing), so qemu-img's
+                // raw targets always hold that block as data; the same here keeps the
+                // target's allocation equal. Failures are ignored, as QEMU does.
+                let first = if size < 4096 { 512 } else { 4096 };
+                let _ = f.write_all_at(&[0u8; 4096][..first], 0);
+            }
             Ok(Target::Raw(f))
         }
         Format::Qcow2 => {
