@@ -21,6 +21,7 @@
 use crate::error::{Op, Result};
 use crate::image::MapKind;
 use crate::Image;
+use qcow2_format::refcount::REFT_OFFSET_MASK;
 
 /// What a guest range holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -228,9 +229,22 @@ impl Image {
         let real_clusters = real_allocation / cs;
         let threshold = (real_clusters.saturating_mul(10) / 9).max(real_clusters + 2);
         let end_cluster = file_length.div_ceil(cs);
+        let rg = *self.engine.geometry();
+        let per_block = rg.refcount_block_entries();
         let mut count = 0u64;
         let mut i = 0;
         while i < end_cluster && count < threshold {
+            // A refcount block that does not exist holds only zeros: skip it whole, so a
+            // large sparse file with few clusters in use is not walked cluster by cluster.
+            let block = rg.reftable_index(i);
+            let present = usize::try_from(block)
+                .ok()
+                .and_then(|b| self.engine.reftable().get(b))
+                .is_some_and(|&e| e & REFT_OFFSET_MASK != 0);
+            if !present {
+                i = (block + 1).saturating_mul(per_block);
+                continue;
+            }
             if self.engine.get(&mut self.caches, i).ok()? > 0 {
                 count += 1;
             }
