@@ -162,25 +162,34 @@ impl Storage for FileStorage {
             return Ok((true, 0));
         }
         let clamp = |n: u64| n.min(len).max(1);
+        // When the file system cannot tell, QEMU pretends there are no holes inside the
+        // file; beyond its end still reads as zero.
+        let no_answer = || -> io::Result<(bool, u64)> {
+            let end = self.len()?;
+            Ok(if offset >= end {
+                (false, len)
+            } else {
+                (true, clamp(end - offset))
+            })
+        };
         // QEMU's `find_allocation` (file-posix): SEEK_DATA from `offset`, then SEEK_HOLE if
         // `offset` is in data. ENXIO means no data at or after `offset` (a trailing hole,
-        // or beyond the end); any other failure means the file system cannot tell, and
-        // then QEMU pretends there are no holes.
+        // or beyond the end); any other failure means the file system cannot tell.
         let data = match self.seek(offset, libc::SEEK_DATA) {
             Ok(d) => d,
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok((false, len)),
-            Err(_) => return Ok((true, len)),
+            Err(_) => return no_answer(),
         };
         if data > offset {
             return Ok((false, clamp(data - offset)));
         }
         if data < offset {
             // A file system answering backwards is as good as no answer.
-            return Ok((true, len));
+            return no_answer();
         }
         match self.seek(offset, libc::SEEK_HOLE) {
             Ok(hole) if hole > offset => Ok((true, clamp(hole - offset))),
-            _ => Ok((true, len)),
+            _ => no_answer(),
         }
     }
 
