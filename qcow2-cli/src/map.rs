@@ -100,7 +100,7 @@ fn map_layer(
     let extents = img
         .map(start, len)
         .map_err(|e| CliError::new(error_text(&e)))?;
-    let mut backing: Option<(Option<Image>, String, u64)> = None;
+    let mut backing: Option<(Layer, String, u64)> = None;
     // A range with a host offset names the file the offset is in: the external data file
     // (by its name as stored) or the image itself, as QEMU's block status names its file.
     let data_name = img.data_file().unwrap_or_else(|| name.to_string());
@@ -151,15 +151,17 @@ fn map_layer(
                 if backing.is_none() {
                     backing = Some(open_backing(img, name)?);
                 }
-                let Some((bimg, bname, bsize)) = backing.as_mut() else {
+                let Some((layer, bname, bsize)) = backing.as_mut() else {
                     continue;
                 };
                 // Beyond the backing file's end the range reads as zeros.
                 let inside = bsize.saturating_sub(x.offset).min(x.length);
                 if inside > 0 {
-                    match bimg {
-                        Some(b) => map_layer(b, bname, depth + 1, x.offset, inside, entries)?,
-                        None => map_raw(bname, depth + 1, x.offset, inside, entries)?,
+                    match layer {
+                        Layer::Qcow2(b) => {
+                            map_layer(b, bname, depth + 1, x.offset, inside, entries)?
+                        }
+                        Layer::Raw(f) => map_raw(f, bname, depth + 1, x.offset, inside, entries),
                     }
                 }
                 if inside < x.length {
@@ -186,14 +188,13 @@ fn map_layer(
 /// `SEEK_HOLE`): data where the file has data, zero (still present, at the same offset)
 /// in holes and beyond the end of the file.
 fn map_raw(
+    file: &FileStorage,
     name: &str,
     depth: u64,
     start: u64,
     len: u64,
     entries: &mut Vec<MapEntry>,
-) -> Result<(), CliError> {
-    let file =
-        FileStorage::open(name, false).map_err(|e| image::open_error(name, image::strerror(&e)))?;
+) {
     let mut pos = 0;
     while pos < len {
         let at = start + pos;
@@ -218,23 +219,34 @@ fn map_raw(
         );
         pos += n;
     }
-    Ok(())
 }
 
-/// Opens the backing file of `img`: a qcow2 image, or (None) a raw file, with its name and
-/// size.
-fn open_backing(img: &Image, name: &str) -> Result<(Option<Image>, String, u64), CliError> {
+/// A backing file, opened for mapping.
+enum Layer {
+    Qcow2(Box<Image>),
+    Raw(FileStorage),
+}
+
+fn open_raw(path: &str) -> Result<FileStorage, CliError> {
+    FileStorage::open(path, false).map_err(|e| image::open_error(path, image::strerror(&e)))
+}
+
+/// Opens the backing file of `img` (a qcow2 image or a raw file), with its name and size.
+fn open_backing(img: &Image, name: &str) -> Result<(Layer, String, u64), CliError> {
     let Some(b) = img.backing_file() else {
         return Err(CliError::new("backing file missing"));
     };
     let path = image::path_combine(name, &b);
     let opened = image::open(&path, None, false)?;
     match opened.format {
-        Format::Raw => Ok((None, path, opened.file_len.next_multiple_of(512))),
+        Format::Raw => {
+            let f = open_raw(&path)?;
+            Ok((Layer::Raw(f), path, opened.file_len.next_multiple_of(512)))
+        }
         Format::Qcow2 => {
             let bimg = open_image(&path, true).map_err(|e| image::open_error(&path, e))?;
             let size = bimg.virtual_size();
-            Ok((Some(bimg), path, size))
+            Ok((Layer::Qcow2(Box::new(bimg)), path, size))
         }
     }
 }
@@ -274,7 +286,7 @@ pub fn run(
             None => size,
         };
         if start < end {
-            map_raw(file, 0, start, end - start, &mut entries)?;
+            map_raw(&open_raw(file)?, file, 0, start, end - start, &mut entries);
         }
     } else {
         let mut img = open_image(file, true).map_err(|e| image::open_error(file, e))?;
