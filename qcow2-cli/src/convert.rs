@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use qcow2_image::{compress_cluster, CompressionType, ExtentKind, Image, Preallocation};
+use qcow2_image::{compress_cluster, CompressionType, Image, Preallocation};
 use qcow2_io::{FileStorage, Storage};
 
 use crate::create::{target_options, TargetOption};
@@ -102,7 +102,10 @@ impl Source {
     /// Whether local `[off, off + len)` is known to read as zeros without reading it.
     fn known_zero(&mut self, off: u64, len: u64) -> Result<bool, String> {
         match &mut self.reader {
-            Reader::Raw(_) => Ok(false),
+            // QEMU's raw format asks the file system where the holes are.
+            Reader::Raw(s) => Ok(raw_hole(s, off, len)),
+            // The precise mapping: zero clusters, unallocated ranges, and data clusters
+            // whose host range is a hole (preallocated metadata) are all skipped.
             Reader::Qcow2(img) => {
                 let ext = img.map(off, len).map_err(|e| qcowdev::error_text(&e))?;
                 Ok(ext.iter().all(|e| e.reads_as_zero()))
@@ -119,7 +122,7 @@ impl Source {
                 let ext = img.map(0, size).map_err(|e| qcowdev::error_text(&e))?;
                 Ok(ext
                     .iter()
-                    .filter(|e| e.kind != ExtentKind::Zero && e.kind != ExtentKind::Unallocated)
+                    .filter(|e| !e.reads_as_zero())
                     .map(|e| e.length)
                     .sum())
             }
@@ -138,6 +141,19 @@ impl Source {
             }),
         }
     }
+}
+
+/// Whether `[off, off + len)` of a raw file is all holes (or beyond its end). A failed
+/// query answers "no": the range is then read and scanned.
+fn raw_hole(s: &FileStorage, off: u64, len: u64) -> bool {
+    let mut pos = 0;
+    while pos < len {
+        match s.data_status(off + pos, len - pos) {
+            Ok((false, n)) if n > 0 => pos += n,
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// All sources, concatenated.
@@ -312,6 +328,14 @@ fn create_target(
             let f = image::create_file_detail(dst, image::FileRole::NewFile).map_err(driver)?;
             f.set_len(size)
                 .map_err(|e| driver(format!("Could not resize file: {}", image::strerror(&e))))?;
+            if size > 0 {
+                // QEMU's file driver allocates the first block of a file it grows from
+                // empty (`allocate_first_block`, for its alignment probing), so qemu-img's
+                // raw targets always hold that block as data; the same here keeps the
+                // target's allocation equal. Failures are ignored, as QEMU does.
+                let first = if size < 4096 { 512 } else { 4096 };
+                let _ = f.write_at(&[0u8; 4096][..first], 0);
+            }
             Ok(Target::Raw(f))
         }
         Format::Qcow2 => {

@@ -1,7 +1,9 @@
 //! `qcow2 map`: qemu-img map's extents (through the qcow2-image facade, following qcow2
-//! backing files) in its human and JSON forms.
+//! and raw backing files; raw images from the file system's holes) in its human and JSON
+//! forms.
 
 use qcow2_image::{ExtentKind, Image};
+use qcow2_io::{FileStorage, Storage};
 
 use crate::image::{self, Format};
 use crate::qcowdev::{error_text, open_image};
@@ -98,14 +100,10 @@ fn map_layer(
     let extents = img
         .map(start, len)
         .map_err(|e| CliError::new(error_text(&e)))?;
-    let mut backing: Option<(Option<Image>, String, u64)> = None;
-    // Host bytes beyond the end of the file read as zeros: qemu-img reports that part of a
-    // data extent as "zero": true (the file layer's block status). Data clusters of an
-    // image with an external data file are in that file (opened by its name as stored).
+    let mut backing: Option<(Layer, String, u64)> = None;
+    // A range with a host offset names the file the offset is in: the external data file
+    // (by its name as stored) or the image itself, as QEMU's block status names its file.
     let data_name = img.data_file().unwrap_or_else(|| name.to_string());
-    let file_len = std::fs::metadata(&data_name)
-        .map(|m| m.len())
-        .unwrap_or(u64::MAX);
     for x in extents {
         let base = MapEntry {
             start: x.offset,
@@ -115,46 +113,24 @@ fn map_layer(
             zero: false,
             data: false,
             compressed: false,
-            offset: None,
-            filename: name.to_string(),
+            offset: x.host_offset,
+            filename: if x.host_offset.is_some() {
+                data_name.clone()
+            } else {
+                name.to_string()
+            },
         };
         match x.kind {
-            ExtentKind::Data => {
-                let host = x.host_offset.unwrap_or(0);
-                let inside = file_len.saturating_sub(host).min(x.length);
-                let base = MapEntry {
-                    filename: data_name.clone(),
-                    ..base
-                };
-                push(
-                    entries,
-                    MapEntry {
-                        data: true,
-                        offset: x.host_offset,
-                        length: inside,
-                        ..base.clone()
-                    },
-                );
-                push(
-                    entries,
-                    MapEntry {
-                        start: x.offset + inside,
-                        length: x.length - inside,
-                        data: true,
-                        zero: true,
-                        offset: x.host_offset.map(|h| h + inside),
-                        ..base
-                    },
-                );
-            }
-            ExtentKind::Zero => push(
+            ExtentKind::Data => push(entries, MapEntry { data: true, ..base }),
+            ExtentKind::DataHole => push(
                 entries,
                 MapEntry {
+                    data: true,
                     zero: true,
-                    offset: x.host_offset,
                     ..base
                 },
             ),
+            ExtentKind::Zero => push(entries, MapEntry { zero: true, ..base }),
             ExtentKind::Compressed => push(
                 entries,
                 MapEntry {
@@ -175,25 +151,17 @@ fn map_layer(
                 if backing.is_none() {
                     backing = Some(open_backing(img, name)?);
                 }
-                let Some((bimg, bname, bsize)) = backing.as_mut() else {
+                let Some((layer, bname, bsize)) = backing.as_mut() else {
                     continue;
                 };
                 // Beyond the backing file's end the range reads as zeros.
                 let inside = bsize.saturating_sub(x.offset).min(x.length);
                 if inside > 0 {
-                    match bimg {
-                        Some(b) => map_layer(b, bname, depth + 1, x.offset, inside, entries)?,
-                        None => push(
-                            entries,
-                            MapEntry {
-                                depth: depth + 1,
-                                data: true,
-                                offset: Some(x.offset),
-                                filename: bname.clone(),
-                                length: inside,
-                                ..base.clone()
-                            },
-                        ),
+                    match layer {
+                        Layer::Qcow2(b) => {
+                            map_layer(b, bname, depth + 1, x.offset, inside, entries)?
+                        }
+                        Layer::Raw(f) => map_raw(f, bname, depth + 1, x.offset, inside, entries),
                     }
                 }
                 if inside < x.length {
@@ -215,20 +183,70 @@ fn map_layer(
     Ok(())
 }
 
-/// Opens the backing file of `img`: a qcow2 image, or (None) a raw file, with its name and
-/// size.
-fn open_backing(img: &Image, name: &str) -> Result<(Option<Image>, String, u64), CliError> {
+/// Maps `[start, start + len)` of the raw file `name` at `depth`: QEMU's raw format passes
+/// block status to the file, which answers from the file system's holes (`SEEK_DATA` /
+/// `SEEK_HOLE`): data where the file has data, zero (still present, at the same offset)
+/// in holes and beyond the end of the file.
+fn map_raw(
+    file: &FileStorage,
+    name: &str,
+    depth: u64,
+    start: u64,
+    len: u64,
+    entries: &mut Vec<MapEntry>,
+) {
+    let mut pos = 0;
+    while pos < len {
+        let at = start + pos;
+        // QEMU pretends there are no holes when the file system cannot tell.
+        let (data, n) = match file.data_status(at, len - pos) {
+            Ok((data, n)) if n > 0 => (data, n.min(len - pos)),
+            _ => (true, len - pos),
+        };
+        push(
+            entries,
+            MapEntry {
+                start: at,
+                length: n,
+                depth,
+                present: true,
+                zero: !data,
+                data,
+                compressed: false,
+                offset: Some(at),
+                filename: name.to_string(),
+            },
+        );
+        pos += n;
+    }
+}
+
+/// A backing file, opened for mapping.
+enum Layer {
+    Qcow2(Box<Image>),
+    Raw(FileStorage),
+}
+
+fn open_raw(path: &str) -> Result<FileStorage, CliError> {
+    FileStorage::open(path, false).map_err(|e| image::open_error(path, image::strerror(&e)))
+}
+
+/// Opens the backing file of `img` (a qcow2 image or a raw file), with its name and size.
+fn open_backing(img: &Image, name: &str) -> Result<(Layer, String, u64), CliError> {
     let Some(b) = img.backing_file() else {
         return Err(CliError::new("backing file missing"));
     };
     let path = image::path_combine(name, &b);
     let opened = image::open(&path, None, false)?;
     match opened.format {
-        Format::Raw => Ok((None, path, opened.file_len.next_multiple_of(512))),
+        Format::Raw => {
+            let f = open_raw(&path)?;
+            Ok((Layer::Raw(f), path, opened.file_len.next_multiple_of(512)))
+        }
         Format::Qcow2 => {
             let bimg = open_image(&path, true).map_err(|e| image::open_error(&path, e))?;
             let size = bimg.virtual_size();
-            Ok((Some(bimg), path, size))
+            Ok((Layer::Qcow2(Box::new(bimg)), path, size))
         }
     }
 }
@@ -259,20 +277,42 @@ pub fn run(
         .map(|v| parse_offset("max length", v))
         .transpose()?;
     let opened = image::open(file, format, false)?;
-    if opened.format == Format::Raw {
-        return Err(CliError::new(
-            "map of raw images is not available yet (it needs the file's hole map)",
-        ));
-    }
-    let mut img = open_image(file, true).map_err(|e| image::open_error(file, e))?;
-    let size = img.virtual_size();
-    let end = match max_len {
-        Some(l) => start.saturating_add(l).min(size),
-        None => size,
-    };
     let mut entries = Vec::new();
-    if start < end {
-        map_layer(&mut img, file, 0, start, end - start, &mut entries)?;
+    if opened.format == Format::Raw {
+        // The block layer counts whole sectors.
+        let size = opened.file_len.next_multiple_of(512);
+        let end = match max_len {
+            Some(l) => start.saturating_add(l).min(size),
+            None => size,
+        };
+        if start < end {
+            map_raw(&open_raw(file)?, file, 0, start, end - start, &mut entries);
+        }
+    } else {
+        let mut img = open_image(file, true).map_err(|e| image::open_error(file, e))?;
+        let size = img.virtual_size();
+        let end = match max_len {
+            Some(l) => start.saturating_add(l).min(size),
+            None => size,
+        };
+        if start < end {
+            map_layer(&mut img, file, 0, start, end - start, &mut entries)?;
+        }
+    }
+    if entries.is_empty() {
+        // qemu-img always prints its last entry, which is still the empty one it started
+        // with when the range is empty (a start offset at or beyond the end).
+        entries.push(MapEntry {
+            start,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            filename: file.to_string(),
+        });
     }
     match output {
         OutputFormat::Json => {

@@ -36,11 +36,13 @@ pub struct RawBacking {
 }
 
 impl RawBacking {
-    /// A raw backing image over `storage`; its size is the storage length.
+    /// A raw backing image over `storage`; its size is the storage length rounded up to
+    /// whole 512-byte sectors, as QEMU's block layer counts it (the tail reads as zeros).
     pub fn new(storage: Arc<dyn Storage>) -> Result<Self> {
-        let size = storage
+        let len = storage
             .len()
             .map_err(|e| ImageError::io(crate::Op::Open, "length of raw backing file", 0, e))?;
+        let size = len.checked_next_multiple_of(512).unwrap_or(len);
         Ok(Self { storage, size })
     }
 }

@@ -48,6 +48,12 @@ impl Storage for FlushesDataFirst {
     fn zero_fast(&self, offset: u64, len: u64) -> io::Result<bool> {
         self.meta.zero_fast(offset, len)
     }
+    fn data_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        self.meta.data_status(offset, len)
+    }
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.meta.allocated_size()
+    }
     fn event(&self, event: Event) {
         self.meta.event(event)
     }

@@ -40,12 +40,12 @@ pub(crate) const HDR_L1: u64 = 36;
 pub(crate) enum MapKind {
     /// Guest data at this host offset.
     Data(u64),
-    /// Reads as zeros; the host cluster offset if one is preallocated.
+    /// Reads as zeros; the host offset (of the first byte) if a cluster is preallocated.
     Zero(Option<u64>),
     /// A compressed cluster.
     Compressed(L2Entry),
-    /// Not allocated here (backing file or zeros); the host cluster offset if the cluster
-    /// has one (extended L2).
+    /// Not allocated here (backing file or zeros); the host offset (of the first byte) if
+    /// the cluster has one (extended L2).
     Unallocated(Option<u64>),
 }
 
@@ -109,6 +109,10 @@ pub struct Image {
     /// The image file and its name when the library opened it and holds QEMU's locks on
     /// it (see `locking.rs`); the locks go with the last reference to the file.
     pub(crate) locked: Option<(Arc<FileStorage>, std::path::PathBuf)>,
+    /// Whether the image looks preallocated with `preallocation=metadata` (QEMU's
+    /// heuristic, decided at the first block-status query and kept for the open, as QEMU
+    /// does): only then does block status ask the host storage where its holes are.
+    pub(crate) metadata_prealloc: Option<bool>,
 }
 
 impl std::fmt::Debug for Image {
@@ -422,6 +426,7 @@ impl Image {
             image_file,
             bitmap_dir: None,
             locked: None,
+            metadata_prealloc: None,
         };
         img.messages = messages;
         img.init_overlap(opts)?;
@@ -1187,20 +1192,30 @@ impl Image {
         match ty {
             SubclusterType::Normal => MapKind::Data(e.host_offset() + sc_off),
             SubclusterType::ZeroPlain => MapKind::Zero(None),
-            SubclusterType::ZeroAlloc => MapKind::Zero(Some(e.host_offset())),
+            SubclusterType::ZeroAlloc => MapKind::Zero(Some(e.host_offset() + sc_off)),
             SubclusterType::Compressed => MapKind::Compressed(e),
-            SubclusterType::UnallocatedAlloc => MapKind::Unallocated(Some(e.host_offset())),
+            SubclusterType::UnallocatedAlloc => {
+                MapKind::Unallocated(Some(e.host_offset() + sc_off))
+            }
             SubclusterType::UnallocatedPlain | SubclusterType::Invalid => {
                 MapKind::Unallocated(None)
             }
         }
     }
 
+    /// Whether a run of kind `a` and length `a_len` continues with kind `b`: QEMU's
+    /// `count_contiguous_subclusters` rule, so that a run is one block-status answer: the
+    /// same subcluster type, and for types with a host cluster, contiguous host offsets.
     fn same_kind(a: MapKind, b: MapKind, a_len: u64) -> bool {
+        let contiguous = |x: Option<u64>, y: Option<u64>| match (x, y) {
+            (None, None) => true,
+            (Some(x), Some(y)) => x.checked_add(a_len) == Some(y),
+            _ => false,
+        };
         match (a, b) {
-            (MapKind::Data(x), MapKind::Data(y)) => x.checked_add(a_len) == Some(y),
-            (MapKind::Zero(_), MapKind::Zero(_)) => true,
-            (MapKind::Unallocated(_), MapKind::Unallocated(_)) => true,
+            (MapKind::Data(x), MapKind::Data(y)) => contiguous(Some(x), Some(y)),
+            (MapKind::Zero(x), MapKind::Zero(y)) => contiguous(x, y),
+            (MapKind::Unallocated(x), MapKind::Unallocated(y)) => contiguous(x, y),
             _ => false,
         }
     }

@@ -832,6 +832,12 @@ impl Storage for CrashStorage {
         self.write_zeroes(offset, len).map(|()| true)
     }
 
+    // The model is a byte vector, as `MemStorage`: no holes inside (the default
+    // `data_status` is exact), the whole length allocated.
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.len().map(Some)
+    }
+
     fn event(&self, event: Event) {
         self.lock().last_event = Some(event);
     }

@@ -522,6 +522,15 @@ impl<S: Storage> Storage for FaultStorage<S> {
         self.inner.zero_fast(offset, len)
     }
 
+    // Status queries move no data: no fault rule applies to them.
+    fn data_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        self.inner.data_status(offset, len)
+    }
+
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.inner.allocated_size()
+    }
+
     fn event(&self, event: Event) {
         {
             let mut st = self.lock();

@@ -207,6 +207,18 @@ impl FileStorage {
         )
     }
 
+    /// `lseek(2)` on the file with `whence` (`SEEK_DATA`/`SEEK_HOLE`): the offset found.
+    fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        #[allow(unsafe_code)]
+        // SAFETY: lseek takes a valid open descriptor (borrowed from `self.file`, alive for
+        // the call) and plain integers; it touches no memory of ours. SEEK_DATA/SEEK_HOLE
+        // move the descriptor's position, which nothing here uses (all I/O is positional).
+        let rc = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        u64::try_from(rc).map_err(|_| io::Error::last_os_error())
+    }
+
     /// `fallocate(2)` on the file with `mode`.
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         let off = libc::off_t::try_from(offset)
@@ -301,6 +313,48 @@ impl Storage for FileStorage {
         let _ = unsafe {
             libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED)
         };
+    }
+
+    fn data_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        if len == 0 {
+            return Ok((true, 0));
+        }
+        let clamp = |n: u64| n.min(len).max(1);
+        // When the file system cannot tell, QEMU pretends there are no holes inside the
+        // file; beyond its end still reads as zero.
+        let no_answer = || -> io::Result<(bool, u64)> {
+            let end = self.len()?;
+            Ok(if offset >= end {
+                (false, len)
+            } else {
+                (true, clamp(end - offset))
+            })
+        };
+        // QEMU's `find_allocation` (file-posix): SEEK_DATA from `offset`, then SEEK_HOLE if
+        // `offset` is in data. ENXIO means no data at or after `offset` (a trailing hole,
+        // or beyond the end); any other failure means the file system cannot tell.
+        let data = match self.seek(offset, libc::SEEK_DATA) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok((false, len)),
+            Err(_) => return no_answer(),
+        };
+        if data > offset {
+            return Ok((false, clamp(data - offset)));
+        }
+        if data < offset {
+            // A file system answering backwards is as good as no answer.
+            return no_answer();
+        }
+        match self.seek(offset, libc::SEEK_HOLE) {
+            Ok(hole) if hole > offset => Ok((true, clamp(hole - offset))),
+            _ => no_answer(),
+        }
+    }
+
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        use std::os::unix::fs::MetadataExt;
+        // `st_blocks` counts 512-byte units whatever the file system's block size.
+        Ok(Some(self.file.metadata()?.blocks().saturating_mul(512)))
     }
 
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -410,6 +464,39 @@ mod tests {
         assert_eq!(tail, [0u8; 16]);
         s.write_zeroes(8192, 100).unwrap();
         assert_eq!(s.len().unwrap(), 8292);
+    }
+
+    #[test]
+    fn data_status_finds_holes_like_seek_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::create(dir.path().join("f")).unwrap();
+        s.set_len(1 << 20).unwrap();
+        s.write_at(&[7u8; 4096], 64 << 10).unwrap();
+        s.write_at(&[7u8; 100], (1 << 20) - 100).unwrap();
+        // File systems without SEEK_HOLE answer "all data": nothing more to check there.
+        let (data, n) = s.data_status(0, 1 << 30).unwrap();
+        if data {
+            assert_eq!(n, 1 << 20);
+            return;
+        }
+        assert_eq!(n, 64 << 10);
+        assert_eq!(s.data_status(100, 1000).unwrap(), (false, 1000));
+        assert_eq!(s.data_status(64 << 10, 1 << 30).unwrap(), (true, 4096));
+        assert_eq!(s.data_status((64 << 10) + 10, 6).unwrap(), (true, 6));
+        let (data, n) = s.data_status(68 << 10, 1 << 30).unwrap();
+        assert!(!data);
+        // The last block holds data up to the end (its start depends on the block size).
+        let tail = (68 << 10) + n;
+        assert!(tail < 1 << 20);
+        assert_eq!(
+            s.data_status(tail, 1 << 30).unwrap(),
+            (true, (1 << 20) - tail)
+        );
+        assert_eq!(s.data_status(1 << 20, 512).unwrap(), (false, 512));
+        assert_eq!(s.data_status(5 << 20, 512).unwrap(), (false, 512));
+        assert_eq!(s.data_status(0, 0).unwrap(), (true, 0));
+        let allocated = s.allocated_size().unwrap().unwrap();
+        assert!((4096..256 << 10).contains(&allocated), "{allocated}");
     }
 
     #[test]

@@ -126,6 +126,32 @@ pub trait Storage: Send + Sync {
         let _ = (offset, len);
     }
 
+    /// Where the storage holds data: whether the bytes at `offset` are data (`true`) or a
+    /// hole that reads as zero (`false`), and how many bytes from `offset` (at most `len`)
+    /// share that answer (QEMU's file-layer block status: `SEEK_DATA`/`SEEK_HOLE`). Bytes at
+    /// or beyond the end are a hole; "data" only means "not known to be a hole" (it may hold
+    /// zeros). An empty range answers `(true, 0)`. The default knows no holes inside the
+    /// storage.
+    fn data_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        if len == 0 {
+            return Ok((true, 0));
+        }
+        let end = self.len()?;
+        Ok(if offset >= end {
+            (false, len)
+        } else {
+            (true, len.min(end - offset))
+        })
+    }
+
+    /// Bytes of host space the storage occupies (a file's `st_blocks * 512`, QEMU's
+    /// `bdrv_get_allocated_file_size`), or `None` when the backend cannot tell. QEMU's
+    /// detection of `preallocation=metadata` images compares it with the clusters in use.
+    /// The default cannot tell.
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
+
     /// Reports that the engine is about to perform the I/O named by `event`. Backends that
     /// do not inject faults ignore it.
     fn event(&self, event: Event) {
@@ -164,6 +190,12 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     fn prefetch(&self, offset: u64, len: u64) {
         (**self).prefetch(offset, len)
     }
+    fn data_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        (**self).data_status(offset, len)
+    }
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        (**self).allocated_size()
+    }
     fn event(&self, event: Event) {
         (**self).event(event)
     }
@@ -199,6 +231,12 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn prefetch(&self, offset: u64, len: u64) {
         (**self).prefetch(offset, len)
+    }
+    fn data_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        (**self).data_status(offset, len)
+    }
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        (**self).allocated_size()
     }
     fn event(&self, event: Event) {
         (**self).event(event)

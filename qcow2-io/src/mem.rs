@@ -157,6 +157,12 @@ impl Storage for MemStorage {
         let mut data = self.data.write().map_err(|_| poisoned())?;
         vec_write_zeroes(&mut data, offset, len)
     }
+
+    // Every byte of the vector takes memory: no holes inside (the default `data_status`
+    // is exact), and the whole length is allocated.
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.len().map(Some)
+    }
 }
 
 #[cfg(test)]

@@ -93,6 +93,47 @@ impl Storage for SparseStorage {
             .1)
     }
 
+    /// Exact at page granularity: a written page is data, a page never written is a hole.
+    fn data_status(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        if len == 0 {
+            return Ok((true, 0));
+        }
+        let g = self
+            .inner
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        let (pages, end) = (&g.0, g.1);
+        if offset >= end {
+            return Ok((false, len));
+        }
+        // The answer never reaches past the end: beyond it is a hole.
+        let limit = len.min(end - offset);
+        let first = offset / PAGE;
+        if pages.contains_key(&first) {
+            let mut p = first + 1;
+            while p * PAGE < offset + limit && pages.contains_key(&p) {
+                p += 1;
+            }
+            return Ok((true, (p * PAGE - offset).min(limit)));
+        }
+        // The next written page, found by a scan of the written pages (bounded by the
+        // memory they take, unlike a walk over the hole's pages).
+        let next_data = pages
+            .keys()
+            .filter(|&&p| p > first)
+            .min()
+            .map_or(u64::MAX, |&p| p.saturating_mul(PAGE));
+        Ok((false, (next_data - offset).min(len)))
+    }
+
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        let g = self
+            .inner
+            .lock()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        Ok(Some(g.0.len() as u64 * PAGE))
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut g = self
             .inner
@@ -121,5 +162,27 @@ mod tests {
         assert_eq!(s.to_bytes(), vec![1, 2]);
         s.set_len(1 << 50).unwrap();
         assert_eq!(s.len().unwrap(), 1 << 50);
+    }
+
+    #[test]
+    fn data_status_follows_written_pages() {
+        let s = SparseStorage::default();
+        s.set_len(10 * PAGE + 100).unwrap();
+        s.write_at(&[1], 2 * PAGE + 5).unwrap();
+        s.write_at(&[1; 10], 4 * PAGE - 5).unwrap();
+        s.write_at(&[1], 10 * PAGE).unwrap();
+        assert_eq!(s.data_status(0, u64::MAX).unwrap(), (false, 2 * PAGE));
+        assert_eq!(s.data_status(100, 50).unwrap(), (false, 50));
+        assert_eq!(
+            s.data_status(2 * PAGE + 7, 1 << 30).unwrap(),
+            (true, 3 * PAGE - 7)
+        );
+        assert_eq!(s.data_status(3 * PAGE, 1 << 30).unwrap(), (true, 2 * PAGE));
+        assert_eq!(s.data_status(5 * PAGE, 1 << 30).unwrap(), (false, 5 * PAGE));
+        // The last page is data up to the end, then a hole.
+        assert_eq!(s.data_status(10 * PAGE, 1 << 30).unwrap(), (true, 100));
+        assert_eq!(s.data_status(10 * PAGE + 100, 7).unwrap(), (false, 7));
+        assert_eq!(s.data_status(0, 0).unwrap(), (true, 0));
+        assert_eq!(s.allocated_size().unwrap(), Some(4 * PAGE));
     }
 }
