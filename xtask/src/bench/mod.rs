@@ -9,6 +9,7 @@ mod files;
 mod machine;
 mod process;
 mod report;
+mod scaling;
 mod svg;
 mod workloads;
 
@@ -51,6 +52,10 @@ options:
   --ours PATH        use this qcow2 binary (implies --no-build)
   --qemu-img PATH    use this qemu-img (default: qemu-img on PATH)
   --no-verify        skip the qemu-img check / compare of our outputs
+  --threads 1,2,4    thread-scaling mode instead of the workloads: cached random 4 KiB
+                     reads of one image with N requests in flight (ours: N worker threads
+                     on one shared image), requests/s per N for ours and qemu-img, written
+                     to scaling.md; --size scales it, --pairs is the runs per N (default 3)
   -h, --help         print this text
 ";
 
@@ -72,6 +77,7 @@ struct Options {
     qemu_img: String,
     verify: bool,
     cache: Option<String>,
+    threads: Option<Vec<u32>>,
 }
 
 fn parse_options(args: &[String]) -> Result<Option<Options>, String> {
@@ -91,6 +97,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>, String> {
         qemu_img: "qemu-img".to_string(),
         verify: true,
         cache: None,
+        threads: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -166,6 +173,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>, String> {
                 }
                 o.cache = Some(v);
             }
+            "--threads" => o.threads = Some(scaling::parse_threads(&value()?)?),
             other => return Err(format!("unknown option '{other}' (see --help)")),
         }
     }
@@ -847,6 +855,22 @@ fn run(opts: &Options) -> Result<ExitCode, String> {
     let _guard = TempDir(work.clone());
 
     let machine = Machine::probe(&work);
+    if let Some(threads) = &opts.threads {
+        eprintln!("== machine: {}", machine.one_line());
+        let runs = opts.pairs.unwrap_or(3);
+        let (_, table) = scaling::run(&ours, &qemu_img, &work, threads, scale, runs)?;
+        let out_dir = opts
+            .out
+            .clone()
+            .unwrap_or_else(|| root.join("target").join("xtask-bench"));
+        std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+        let p = out_dir.join("scaling.md");
+        let body = format!("Measured on {}.\n\n{table}", machine.one_line());
+        std::fs::write(&p, &body).map_err(|e| format!("{}: {e}", p.display()))?;
+        println!("{body}");
+        eprintln!("== wrote {}", p.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let wanted = opts.cache.as_deref().unwrap_or("none");
     let direct = matches!(wanted, "none" | "directsync");
     let cache = if direct && !files::supports_o_direct(&work) {
