@@ -13,9 +13,11 @@ mod create;
 mod image;
 mod info;
 mod io;
+mod ioshell;
 mod json;
 mod map;
 mod opts;
+mod prog;
 mod progress;
 mod qcowdev;
 mod rawdev;
@@ -452,23 +454,18 @@ struct BenchArgs {
     files: Vec<String>,
 }
 
+/// `io` takes qemu-io's command line verbatim; `ioshell` parses it (`qcow2 io -h` lists
+/// the options, `-U` included).
 #[derive(Args, Debug)]
+#[command(disable_help_flag = true)]
 struct IoArgs {
-    /// A command to run (may be repeated): read, write, discard, flush, map, alloc, info,
-    /// truncate.
-    #[arg(short = 'c', long = "cmd", value_name = "COMMAND")]
-    commands: Vec<String>,
-    /// Open read-only.
-    #[arg(short = 'r', long = "read-only")]
-    read_only: bool,
-    /// Image format.
-    #[arg(short = 'f', long = "format", value_name = "FMT")]
-    format: Option<String>,
-    /// Open without locking (accepted for compatibility).
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// The image file.
-    files: Vec<String>,
+    /// qemu-io's options, commands and image file (see 'qcow2 io -h').
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    args: Vec<String>,
 }
 
 /// The single FILE of a command, with qemu-img's message otherwise.
@@ -655,46 +652,13 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 }
             }
         }
-        Command::Io(a) => {
-            let file = one_file("io", &a.files)?;
-            let _ = a.force_share;
-            let format = match parse_format(a.format.as_deref())? {
-                Some(f) => f,
-                None => image::open_detail(&file, None, false)
-                    .map(|o| o.format)
-                    .map_err(|e| CliError::new(format!("can't open device {file}: {e}")))?,
-            };
-            match format {
-                Format::Raw => {
-                    let mut dev =
-                        rawdev::RawDev::open(&file, a.read_only).map_err(CliError::new)?;
-                    if io::run_all(&mut dev, &a.commands) {
-                        Ok(())
-                    } else {
-                        Err(CliError {
-                            msg: String::new(),
-                            code: 1,
-                        })
-                    }
-                }
-                Format::Qcow2 => {
-                    let mut dev =
-                        qcowdev::QcowDev::open(&file, a.read_only).map_err(CliError::new)?;
-                    let ok = io::run_all(&mut dev, &a.commands);
-                    dev.close().map_err(|e| {
-                        CliError::new(format!("Error while closing the image: {e}"))
-                    })?;
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(CliError {
-                            msg: String::new(),
-                            code: 1,
-                        })
-                    }
-                }
-            }
-        }
+        Command::Io(a) => match ioshell::main(&a.args) {
+            0 => Ok(()),
+            code => Err(CliError {
+                msg: String::new(),
+                code,
+            }),
+        },
     }
 }
 
@@ -743,12 +707,16 @@ impl Cli {
 
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("qcow2: internal error: {info}");
+        eprintln!("{}internal error: {info}", prog::prefix());
         std::process::exit(1);
     }));
     let args: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    // Called as qemu-io, the binary is `qcow2 io`; as qemu-img, `qcow2` with that name.
+    if prog::init(args.first().map(String::as_str).unwrap_or("")) == prog::Personality::QemuIo {
+        return ExitCode::from(ioshell::main(args.get(1..).unwrap_or(&[])));
+    }
     let mut args = args;
     // qemu-img takes the size off the end of a resize command line before parsing options.
     let size_arg = if args.get(1).map(String::as_str) == Some("resize")
@@ -768,7 +736,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // An empty message means the command already reported what failed.
             if !e.msg.is_empty() {
-                eprintln!("qcow2: {}", e.msg);
+                eprintln!("{}{}", prog::prefix(), e.msg);
             }
             ExitCode::from(e.code)
         }

@@ -15,6 +15,7 @@ const EPERM: i32 = 1;
 pub struct QcowDev {
     image: Option<Image>,
     read_only: bool,
+    copy_on_read: bool,
 }
 
 /// Opens `path` with the backing chain resolved next to it (as qemu-io and qemu-img do).
@@ -60,23 +61,88 @@ pub fn error_text(e: &ImageError) -> String {
 }
 
 impl QcowDev {
-    /// Opens `path`; errors are qemu-io's "can't open device" messages.
-    pub fn open(path: &str, read_only: bool) -> Result<Self, String> {
-        // qemu-io opens with BDRV_O_UNMAP.
-        let image = open_image_with(path, read_only, true)
-            .map_err(|e| format!("can't open device {path}: {e}"))?;
-        Ok(QcowDev {
-            image: Some(image),
-            read_only,
-        })
-    }
-
     /// Wraps an image opened by [`open_image`].
     pub fn from_image(image: Image, read_only: bool) -> Self {
         QcowDev {
             image: Some(image),
             read_only,
+            copy_on_read: false,
         }
+    }
+
+    /// Turns copy-on-read on: data read from the backing file is written into this image
+    /// (whole clusters), as QEMU's `copy-on-read` does.
+    pub fn set_copy_on_read(&mut self, on: bool) {
+        self.copy_on_read = on;
+    }
+
+    /// Opens a throw-away overlay over `backing` (qemu-io's `-s`): a qcow2 image in the
+    /// temporary directory whose backing file is `backing` (format `backing_format`),
+    /// unlinked as soon as it is open, so that writes never reach `backing` and vanish when
+    /// the program ends. The error is the text after "can't open device FILE: ".
+    pub fn snapshot_overlay(
+        backing: &str,
+        backing_format: &str,
+        size: u64,
+        read_only: bool,
+        unmap: bool,
+    ) -> Result<Self, String> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let abs = std::fs::canonicalize(backing)
+            .map_err(|e| format!("Could not open '{backing}': {}", crate::image::strerror(&e)))?;
+        let tmp = std::env::temp_dir().join(format!(
+            "qcow2-io-snapshot-{}-{}.qcow2",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let storage = FileStorage::create(&tmp).map_err(|e| {
+            format!(
+                "Could not create temporary overlay '{}': {}",
+                tmp.display(),
+                crate::image::strerror(&e)
+            )
+        })?;
+        let mut layout = qcow2_format::layout::CreateOptions::new(size);
+        layout.backing_file = Some(abs.to_string_lossy().into_owned());
+        layout.backing_format = Some(backing_format.to_string());
+        let opts = OpenOptions {
+            backing: BackingPolicy::Open {
+                base_dir: abs.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
+                max_depth: 16,
+                allowed_dirs: vec![std::path::PathBuf::from("/")],
+            },
+            pass_discard_request: unmap,
+            ..OpenOptions::default()
+        };
+        let created = Image::create_with(Arc::new(storage), &layout.into(), &opts);
+        // The open file keeps the overlay alive; its name is not needed any more.
+        let _ = std::fs::remove_file(&tmp);
+        let image = created.map_err(|e| error_text(&e))?;
+        Ok(QcowDev::from_image(image, read_only))
+    }
+
+    /// Copy-on-read of `[offset, offset + len)`: every run read from the backing file is
+    /// written into this image, widened to whole clusters.
+    fn copy_on_read(&mut self, offset: u64, len: u64) -> Result<(), i32> {
+        let img = self.img()?;
+        if !img.has_backing() || len == 0 {
+            return Ok(());
+        }
+        let cs = img.cluster_size();
+        let size = img.virtual_size();
+        let extents = img.map(offset, len).map_err(errno)?;
+        for x in extents {
+            if x.kind != qcow2_image::ExtentKind::Backing {
+                continue;
+            }
+            let start = x.offset - x.offset % cs;
+            let end = (x.offset + x.length).next_multiple_of(cs).min(size);
+            let mut buf = vec![0u8; (end - start) as usize];
+            img.read(start, &mut buf).map_err(errno)?;
+            img.write(start, &buf).map_err(errno)?;
+        }
+        Ok(())
     }
 
     fn img(&mut self) -> Result<&mut Image, i32> {
@@ -107,7 +173,7 @@ impl Drop for QcowDev {
 
 fn errno(e: ImageError) -> i32 {
     if e.is_corruption() {
-        eprintln!("qcow2: {}", error_text(&e));
+        eprintln!("{}{}", crate::prog::prefix(), error_text(&e));
     }
     e.errno()
 }
@@ -120,6 +186,9 @@ impl BlockDev for QcowDev {
         Ok(self.img()?.virtual_size())
     }
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        if self.copy_on_read && !self.read_only {
+            self.copy_on_read(offset, buf.len() as u64)?;
+        }
         self.img()?.read(offset, buf).map_err(errno)
     }
     fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
@@ -139,6 +208,16 @@ impl BlockDev for QcowDev {
         self.writable()?
             .write_zeroes(offset, len, unmap)
             .map_err(errno)
+    }
+    fn write_zeroes_fast(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), i32> {
+        // Zero clusters need no data write; a partial cluster would.
+        let img = self.writable()?;
+        let cs = img.cluster_size();
+        let end = offset.saturating_add(len);
+        if offset % cs != 0 || (end % cs != 0 && end != img.virtual_size()) {
+            return Err(crate::io::ENOTSUP);
+        }
+        img.write_zeroes(offset, len, unmap).map_err(errno)
     }
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), i32> {
         self.writable()?.discard(offset, len).map_err(errno)
