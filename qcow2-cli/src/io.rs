@@ -876,9 +876,7 @@ fn dispatch(
         }
         zone if zone.starts_with("zone_") => {
             let what = &zone["zone_".len()..];
-            // qemu-io prints this one message without a newline.
-            let nl = if what == "append" { "" } else { "\n" };
-            o.out(format!("zone {what} failed: {}{nl}", strerror(ENOTSUP)));
+            o.out(format!("zone {what} failed: {}\n", strerror(ENOTSUP)));
             Err(Fail::Done)
         }
         _ => Ok(()),

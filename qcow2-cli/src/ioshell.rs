@@ -207,7 +207,8 @@ QEMU Disk exerciser
   -t, --cache=MODE     use the given cache mode for the image
   -d, --discard=MODE   use the given discard mode for the image
   -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
-                       specify tracing options (accepted; no trace events here)
+                       specify tracing options
+                       see qemu-img(1) man page for full description
   -U, --force-share    force shared permissions
   -h, --help           display this help and exit
   -V, --version        output version information and exit

@@ -197,6 +197,19 @@ impl BlockDev for QcowDev {
     fn write_compressed(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
         let img = self.writable()?;
         let cs = img.cluster_size() as usize;
+        // QEMU compresses only into clusters with no host cluster yet (EIO otherwise).
+        if !buf.is_empty() {
+            for x in img.map(offset, buf.len() as u64).map_err(errno)? {
+                let has_host = match x.kind {
+                    qcow2_image::ExtentKind::Data | qcow2_image::ExtentKind::Compressed => true,
+                    qcow2_image::ExtentKind::Zero => x.host_offset.is_some(),
+                    _ => false,
+                };
+                if has_host {
+                    return Err(crate::io::EIO);
+                }
+            }
+        }
         // qemu-io splits a compressed write into whole clusters.
         for (i, chunk) in buf.chunks(cs.max(1)).enumerate() {
             img.write_compressed(offset + (i * cs) as u64, chunk)
@@ -211,13 +224,29 @@ impl BlockDev for QcowDev {
     }
     fn write_zeroes_fast(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), i32> {
         // Zero clusters need no data write; a partial cluster would.
+        // As QEMU: a partial cluster that already reads as zeros widens the request to
+        // the whole cluster; any other partial cluster would need a data write.
         let img = self.writable()?;
         let cs = img.cluster_size();
-        let end = offset.saturating_add(len);
-        if offset % cs != 0 || (end % cs != 0 && end != img.virtual_size()) {
-            return Err(crate::io::ENOTSUP);
+        let size = img.virtual_size();
+        let end = offset.saturating_add(len).min(size);
+        let mut start = offset;
+        let mut stop = end;
+        for edge in [offset, end] {
+            let lo = edge - edge % cs;
+            let hi = (lo + cs).min(size);
+            if edge % cs == 0 || edge == size || lo >= hi {
+                continue;
+            }
+            let mut buf = vec![0u8; (hi - lo) as usize];
+            img.read(lo, &mut buf).map_err(errno)?;
+            if buf.iter().any(|&b| b != 0) {
+                return Err(crate::io::ENOTSUP);
+            }
+            start = start.min(lo);
+            stop = stop.max(hi);
         }
-        img.write_zeroes(offset, len, unmap).map_err(errno)
+        img.write_zeroes(start, stop - start, unmap).map_err(errno)
     }
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), i32> {
         self.writable()?.discard(offset, len).map_err(errno)
