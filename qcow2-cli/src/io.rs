@@ -198,6 +198,11 @@ pub struct Outcome {
     pub failed: bool,
     /// Whether the command ends the program.
     pub exit: Option<Exit>,
+    /// Where the completion output of an AIO request starts in `chunks`.
+    completion_at: Option<usize>,
+    /// Output of an AIO request's completion, which qemu-io prints later: after the next
+    /// command, or after the next prompt when reading standard input.
+    pub deferred: Vec<(Stream, String)>,
 }
 
 impl Outcome {
@@ -214,7 +219,16 @@ impl Outcome {
         let line = format!("{}{}\n", crate::prog::prefix(), msg.as_ref());
         self.push(Stream::Err, &line);
     }
+    /// Marks the start of an AIO request's completion output.
+    fn complete(&mut self) {
+        self.completion_at = Some(self.chunks.len());
+    }
     fn push(&mut self, stream: Stream, s: &str) {
+        if self.completion_at == Some(self.chunks.len()) {
+            // A new chunk begins the completion; never merge into the submission's.
+            self.chunks.push((stream, s.to_string()));
+            return;
+        }
         if s.is_empty() {
             return;
         }
@@ -825,10 +839,10 @@ fn dispatch(
     match spec.name {
         "read" => cmd_read(dev, p, o),
         "readv" => cmd_readv(dev, p, o, false),
-        "aio_read" => cmd_readv(dev, p, o, true),
+        "aio_read" => aio(o, |o| cmd_readv(dev, p, o, true)),
         "write" => cmd_write(dev, p, o),
         "writev" => cmd_writev(dev, p, o, false),
-        "aio_write" => cmd_writev(dev, p, o, true),
+        "aio_write" => aio(o, |o| cmd_writev(dev, p, o, true)),
         "aio_flush" => Ok(()),
         "discard" => cmd_discard(dev, p, o),
         "flush" => dev.flush().map_err(|e| {
@@ -881,6 +895,16 @@ fn dispatch(
         }
         _ => Ok(()),
     }
+}
+
+/// Runs an AIO command: what it prints up to its submission is printed now, what its
+/// completion prints (after [`Outcome::complete`]) is deferred.
+fn aio(o: &mut Outcome, f: impl FnOnce(&mut Outcome) -> CmdResult) -> CmdResult {
+    let before = o.chunks.len();
+    let r = f(o);
+    let split = o.completion_at.take().unwrap_or(o.chunks.len()).max(before);
+    o.deferred = o.chunks.split_off(split);
+    r
 }
 
 fn cmd_help(p: &Parsed, o: &mut Outcome) -> CmdResult {
@@ -1099,6 +1123,9 @@ fn cmd_readv(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome, aio: bool) -> 
         return Ok(());
     }
     let count = iovec_len(o, &p.operands[1..])?;
+    if aio {
+        o.complete();
+    }
     let mut buf = alloc_buffer(count, 0xab);
     let start = Instant::now();
     let res = in_range(dev, offset, count).and_then(|_| dev.read(offset, &mut buf));
@@ -1247,10 +1274,6 @@ fn cmd_writev(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome, aio: bool) ->
             o.out("-u requires -z to be specified\n");
             return Err(Fail::Done);
         }
-        if zero && pat.is_some() {
-            o.out("-z and -P cannot be specified at the same time\n");
-            return Err(Fail::Done);
-        }
     }
     let offset = num(o, &p.operands[0])?;
     if aio && p.has('i') {
@@ -1265,6 +1288,9 @@ fn cmd_writev(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome, aio: bool) ->
     } else {
         iovec_len(o, &p.operands[1..])?
     };
+    if aio {
+        o.complete();
+    }
     let start = Instant::now();
     let res = in_range(dev, offset, count)
         .and_then(|_| {

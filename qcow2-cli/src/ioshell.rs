@@ -906,34 +906,15 @@ pub fn main(args: &[String]) -> u8 {
             }
         }
     }
-    let mut stdout = Stdout::new();
-    let mut failed = false;
-    let mut run = |line: &str, stdout: &mut Stdout, session: &mut Session| -> bool {
-        let o = io::run_command(session, line);
-        for (stream, text) in &o.chunks {
-            match stream {
-                Stream::Out => stdout.write(text),
-                Stream::Err => {
-                    let mut err = std::io::stderr().lock();
-                    let _ = err.write_all(text.as_bytes());
-                }
-            }
-        }
-        failed |= o.failed;
-        match o.exit {
-            None => true,
-            Some(Exit::Quit) => false,
-            Some(Exit::Raise(sig)) => {
-                stdout.flush();
-                raise(sig);
-                true
-            }
-            Some(Exit::Abort) => std::process::abort(),
-        }
+    let mut lp = Loop {
+        stdout: Stdout::new(),
+        pending: Vec::new(),
+        failed: false,
+        interactive: opts.commands.is_empty(),
     };
-    if !opts.commands.is_empty() {
+    if !lp.interactive {
         for c in &opts.commands {
-            if !run(c, &mut stdout, &mut session) {
+            if !lp.run(&mut session, c) {
                 break;
             }
         }
@@ -942,8 +923,10 @@ pub fn main(args: &[String]) -> u8 {
         let mut input = stdin.lock();
         let prompt = format!("{}> ", prog::name());
         loop {
-            stdout.write(&prompt);
-            stdout.flush();
+            lp.stdout.write(&prompt);
+            lp.stdout.flush();
+            // AIO completions print while qemu-io waits for the next line.
+            lp.emit_pending();
             let mut raw = Vec::new();
             match input.read_until(b'\n', &mut raw) {
                 Ok(0) | Err(_) => break,
@@ -953,17 +936,70 @@ pub fn main(args: &[String]) -> u8 {
                 raw.pop();
             }
             let line = String::from_utf8_lossy(&raw).into_owned();
-            if !run(&line, &mut stdout, &mut session) {
+            if !lp.run(&mut session, &line) {
                 break;
             }
         }
     }
-    stdout.flush();
+    lp.emit_pending();
+    lp.stdout.flush();
     if let Err(e) = session.close_device() {
         eprintln!("{}Error while closing the image: {e}", prog::prefix());
-        failed = true;
+        lp.failed = true;
     }
-    u8::from(failed)
+    u8::from(lp.failed)
+}
+
+/// The command loop's state.
+struct Loop {
+    stdout: Stdout,
+    /// AIO completion output not printed yet.
+    pending: Vec<(Stream, String)>,
+    failed: bool,
+    /// Commands come from standard input (no `-c`).
+    interactive: bool,
+}
+
+impl Loop {
+    fn write(&mut self, chunks: &[(Stream, String)]) {
+        for (stream, text) in chunks {
+            match stream {
+                Stream::Out => self.stdout.write(text),
+                Stream::Err => {
+                    let mut err = std::io::stderr().lock();
+                    let _ = err.write_all(text.as_bytes());
+                }
+            }
+        }
+    }
+
+    fn emit_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        self.write(&pending);
+    }
+
+    /// Runs one command line; false when the program should stop reading commands.
+    fn run(&mut self, session: &mut Session, line: &str) -> bool {
+        let o = io::run_command(session, line);
+        self.write(&o.chunks);
+        if !self.interactive {
+            // AIO completions of earlier commands print after this one's output.
+            self.emit_pending();
+        }
+        self.pending.extend(o.deferred.iter().cloned());
+        self.failed |= o.failed;
+        match o.exit {
+            None => true,
+            Some(Exit::Quit) => false,
+            Some(Exit::Raise(sig)) => {
+                self.emit_pending();
+                self.stdout.flush();
+                raise(sig);
+                true
+            }
+            Some(Exit::Abort) => std::process::abort(),
+        }
+    }
 }
 
 #[cfg(test)]
