@@ -1269,11 +1269,9 @@ fn cmd_writev(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome, aio: bool) ->
         return Err(Fail::Usage);
     }
     let zero = aio && p.has('z');
-    if aio {
-        if p.has('u') && !zero {
-            o.out("-u requires -z to be specified\n");
-            return Err(Fail::Done);
-        }
+    if aio && p.has('u') && !zero {
+        o.out("-u requires -z to be specified\n");
+        return Err(Fail::Done);
     }
     let offset = num(o, &p.operands[0])?;
     if aio && p.has('i') {
