@@ -185,7 +185,10 @@ const LONG_OPTS: &[(&str, bool, char)] = &[
 const SHORT_OPTS: &str = "hVc:d:f:rsnCmki:t:T:U";
 
 fn usage_text() -> String {
-    let p = prog::name();
+    let p = match prog::personality() {
+        prog::Personality::Qcow2 => "qcow2 io",
+        other => other.name(),
+    };
     format!(
         "Usage: {p} [OPTIONS]... [-c STRING]... [file]
 QEMU Disk exerciser

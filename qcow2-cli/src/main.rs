@@ -670,7 +670,10 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
         | ErrorKind::DisplayVersion
         | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                eprintln!("qcow2: Not enough arguments (see 'qcow2 --help')");
+                eprintln!(
+                    "{}Not enough arguments (see 'qcow2 --help')",
+                    prog::prefix()
+                );
                 return ExitCode::from(1);
             }
             let _ = e.print();
@@ -687,9 +690,9 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
                 .map(String::as_str);
             match sub {
                 Some(s) if Cli::command_names().contains(&s) => {
-                    eprintln!("qcow2: {s}: {first} (see 'qcow2 {s} --help')")
+                    eprintln!("{}{s}: {first} (see 'qcow2 {s} --help')", prog::prefix())
                 }
-                _ => eprintln!("qcow2: {first} (see 'qcow2 --help')"),
+                _ => eprintln!("{}{first} (see 'qcow2 --help')", prog::prefix()),
             }
             ExitCode::from(1)
         }
