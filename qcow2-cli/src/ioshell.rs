@@ -546,9 +546,14 @@ impl BlockDev for Device {
     }
 }
 
-/// The block driver options this tool understands in `-o`/`--image-opts` lists.
-fn apply_options(path: Option<&str>, params: &mut OpenParams) -> Result<String, String> {
+/// The generic block options of `-o`/`--image-opts` lists applied to `params`; returns the
+/// file name and the driver's own options (qcow2's runtime options).
+fn apply_options(
+    path: Option<&str>,
+    params: &mut OpenParams,
+) -> Result<(String, Vec<(String, String)>), String> {
     let mut file = path.map(str::to_string);
+    let mut driver_opts = Vec::new();
     for (k, v) in params.options.clone() {
         match k.as_str() {
             "driver" => params.format = Some(v),
@@ -563,22 +568,18 @@ fn apply_options(path: Option<&str>, params: &mut OpenParams) -> Result<String, 
             }
             "cache.direct" => params.cache.direct = matches!(v.as_str(), "on" | "true"),
             "cache.no-flush" => params.cache.no_flush = matches!(v.as_str(), "on" | "true"),
-            other => {
-                let fmt = params.format.as_deref().unwrap_or("qcow2");
-                return Err(format!(
-                    "Block format '{fmt}' does not support the option '{other}'"
-                ));
-            }
+            _ => driver_opts.push((k, v)),
         }
     }
-    file.ok_or_else(|| "Must specify either driver or file".to_string())
+    let file = file.ok_or_else(|| "Must specify either driver or file".to_string())?;
+    Ok((file, driver_opts))
 }
 
 /// Opens a device as qemu-io's `openfile` does; the error is the text after
 /// "can't open device NAME: " ("can't open: " without a name).
 fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String> {
     let mut params = params.clone();
-    let path = apply_options(name, &mut params)?;
+    let (path, driver_opts) = apply_options(name, &mut params)?;
     if params.aio == AioMode::Native && !params.cache.direct {
         return Err(
             "aio=native was specified, but it requires cache.direct=on, which was not \
@@ -586,11 +587,40 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
                 .into(),
         );
     }
+    let ro = params.read_only;
     let format = match params.format.as_deref() {
         Some(f) => Format::parse(f).map_err(|_| format!("Unknown driver '{f}'"))?,
-        None => crate::image::open_detail(&path, None, false)?.format,
+        None => {
+            let probed = crate::image::open_detail(&path, None, false)?.format;
+            if probed == Format::Raw && !ro && !params.snapshot {
+                eprintln!(
+                    "WARNING: Image format was not specified for '{path}' and probing guessed \
+                     raw.\n         Automatically detecting the format is dangerous for raw \
+                     images, write operations on block 0 will be restricted.\n         Specify \
+                     the 'raw' format explicitly to remove the restrictions."
+                );
+            }
+            probed
+        }
     };
-    let ro = params.read_only;
+    if format == Format::Raw {
+        if let Some((k, _)) = driver_opts.first() {
+            return Err(format!(
+                "Block format 'raw' does not support the option '{k}'"
+            ));
+        }
+    }
+    if params.snapshot && format == Format::Qcow2 {
+        // The runtime options tune the image below the overlay: check them all the same.
+        let mut probe = qcow2_image::OpenOptions::default();
+        for (k, v) in &driver_opts {
+            if !crate::qcowdev::apply_runtime_option(&mut probe, k, v)? {
+                return Err(format!(
+                    "Block format 'qcow2' does not support the option '{k}'"
+                ));
+            }
+        }
+    }
     let inner: Box<dyn BlockDev> = if params.snapshot {
         let size = match format {
             Format::Raw => RawDev::open(&path, true)
@@ -607,7 +637,12 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         match format {
             Format::Raw => Box::new(RawDev::open(&path, ro).map_err(|e| strip_device(&path, &e))?),
             Format::Qcow2 => {
-                let image = crate::qcowdev::open_image_with(&path, ro, params.discard_unmap)?;
+                let image = crate::qcowdev::open_image_tuned(
+                    &path,
+                    ro,
+                    params.discard_unmap,
+                    &driver_opts,
+                )?;
                 let mut dev = QcowDev::from_image(image, ro);
                 dev.set_copy_on_read(params.copy_on_read);
                 Box::new(dev)
@@ -791,6 +826,7 @@ impl Shell for Session {
     fn reopen(&mut self, p: &Parsed, o: &mut Outcome) -> Result<(), Fail> {
         let mut read_only: Option<bool> = None;
         let mut cache: Option<CacheMode> = None;
+        let mut runtime: Vec<(String, String)> = Vec::new();
         for (c, v) in p.flags() {
             let v = v.clone().unwrap_or_default();
             match c {
@@ -802,9 +838,19 @@ impl Shell for Session {
                     }
                 },
                 'o' => {
-                    if let Some((k, _)) = split_opts(&v, None).into_iter().next() {
-                        o.error_report(format!("Cannot change the option '{k}'"));
-                        return Err(Fail::Done);
+                    for (k, val) in split_opts(&v, None) {
+                        let mut probe = qcow2_image::OpenOptions::default();
+                        match crate::qcowdev::apply_runtime_option(&mut probe, &k, &val) {
+                            Ok(true) => runtime.push((k, val)),
+                            Ok(false) => {
+                                o.error_report(format!("Cannot change the option '{k}'"));
+                                return Err(Fail::Done);
+                            }
+                            Err(m) => {
+                                o.error_report(m);
+                                return Err(Fail::Done);
+                            }
+                        }
                     }
                 }
                 'r' | 'w' => {
@@ -826,41 +872,47 @@ impl Shell for Session {
         if let Some(c) = cache {
             dev.cache = c;
         }
-        match read_only {
-            None => Ok(()),
-            Some(true) => {
+        let want_ro = read_only.unwrap_or(dev.read_only);
+        let needs_open = !runtime.is_empty() || (!want_ro && dev.inner.read_only());
+        if !needs_open {
+            if want_ro && !dev.read_only {
                 if let Err(e) = dev.inner.flush() {
                     o.error_report(format!("Could not reopen: {}", io::strerror(e)));
                     return Err(Fail::Done);
                 }
-                dev.read_only = true;
+            }
+            dev.read_only = want_ro;
+            return Ok(());
+        }
+        // Open the file again with the new settings.
+        let Some((path, mut params)) = dev.params.clone() else {
+            if runtime.is_empty() {
+                o.error_report("Cannot make a read-only snapshot overlay writable");
+                return Err(Fail::Done);
+            }
+            // The overlay is thrown away at exit: its tuning options change nothing that
+            // can be observed.
+            dev.read_only = want_ro;
+            return Ok(());
+        };
+        params.read_only = want_ro;
+        params.cache = dev.cache;
+        params
+            .options
+            .retain(|(k, _)| !runtime.iter().any(|(r, _)| r == k));
+        params.options.extend(runtime);
+        if let Err(e) = self.close_device() {
+            o.error_report(format!("Could not reopen: {e}"));
+            return Err(Fail::Done);
+        }
+        match open_device(Some(&path), &params) {
+            Ok(d) => {
+                self.dev = Some(d);
                 Ok(())
             }
-            Some(false) if !dev.inner.read_only() => {
-                dev.read_only = false;
-                Ok(())
-            }
-            Some(false) => {
-                // Opened read-only: open the file again with write access.
-                let Some((path, mut params)) = dev.params.clone() else {
-                    o.error_report("Cannot make a read-only snapshot overlay writable");
-                    return Err(Fail::Done);
-                };
-                params.read_only = false;
-                params.options.clear();
-                params.cache = dev.cache;
-                let old = self.dev.take();
-                drop(old);
-                match open_device(Some(&path), &params) {
-                    Ok(d) => {
-                        self.dev = Some(d);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        o.error_report(e);
-                        Err(Fail::Done)
-                    }
-                }
+            Err(e) => {
+                o.error_report(e);
+                Err(Fail::Done)
             }
         }
     }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use qcow2_image::{BackingPolicy, Image, ImageError, OpenOptions};
+use qcow2_image::{BackingPolicy, Image, ImageError, OpenOptions, OverlapLevel};
 use qcow2_io::FileStorage;
 
 use crate::info::format_specific_lines;
@@ -27,6 +27,71 @@ pub fn open_image(path: &str, read_only: bool) -> Result<Image, String> {
 /// [`open_image`]; `unmap` passes guest discards down to the files (QEMU's `BDRV_O_UNMAP`,
 /// which qemu-io sets by default).
 pub fn open_image_with(path: &str, read_only: bool, unmap: bool) -> Result<Image, String> {
+    open_image_tuned(path, read_only, unmap, &[])
+}
+
+/// Applies one of QEMU's qcow2 runtime options (`-o KEY=VALUE` of qemu-io's `open`,
+/// `--image-opts`) to `opts`. `Ok(false)`: not a qcow2 runtime option. The error is
+/// QEMU's message for a bad value.
+pub fn apply_runtime_option(
+    opts: &mut OpenOptions,
+    key: &str,
+    value: &str,
+) -> Result<bool, String> {
+    let bool_opt = || match value {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
+    };
+    let size_opt = || {
+        crate::size::parse_size(value).map_err(|_| {
+            format!(
+                "Parameter '{key}' expects a non-negative number below 2^64\n\
+                 Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                 and exabytes, respectively."
+            )
+        })
+    };
+    match key {
+        "lazy-refcounts" => opts.lazy_refcounts = Some(bool_opt()?),
+        "l2-cache-size" => opts.l2_cache_size = Some(size_opt()?),
+        "l2-cache-entry-size" => opts.l2_cache_entry_size = Some(size_opt()?),
+        "refcount-cache-size" => opts.refcount_cache_size = Some(size_opt()?),
+        // The total and the clean-up interval tune memory use only.
+        "cache-size" | "cache-clean-interval" => {
+            size_opt()?;
+        }
+        "pass-discard-request" => opts.pass_discard_request = bool_opt()?,
+        "pass-discard-snapshot" => opts.pass_discard_snapshot = bool_opt()?,
+        "pass-discard-other" => opts.pass_discard_other = bool_opt()?,
+        "discard-no-unref" => opts.discard_no_unref = bool_opt()?,
+        "overlap-check" | "overlap-check.template" => {
+            opts.overlap_check = match value {
+                "none" => OverlapLevel::None,
+                "constant" => OverlapLevel::Constant,
+                "cached" => OverlapLevel::Cached,
+                "all" => OverlapLevel::All,
+                _ => {
+                    return Err(format!(
+                        "Unsupported value '{value}' for qcow2 option 'overlap-check'. Allowed \
+                         are any of the following: none, constant, cached, all"
+                    ))
+                }
+            }
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// [`open_image_with`] with qcow2 runtime options (see [`apply_runtime_option`]); the
+/// error is the text after "can't open device FILE: ".
+pub fn open_image_tuned(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    runtime: &[(String, String)],
+) -> Result<Image, String> {
     let storage = FileStorage::open(path, !read_only)
         .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
     let base_dir = std::path::Path::new(path)
@@ -45,7 +110,19 @@ pub fn open_image_with(path: &str, read_only: bool, unmap: bool) -> Result<Image
         pass_discard_request: unmap,
         ..OpenOptions::default()
     };
-    let image = Image::open(Arc::new(storage), &opts).map_err(|e| error_text(&e))?;
+    let mut opts = opts;
+    for (k, v) in runtime {
+        if !apply_runtime_option(&mut opts, k, v)? {
+            return Err(format!(
+                "Block format 'qcow2' does not support the option '{k}'"
+            ));
+        }
+    }
+    let image = Image::open(Arc::new(storage), &opts).map_err(|e| match e {
+        // QEMU's message for a bad option has no operation in front.
+        ImageError::InvalidArgument { reason, .. } => reason,
+        other => error_text(&other),
+    })?;
     for m in image.messages() {
         eprintln!("{m}");
     }

@@ -607,3 +607,79 @@ fn program_names_follow_argv0() {
     let (_, out, _) = run(&s.ours_bin("qemu-io"), &["-h"]);
     assert!(out.starts_with("Usage: qemu-io [OPTIONS]..."), "{out}");
 }
+
+#[test]
+fn qcow2_runtime_options_and_raw_probing() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "1M"]);
+    s.qemu_img_both(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "old.qcow2",
+        "1M",
+    ]);
+    s.qemu_img_both(&["create", "-f", "raw", "r.raw", "1M"]);
+    for o in [
+        "lazy-refcounts=on",
+        "lazy-refcounts=x",
+        "l2-cache-size=1M",
+        "l2-cache-size=foo",
+        "refcount-cache-size=64k",
+        "cache-size=2M",
+        "l2-cache-entry-size=4k",
+        "l2-cache-entry-size=3",
+        "pass-discard-request=on",
+        "discard-no-unref=on",
+        "overlap-check=none",
+        "overlap-check=bogus",
+        "cache-clean-interval=10",
+        "foo=bar",
+    ] {
+        let open = format!("open -o {o} t.qcow2");
+        s.same(
+            &c_args(
+                &[&open, "write -P 1 0 64k", "discard 0 64k", "info", "map"],
+                &[],
+            ),
+            None,
+        );
+    }
+    s.same(&c_args(&["open -o lazy-refcounts=on old.qcow2"], &[]), None);
+    let reopen = [
+        "reopen -o lazy-refcounts=on",
+        "write -P 2 0 64k",
+        "reopen -o l2-cache-size=1M",
+        "reopen -o driver=raw",
+        "reopen -o foo=1",
+        "reopen -o lazy-refcounts=x",
+        "reopen -r",
+        "write 0 1",
+        "reopen -w",
+        "write -P 3 0 1",
+        "info",
+    ];
+    s.same(&c_args(&reopen, &["t.qcow2"]), None);
+    s.same(
+        &c_args(&["reopen -o lazy-refcounts=on"], &["-s", "t.qcow2"]),
+        None,
+    );
+    // A raw image opened without a format: QEMU's warning, but not read-only or -s.
+    s.same(&c_args(&["info"], &["r.raw"]), None);
+    s.same(&c_args(&["info"], &["-r", "r.raw"]), None);
+    s.same(
+        &c_args(&["open r.raw", "close", "open -s r.raw", "info"], &[]),
+        None,
+    );
+    s.same(
+        &c_args(&["open -o lazy-refcounts=on r.raw"], &["-f", "raw"]),
+        None,
+    );
+    s.same_file("t.qcow2");
+    s.same_file("r.raw");
+}
