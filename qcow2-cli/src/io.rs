@@ -919,6 +919,9 @@ fn cmd_help(p: &Parsed, o: &mut Outcome) -> CmdResult {
         Some(name) => match find_spec(name) {
             Some(s) => {
                 o.out(help_line(name, s));
+                if let Some(text) = long_help(s.name) {
+                    o.out(text);
+                }
                 Ok(())
             }
             None => {
@@ -927,6 +930,98 @@ fn cmd_help(p: &Parsed, o: &mut Outcome) -> CmdResult {
             }
         },
     }
+}
+
+/// The extended help of `help COMMAND` (this tool's own wording; the options are
+/// qemu-io's).
+fn long_help(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "read" | "readv" | "aio_read" => {
+            "
+ Reads OFF..OFF+LEN of the open image (readv: the lengths of several buffers
+ read as one request; aio_read: the same, reported when it completes).
+
+ -b, -- the VM state area instead of the guest disk (read only)
+ -C, -- one machine-readable statistics line: bytes,ops,time,bytes/s,ops/s
+ -i, -- (aio_read) count an invalid request instead of reading
+ -l, -- how many bytes the pattern check covers (with -P)
+ -p, -- ignored
+ -P, -- check that every byte read equals this pattern byte
+ -q, -- no statistics
+ -r, -- ignored (buffer registration)
+ -s, -- where in the buffer the pattern check starts (with -P)
+ -v, -- hex dump of the data read
+
+"
+        }
+        "write" | "writev" | "aio_write" => {
+            "
+ Writes OFF..OFF+LEN of the open image with the byte 0xcd unless told otherwise
+ (writev: the lengths of several buffers written as one request; aio_write: the
+ same, reported when it completes).
+
+ -b, -- the VM state area instead of the guest disk (write only)
+ -c, -- write compressed clusters
+ -C, -- one machine-readable statistics line: bytes,ops,time,bytes/s,ops/s
+ -f, -- Force Unit Access: the data is flushed before the command completes
+ -i, -- (aio_write) count an invalid request instead of writing
+ -n, -- with -z: fail rather than write zeroes as data
+ -p, -- ignored
+ -P, -- fill with this pattern byte
+ -q, -- no statistics
+ -r, -- ignored (buffer registration)
+ -s, -- fill with the contents of this file, repeated
+ -u, -- with -z: the range may be deallocated
+ -z, -- write zeroes without data
+
+"
+        }
+        "open" => {
+            "
+ Opens an image for the other commands (one at a time; 'close' first).
+
+ -r, -- read-only
+ -s, -- writes go to a temporary overlay that is thrown away
+ -C, -- copy-on-read: data read from a backing file is copied into the image
+ -n, -- no host cache (-t none)
+ -U, -- share the image with other writers
+ -k, -- native AIO (-i native)
+ -i, -- AIO mode: threads, native or io_uring
+ -t, -- cache mode: none, writeback, writethrough, directsync or unsafe
+ -d, -- discard mode: ignore or unmap
+ -o, -- block driver options, e.g. driver=qcow2,lazy-refcounts=on
+
+"
+        }
+        "reopen" => {
+            "
+ Opens the current image again with other settings.
+
+ -r, -- read-only
+ -w, -- read-write
+ -c, -- another cache mode
+ -o, -- other qcow2 options (e.g. lazy-refcounts=on, l2-cache-size=1M)
+
+"
+        }
+        "discard" => {
+            "
+ Discards OFF..OFF+LEN of the open image.
+
+ -C, -- one machine-readable statistics line: bytes,ops,time,bytes/s,ops/s
+ -q, -- no statistics
+
+"
+        }
+        "sigraise" => {
+            "
+ Raises the signal numbered SIGNAL in this process (e.g. 'sigraise 9' kills it
+ as a crash would, after what was written so far has reached the image file).
+
+"
+        }
+        _ => return None,
+    })
 }
 
 fn cmd_sleep(p: &Parsed, o: &mut Outcome) -> CmdResult {

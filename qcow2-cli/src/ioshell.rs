@@ -453,6 +453,9 @@ struct Device {
     inner: Box<dyn BlockDev>,
     cache: CacheMode,
     read_only: bool,
+    /// `discard=unmap`: without it the block layer drops guest discards (they succeed and
+    /// change nothing), as QEMU's does without `BDRV_O_UNMAP`.
+    discard_unmap: bool,
     /// How it was opened (for `reopen`); `None` for a snapshot overlay, which cannot be
     /// opened again.
     params: Option<(String, OpenParams)>,
@@ -510,6 +513,9 @@ impl BlockDev for Device {
     }
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), i32> {
         self.writable()?;
+        if !self.discard_unmap {
+            return Ok(());
+        }
         self.inner.discard(offset, len)
     }
     fn flush(&mut self) -> Result<(), i32> {
@@ -654,6 +660,7 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         inner,
         cache: params.cache,
         read_only: ro,
+        discard_unmap: params.discard_unmap,
         params: reopen,
     })
 }
