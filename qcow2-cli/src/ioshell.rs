@@ -456,6 +456,8 @@ struct Device {
     /// `discard=unmap`: without it the block layer drops guest discards (they succeed and
     /// change nothing), as QEMU's does without `BDRV_O_UNMAP`.
     discard_unmap: bool,
+    /// Copy-on-read is on (then the device cannot become read-only).
+    copy_on_read: bool,
     /// How it was opened (for `reopen`); `None` for a snapshot overlay, which cannot be
     /// opened again.
     params: Option<(String, OpenParams)>,
@@ -594,6 +596,9 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         );
     }
     let ro = params.read_only;
+    if params.copy_on_read && ro {
+        return Err("Can't use copy-on-read on read-only device".into());
+    }
     let format = match params.format.as_deref() {
         Some(f) => Format::parse(f).map_err(|_| format!("Unknown driver '{f}'"))?,
         None => {
@@ -661,6 +666,7 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         cache: params.cache,
         read_only: ro,
         discard_unmap: params.discard_unmap,
+        copy_on_read: params.copy_on_read,
         params: reopen,
     })
 }
@@ -880,6 +886,11 @@ impl Shell for Session {
             dev.cache = c;
         }
         let want_ro = read_only.unwrap_or(dev.read_only);
+        if want_ro && dev.copy_on_read {
+            // QEMU names the node ('#blockNNN'); this tool has no node names.
+            o.error_report("Can't set node to r/o with copy-on-read enabled");
+            return Err(Fail::Done);
+        }
         let needs_open = !runtime.is_empty() || (!want_ro && dev.inner.read_only());
         if !needs_open {
             if want_ro && !dev.read_only {

@@ -523,6 +523,27 @@ fn copy_on_read_copies_backing_data() {
         &c_args(&["read -P 0xee 512k 4k", "map"], &["ov.qcow2"]),
         None,
     );
+    // Copy-on-read needs a writable image.
+    s.same(&c_args(&["read 0 4k"], &["-r", "-C", "ov.qcow2"]), None);
+    s.same(&c_args(&["open -r -C ov.qcow2", "info"], &[]), None);
+    // Through a snapshot overlay, and by readv/aio_read.
+    s.same(
+        &c_args(&["read -P 0xee 0 4k", "map"], &["-s", "-C", "ov.qcow2"]),
+        None,
+    );
+    s.same(
+        &c_args(
+            &[
+                "readv -P 0xee 600k 4k 4k",
+                "aio_read -P 0xee 800k 4k",
+                "aio_flush",
+                "map",
+            ],
+            &["-C", "ov.qcow2"],
+        ),
+        None,
+    );
+    s.same_file("ov.qcow2");
 }
 
 #[test]
