@@ -121,12 +121,34 @@ pub fn open_image_tuned(
     let image = Image::open(Arc::new(storage), &opts).map_err(|e| match e {
         // QEMU's message for a bad option has no operation in front.
         ImageError::InvalidArgument { reason, .. } => reason,
+        ImageError::Backing { ref name, .. } => {
+            backing_open_error(path, name).unwrap_or_else(|| error_text(&e))
+        }
         other => error_text(&other),
     })?;
     for m in image.messages() {
         eprintln!("{m}");
     }
     Ok(image)
+}
+
+/// QEMU's "Could not open backing file: Could not open 'PATH': REASON" when the backing
+/// file `name` of the image at `image_path` cannot be opened (`None` when it can, and the
+/// engine's own message says what else is wrong). PATH is QEMU's `path_combine`.
+fn backing_open_error(image_path: &str, name: &str) -> Option<String> {
+    let combined = if name.starts_with('/') {
+        name.to_string()
+    } else {
+        match image_path.rfind('/') {
+            Some(i) => format!("{}{name}", &image_path[..=i]),
+            None => name.to_string(),
+        }
+    };
+    let e = std::fs::File::open(&combined).err()?;
+    Some(format!(
+        "Could not open backing file: Could not open '{combined}': {}",
+        crate::image::strerror(&e)
+    ))
 }
 
 /// The message of an image error without the engine's operation prefix where QEMU has none.

@@ -254,6 +254,24 @@ fn command_line_errors() {
     }
     let s = Setup::new();
     s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "1M"]);
+    // Images whose backing file is missing.
+    for side in ["ours", "qemu"] {
+        std::fs::create_dir(s.dir(side).join("sub")).expect("mkdir");
+    }
+    for img in ["nb.qcow2", "sub/nb.qcow2"] {
+        s.qemu_img_both(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            img,
+            "1M",
+        ]);
+    }
     for args in [
         &["-c", "read 0 512", "missing.qcow2"][..],
         &["missing.qcow2"],
@@ -274,6 +292,10 @@ fn command_line_errors() {
         &["-i", "native", "-c", "info", "t.qcow2"],
         &["-f", "raw", "-c", "info", "t.qcow2"],
         &["-c", "help"],
+        &["-c", "info", "nb.qcow2"],
+        &["-c", "info", "sub/nb.qcow2"],
+        &["-c", "open sub/nb.qcow2"],
+        &["-s", "-c", "info", "sub/nb.qcow2"],
     ] {
         s.same(args, None);
     }
