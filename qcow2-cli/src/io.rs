@@ -53,6 +53,11 @@ pub trait BlockDev {
         let _ = (offset, len, unmap);
         Err(ENOTSUP)
     }
+    /// False once the device cannot serve anything (QEMU drops the driver of an image a
+    /// corruption was found in); `info` then prints nothing.
+    fn usable(&self) -> bool {
+        true
+    }
     /// Reads the VM state area (`read -b`); `ENOTSUP` by default.
     fn load_vmstate(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
         let _ = (offset, buf);
@@ -69,6 +74,8 @@ pub trait BlockDev {
 pub const ENOTSUP: i32 = 95;
 /// `EIO`.
 pub const EIO: i32 = 5;
+/// `ENOMEDIUM` (a device a corruption made unusable).
+pub const ENOMEDIUM: i32 = 123;
 
 /// `strerror` text for the errno values the engine reports.
 pub fn strerror(errno: i32) -> String {
@@ -845,10 +852,8 @@ fn dispatch(
         "aio_write" => aio(o, |o| cmd_writev(dev, p, o, true)),
         "aio_flush" => Ok(()),
         "discard" => cmd_discard(dev, p, o),
-        "flush" => dev.flush().map_err(|e| {
-            o.out(format!("flush failed: {}\n", strerror(e)));
-            Fail::Done
-        }),
+        // qemu-io's flush prints nothing, also when it fails.
+        "flush" => dev.flush().map_err(|_| Fail::Done),
         "map" => cmd_map(dev, o),
         "alloc" => cmd_alloc(dev, p, o),
         "info" => cmd_info(dev, o),
@@ -1435,7 +1440,7 @@ fn cmd_discard(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> CmdResult
 fn cmd_map(dev: &mut dyn BlockDev, o: &mut Outcome) -> CmdResult {
     let mut offset = 0u64;
     let mut bytes = dev.length().map_err(|e| {
-        o.out(format!("getlength: {}\n", strerror(e)));
+        o.error_report(format!("Failed to query image length: {}", strerror(e)));
         Fail::Done
     })?;
     let status_err = |o: &mut Outcome, e: i32| {
@@ -1488,7 +1493,10 @@ fn cmd_alloc(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> CmdResult {
     let mut offset = start;
     let mut remaining = count;
     let mut sum = 0u64;
-    let size = dev.length().unwrap_or(0);
+    let size = dev.length().map_err(|e| {
+        o.out(format!("is_allocated failed: {}\n", strerror(e)));
+        Fail::Done
+    })?;
     while remaining > 0 {
         let avail = size.saturating_sub(offset).min(remaining);
         let (alloc, num) = if avail == 0 {
@@ -1517,6 +1525,9 @@ fn cmd_alloc(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> CmdResult {
 }
 
 fn cmd_info(dev: &mut dyn BlockDev, o: &mut Outcome) -> CmdResult {
+    if !dev.usable() {
+        return Err(Fail::Done);
+    }
     o.out(format!("format name: {}\n", dev.format_name()));
     let (cluster, vm_state) = dev.info();
     o.out(format!("cluster size: {}\n", cvtstr(cluster as f64)));
@@ -1552,7 +1563,11 @@ fn cmd_truncate(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> CmdResul
     }
     let len = num(o, &p.operands[0])?;
     dev.truncate(len).map_err(|e| {
-        o.error_report(format!("truncate: {}", strerror(e)));
+        if e == ENOMEDIUM {
+            o.error_report("No medium inserted");
+        } else {
+            o.error_report(format!("truncate: {}", strerror(e)));
+        }
         Fail::Done
     })
 }

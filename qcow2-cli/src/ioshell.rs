@@ -465,6 +465,7 @@ struct Device {
 
 /// `EPERM`.
 const EPERM: i32 = 1;
+use crate::io::ENOMEDIUM;
 
 impl Device {
     fn after_write(&mut self, r: Result<(), i32>) -> Result<(), i32> {
@@ -541,6 +542,9 @@ impl BlockDev for Device {
     }
     fn read_only(&self) -> bool {
         self.read_only || self.inner.read_only()
+    }
+    fn usable(&self) -> bool {
+        self.inner.usable()
     }
     fn prefetch(&mut self, offset: u64, len: u64) {
         self.inner.prefetch(offset, len)
@@ -745,7 +749,11 @@ impl Session {
     fn close_device(&mut self) -> Result<(), String> {
         match self.dev.take() {
             Some(mut d) => {
-                let r = d.inner.flush();
+                let r = match d.inner.flush() {
+                    // A device a corruption made unusable closes without a word, as QEMU's.
+                    Err(ENOMEDIUM) => Ok(()),
+                    r => r,
+                };
                 drop(d);
                 r.map_err(io::strerror)
             }

@@ -16,6 +16,10 @@ pub struct QcowDev {
     image: Option<Image>,
     read_only: bool,
     copy_on_read: bool,
+    /// A corruption was reported (QEMU reports one, then suppresses the rest).
+    signaled_corruption: bool,
+    /// A fatal corruption made the image unusable (QEMU drops the driver).
+    unusable: bool,
 }
 
 /// Opens `path` with the backing chain resolved next to it (as qemu-io and qemu-img do).
@@ -166,6 +170,8 @@ impl QcowDev {
             image: Some(image),
             read_only,
             copy_on_read: false,
+            signaled_corruption: false,
+            unusable: false,
         }
     }
 
@@ -258,6 +264,11 @@ impl QcowDev {
     /// Flushes and closes the image, reporting the error text if that fails.
     pub fn close(&mut self) -> Result<(), String> {
         match self.image.take() {
+            // Marked corrupt and dropped, as QEMU drops the driver: nothing more is written.
+            Some(img) if self.unusable => {
+                img.abandon();
+                Ok(())
+            }
             Some(img) => img.close().map_err(|e| error_text(&e)),
             None => Ok(()),
         }
@@ -270,17 +281,129 @@ impl Drop for QcowDev {
     }
 }
 
+thread_local! {
+    /// The corruption an engine call just reported (message, fatal), for
+    /// [`QcowDev::guard`] to signal.
+    static CORRUPTION: std::cell::RefCell<Option<(String, bool)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The errno of an engine error; a corruption is noted for [`QcowDev::guard`].
 fn errno(e: ImageError) -> i32 {
-    if e.is_corruption() {
-        eprintln!("{}{}", crate::prog::prefix(), error_text(&e));
+    if let ImageError::Corruption { message, fatal, .. } = &e {
+        CORRUPTION.with(|c| *c.borrow_mut() = Some((message.clone(), *fatal)));
     }
     e.errno()
+}
+
+use crate::io::ENOMEDIUM;
+
+impl QcowDev {
+    /// Runs an engine operation. A corruption it reports is signalled as QEMU's
+    /// `qcow2_signal_corruption` does: one message (fatal ones on a writable image mark it
+    /// corrupt and make it unusable: every later request fails with ENOMEDIUM; further
+    /// events are not reported).
+    fn guard<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, i32>) -> Result<T, i32> {
+        if self.unusable {
+            return Err(ENOMEDIUM);
+        }
+        let r = f(self);
+        if let Some((message, fatal)) = CORRUPTION.with(|c| c.borrow_mut().take()) {
+            let fatal = fatal && !self.read_only;
+            if !self.signaled_corruption || fatal {
+                if fatal {
+                    eprintln!(
+                        "qcow2: Marking image as corrupt: {message}; further corruption events \
+                         will be suppressed"
+                    );
+                    self.unusable = true;
+                } else {
+                    eprintln!(
+                        "qcow2: Image is corrupt: {message}; further non-fatal corruption \
+                         events will be suppressed"
+                    );
+                }
+                self.signaled_corruption = true;
+            }
+        }
+        r
+    }
 }
 
 impl BlockDev for QcowDev {
     fn format_name(&self) -> &'static str {
         "qcow2"
     }
+    fn length(&mut self) -> Result<u64, i32> {
+        self.guard(Ops::length)
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        self.guard(|d| Ops::read(d, offset, buf))
+    }
+    fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        self.guard(|d| Ops::write(d, offset, buf))
+    }
+    fn write_compressed(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        self.guard(|d| Ops::write_compressed(d, offset, buf))
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), i32> {
+        self.guard(|d| Ops::write_zeroes(d, offset, len, unmap))
+    }
+    fn write_zeroes_fast(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), i32> {
+        self.guard(|d| Ops::write_zeroes_fast(d, offset, len, unmap))
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), i32> {
+        self.guard(|d| Ops::discard(d, offset, len))
+    }
+    fn flush(&mut self) -> Result<(), i32> {
+        if self.unusable {
+            // QEMU's flush of a node without a driver succeeds.
+            return Ok(());
+        }
+        self.guard(Ops::flush)
+    }
+    fn truncate(&mut self, len: u64) -> Result<(), i32> {
+        self.guard(|d| Ops::truncate(d, len))
+    }
+    fn is_allocated(&mut self, offset: u64, len: u64) -> Result<(bool, u64), i32> {
+        self.guard(|d| Ops::is_allocated(d, offset, len))
+    }
+    fn info(&mut self) -> (u64, u64) {
+        Ops::info(self)
+    }
+    fn specific_info(&mut self) -> Vec<String> {
+        Ops::specific_info(self)
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn usable(&self) -> bool {
+        !self.unusable
+    }
+    fn prefetch(&mut self, offset: u64, len: u64) {
+        if let Ok(img) = self.img() {
+            img.prefetch(offset, len);
+        }
+    }
+}
+
+/// The engine side of each [`BlockDev`] operation, before [`QcowDev::guard`].
+trait Ops {
+    fn length(&mut self) -> Result<u64, i32>;
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), i32>;
+    fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32>;
+    fn write_compressed(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32>;
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), i32>;
+    fn write_zeroes_fast(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), i32>;
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), i32>;
+    fn flush(&mut self) -> Result<(), i32>;
+    fn truncate(&mut self, len: u64) -> Result<(), i32>;
+    fn is_allocated(&mut self, offset: u64, len: u64) -> Result<(bool, u64), i32>;
+    fn info(&mut self) -> (u64, u64);
+    fn specific_info(&mut self) -> Vec<String>;
+}
+
+impl Ops for QcowDev {
     fn length(&mut self) -> Result<u64, i32> {
         Ok(self.img()?.virtual_size())
     }
@@ -374,14 +497,6 @@ impl BlockDev for QcowDev {
         match self.img() {
             Ok(img) => format_specific_lines(img.header(), img.data_file().as_deref()),
             Err(_) => Vec::new(),
-        }
-    }
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-    fn prefetch(&mut self, offset: u64, len: u64) {
-        if let Ok(img) = self.img() {
-            img.prefetch(offset, len);
         }
     }
 }

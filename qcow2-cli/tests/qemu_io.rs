@@ -765,3 +765,74 @@ fn discard_modes() {
         s.same_file("d.qcow2");
     }
 }
+
+/// Points the first L2 entry of `path` at the refcount table (cluster 0x10000), so that a
+/// write there is a metadata overlap.
+fn corrupt_first_l2_entry(path: &Path) {
+    let mut img = std::fs::read(path).expect("read");
+    let be = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
+    const MASK: u64 = 0x00ff_ffff_ffff_fe00;
+    let l1 = be(&img[40..48]) as usize;
+    let l2 = (be(&img[l1..l1 + 8]) & MASK) as usize;
+    let entry = be(&img[l2..l2 + 8]);
+    let patched = (entry & !MASK) | 0x10000;
+    img[l2..l2 + 8].copy_from_slice(&patched.to_be_bytes());
+    std::fs::write(path, img).expect("write");
+}
+
+#[test]
+fn corruption_makes_the_image_unusable() {
+    if !have_qemu() {
+        return;
+    }
+    let scripts: [(&[&str], &[&str]); 4] = [
+        (
+            &[
+                "write -P 2 0 512",
+                "read 0 512",
+                "write 0 512",
+                "length",
+                "info",
+                "map",
+                "alloc 0",
+                "flush",
+                "discard 0 64k",
+                "truncate 2M",
+                "readv 0 1",
+                "write -z 0 1",
+                "write -c 0 64k",
+            ],
+            &[],
+        ),
+        (&["write -P 2 0 512", "read 0 512"], &["-r"]),
+        (&["read -P 1 0 512", "write -P 2 0 512"], &[]),
+        (
+            &[
+                "write -P 2 0 512",
+                "close",
+                "open -r cor.qcow2",
+                "read 0 512",
+                "info",
+            ],
+            &[],
+        ),
+    ];
+    for (cmds, opts) in scripts {
+        let s = Setup::new();
+        s.qemu_img_both(&["create", "-f", "qcow2", "cor.qcow2", "1M"]);
+        for side in ["ours", "qemu"] {
+            let st = Command::new("qemu-io")
+                .args(["-c", "write -P 1 0 64k", "cor.qcow2"])
+                .current_dir(s.dir(side))
+                .stdout(Stdio::null())
+                .status()
+                .expect("qemu-io");
+            assert!(st.success());
+            corrupt_first_l2_entry(&s.dir(side).join("cor.qcow2"));
+        }
+        let mut args = opts.to_vec();
+        args.extend(c_args(cmds, &["cor.qcow2"]));
+        s.same(&args, None);
+        s.same_file("cor.qcow2");
+    }
+}
