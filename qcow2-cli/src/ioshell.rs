@@ -1008,11 +1008,9 @@ pub fn main(args: &[String]) -> u8 {
             lp.stdout.flush();
             // AIO completions print while qemu-io waits for the next line.
             lp.emit_pending();
-            let mut raw = Vec::new();
-            match input.read_until(b'\n', &mut raw) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
+            let Some(mut raw) = fgets(&mut input) else {
+                break;
+            };
             if raw.last() == Some(&b'\n') {
                 raw.pop();
             }
@@ -1029,6 +1027,30 @@ pub fn main(args: &[String]) -> u8 {
         lp.failed = true;
     }
     u8::from(lp.failed)
+}
+
+/// qemu-io's line reading: C's `fgets` into a 1024-byte buffer, so that a longer line
+/// is read as several commands. `None` at the end of input (or on a read error).
+fn fgets(input: &mut impl BufRead) -> Option<Vec<u8>> {
+    const MAXREADLINESZ: usize = 1024;
+    let mut line = Vec::new();
+    while line.len() < MAXREADLINESZ - 1 {
+        let buf = input.fill_buf().ok()?;
+        if buf.is_empty() {
+            break;
+        }
+        let room = (MAXREADLINESZ - 1 - line.len()).min(buf.len());
+        let take = buf[..room]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(room, |i| i + 1);
+        line.extend_from_slice(&buf[..take]);
+        input.consume(take);
+        if line.last() == Some(&b'\n') {
+            break;
+        }
+    }
+    (!line.is_empty()).then_some(line)
 }
 
 /// The command loop's state.
@@ -1116,6 +1138,16 @@ mod tests {
         assert!(o.force_share && o.open.force_share && o.open.read_only && o.open.snapshot);
         assert!(!o.open.discard_unmap);
         assert_eq!(o.objects[0].id, "s0");
+    }
+
+    #[test]
+    fn lines_as_fgets_reads_them() {
+        let long = format!("{}\nread 0 1", "x".repeat(1500));
+        let mut input = std::io::Cursor::new(long.into_bytes());
+        assert_eq!(fgets(&mut input).map(|l| l.len()), Some(1023));
+        assert_eq!(fgets(&mut input).map(|l| l.len()), Some(478));
+        assert_eq!(fgets(&mut input), Some(b"read 0 1".to_vec()));
+        assert_eq!(fgets(&mut input), None);
     }
 
     #[test]
