@@ -207,9 +207,12 @@ pub struct Outcome {
     pub exit: Option<Exit>,
     /// Where the completion output of an AIO request starts in `chunks`.
     completion_at: Option<usize>,
-    /// Output of an AIO request's completion, which qemu-io prints later: after the next
-    /// command, or after the next prompt when reading standard input.
+    /// Output of an AIO request's completion, which qemu-io prints later: when requests
+    /// are drained (`aio_flush`, `close`, `reopen`, exit), or after the next prompt when
+    /// reading standard input.
     pub deferred: Vec<(Stream, String)>,
+    /// The command drains AIO requests: earlier completions print after its output.
+    pub drains: bool,
 }
 
 impl Outcome {
@@ -809,6 +812,7 @@ pub fn run_command(shell: &mut dyn Shell, line: &str) -> Outcome {
         }
         Err(Fail::Done) => o.failed = true,
     }
+    o.drains = matches!(spec.name, "aio_flush" | "close" | "reopen");
     o
 }
 

@@ -1085,8 +1085,8 @@ impl Loop {
     fn run(&mut self, session: &mut Session, line: &str) -> bool {
         let o = io::run_command(session, line);
         self.write(&o.chunks);
-        if !self.interactive {
-            // AIO completions of earlier commands print after this one's output.
+        if o.drains {
+            // AIO completions of earlier commands print when they are drained.
             self.emit_pending();
         }
         self.pending.extend(o.deferred.iter().cloned());

@@ -227,25 +227,38 @@ impl QcowDev {
         Ok(QcowDev::from_image(image, read_only))
     }
 
-    /// Copy-on-read of `[offset, offset + len)`: every run read from the backing file is
-    /// written into this image, widened to whole clusters.
+    /// Copy-on-read of `[offset, offset + len)` as QEMU's `bdrv_co_do_copy_on_readv`: the
+    /// request widened to whole clusters, every run not allocated in this image is read
+    /// (from the backing file, or zeros) and written back, as zero clusters where it reads
+    /// as zeros.
     fn copy_on_read(&mut self, offset: u64, len: u64) -> Result<(), i32> {
+        /// QEMU's bounce buffer limit.
+        const MAX_BOUNCE: u64 = 16 << 20;
         let img = self.img()?;
-        if !img.has_backing() || len == 0 {
+        let size = img.virtual_size();
+        if len == 0 || offset >= size {
             return Ok(());
         }
         let cs = img.cluster_size();
-        let size = img.virtual_size();
-        let extents = img.map(offset, len).map_err(errno)?;
+        let start = offset - offset % cs;
+        let end = offset.saturating_add(len).next_multiple_of(cs).min(size);
+        let extents = img.map(start, end - start).map_err(errno)?;
         for x in extents {
-            if x.kind != qcow2_image::ExtentKind::Backing {
+            if x.is_allocated() {
                 continue;
             }
-            let start = x.offset - x.offset % cs;
-            let end = (x.offset + x.length).next_multiple_of(cs).min(size);
-            let mut buf = vec![0u8; (end - start) as usize];
-            img.read(start, &mut buf).map_err(errno)?;
-            img.write(start, &buf).map_err(errno)?;
+            let mut pos = x.offset;
+            while pos < x.offset + x.length {
+                let n = (x.offset + x.length - pos).min(MAX_BOUNCE);
+                let mut buf = vec![0u8; n as usize];
+                img.read(pos, &mut buf).map_err(errno)?;
+                if buf.iter().all(|&b| b == 0) {
+                    img.write_zeroes(pos, n, false).map_err(errno)?;
+                } else {
+                    img.write(pos, &buf).map_err(errno)?;
+                }
+                pos += n;
+            }
         }
         Ok(())
     }
@@ -448,27 +461,33 @@ impl Ops for QcowDev {
         // Zero clusters need no data write; a partial cluster would.
         // As QEMU: a partial cluster that already reads as zeros widens the request to
         // the whole cluster; any other partial cluster would need a data write.
+        // The head cluster, the aligned body and the tail cluster are zeroed in that order
+        // (what is done stays done when a later part fails, as in QEMU).
         let img = self.writable()?;
         let cs = img.cluster_size();
         let size = img.virtual_size();
         let end = offset.saturating_add(len).min(size);
-        let mut start = offset;
-        let mut stop = end;
-        for edge in [offset, end] {
-            let lo = edge - edge % cs;
+        let mut pos = offset;
+        while pos < end {
+            let lo = pos - pos % cs;
             let hi = (lo + cs).min(size);
-            if edge % cs == 0 || edge == size || lo >= hi {
-                continue;
-            }
-            let mut buf = vec![0u8; (hi - lo) as usize];
-            img.read(lo, &mut buf).map_err(errno)?;
-            if buf.iter().any(|&b| b != 0) {
-                return Err(crate::io::ENOTSUP);
-            }
-            start = start.min(lo);
-            stop = stop.max(hi);
+            let (from, to) = if pos % cs != 0 || end < hi {
+                // A partial cluster: only if it reads as zeros already.
+                let mut buf = vec![0u8; (hi - lo) as usize];
+                img.read(lo, &mut buf).map_err(errno)?;
+                if buf.iter().any(|&b| b != 0) {
+                    return Err(crate::io::ENOTSUP);
+                }
+                (lo, hi)
+            } else {
+                // Whole clusters up to the last one `end` fills completely.
+                let to = if end == size { end } else { end - end % cs };
+                (pos, to)
+            };
+            img.write_zeroes(from, to - from, unmap).map_err(errno)?;
+            pos = to;
         }
-        img.write_zeroes(start, stop - start, unmap).map_err(errno)
+        Ok(())
     }
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), i32> {
         self.writable()?.discard(offset, len).map_err(errno)

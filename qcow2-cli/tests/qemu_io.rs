@@ -836,3 +836,34 @@ fn corruption_makes_the_image_unusable() {
         s.same_file("cor.qcow2");
     }
 }
+
+#[test]
+fn zero_writes_without_fallback_and_copy_on_read_of_holes() {
+    if !have_qemu() {
+        return;
+    }
+    for cluster in ["512", "4k", "64k"] {
+        let s = Setup::new();
+        let opt = format!("cluster_size={cluster}");
+        s.qemu_img_both(&["create", "-f", "qcow2", "-o", &opt, "t.qcow2", "1M"]);
+        // The head cluster reads as zeros, the tail one does not: the head and the body
+        // are zeroed, then the request fails.
+        let cmds = [
+            "write -P 171 66048 100000",
+            "write -z -n 512 100000",
+            "map",
+            "write -z -n 200000 1000",
+            "write -z -n 0 64k",
+            "write -z -n -u 960k 64k",
+            "map",
+        ];
+        s.same(&c_args(&cmds, &["t.qcow2"]), None);
+        s.same_file("t.qcow2");
+        // Copy-on-read of ranges allocated nowhere writes zero clusters.
+        s.same(
+            &c_args(&["read -P 0 300k 100000", "map"], &["-C", "t.qcow2"]),
+            None,
+        );
+        s.same_file("t.qcow2");
+    }
+}
