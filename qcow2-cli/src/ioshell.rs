@@ -126,6 +126,9 @@ pub struct OpenParams {
     /// `-U`: share the image with other writers. Parsed and kept here; locking is not
     /// this module's (the locking code reads this field).
     pub force_share: bool,
+    /// `file.locking=on|off|auto` of an option list, as given (for the locking code;
+    /// `None`: QEMU's default, `auto`).
+    pub locking: Option<String>,
     /// `-f`, or `driver=` of an option list.
     pub format: Option<String>,
     /// Block driver options (`-o`, `--image-opts`), in order.
@@ -580,6 +583,16 @@ fn apply_options(
             }
             "cache.direct" => params.cache.direct = matches!(v.as_str(), "on" | "true"),
             "cache.no-flush" => params.cache.no_flush = matches!(v.as_str(), "on" | "true"),
+            "file.locking" | "locking" => match v.as_str() {
+                "on" | "off" | "auto" => params.locking = Some(v),
+                _ => return Err(format!("invalid parameter value: {v}")),
+            },
+            "file.aio" | "aio" => {
+                params.aio =
+                    AioMode::parse(&v).ok_or_else(|| format!("invalid parameter value: {v}"))?
+            }
+            "file.cache.direct" => params.cache.direct = matches!(v.as_str(), "on" | "true"),
+            "file.cache.no-flush" => params.cache.no_flush = matches!(v.as_str(), "on" | "true"),
             _ => driver_opts.push((k, v)),
         }
     }
