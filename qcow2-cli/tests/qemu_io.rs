@@ -488,6 +488,15 @@ fn open_close_reopen_and_option_lists() {
         ],
         None,
     );
+    for list in [
+        "driver=qcow2,file.filename=t.qcow2,file.locking=off",
+        "driver=qcow2,file.filename=t.qcow2,file.locking=bogus",
+        "driver=qcow2,file.driver=file,file.filename=t.qcow2,file.aio=threads",
+        "driver=qcow2,file.filename=t.qcow2,file.aio=bogus",
+        "driver=qcow2,file.filename=t.qcow2,lazy-refcounts=on,cache.direct=on",
+    ] {
+        s.same(&["--image-opts", "-c", "read -P 3 0 512", list], None);
+    }
     s.same(
         &[
             "--image-opts",
