@@ -461,6 +461,9 @@ struct Device {
     discard_unmap: bool,
     /// Copy-on-read is on (then the device cannot become read-only).
     copy_on_read: bool,
+    /// A raw image whose format was probed: writes that would make its first sector look
+    /// like another format are refused (EPERM), as QEMU's raw driver refuses them.
+    probed_raw: bool,
     /// How it was opened (for `reopen`); `None` for a snapshot overlay, which cannot be
     /// opened again.
     params: Option<(String, OpenParams)>,
@@ -485,6 +488,23 @@ impl Device {
             Ok(())
         }
     }
+
+    /// Refuses a write of `buf` at `offset` that would turn the first sector of a probed
+    /// raw image into another format's header.
+    fn probe_guard(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        if !self.probed_raw || offset >= 512 || buf.is_empty() {
+            return Ok(());
+        }
+        let mut sector = [0u8; 512];
+        let have = self.inner.length()?.min(512) as usize;
+        self.inner.read(0, &mut sector[..have])?;
+        let n = buf.len().min(512 - offset as usize);
+        sector[offset as usize..offset as usize + n].copy_from_slice(&buf[..n]);
+        if probes_as_other_format(&sector) {
+            return Err(EPERM);
+        }
+        Ok(())
+    }
 }
 
 impl BlockDev for Device {
@@ -499,6 +519,7 @@ impl BlockDev for Device {
     }
     fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
         self.writable()?;
+        self.probe_guard(offset, buf)?;
         let r = self.inner.write(offset, buf);
         self.after_write(r)
     }
@@ -561,6 +582,28 @@ impl BlockDev for Device {
     }
 }
 
+/// Whether a first sector would be probed as a format other than raw by QEMU's probes
+/// (the formats whose header magic sits in the first sector).
+fn probes_as_other_format(sector: &[u8; 512]) -> bool {
+    let be32 = |at: usize| {
+        u32::from_be_bytes([sector[at], sector[at + 1], sector[at + 2], sector[at + 3]])
+    };
+    let le32 = |at: usize| {
+        u32::from_le_bytes([sector[at], sector[at + 1], sector[at + 2], sector[at + 3]])
+    };
+    let starts = |m: &[u8]| sector.starts_with(m);
+    // qcow2 (version >= 2) and qcow (version 1) share the magic.
+    (starts(b"QFI\xfb") && be32(4) >= 1)
+        || starts(b"QED\0")
+        || (starts(b"LUKS\xba\xbe") && sector[6..8] == [0, 1])
+        || starts(b"KDMV")
+        || starts(b"COWD")
+        || starts(b"# Disk DescriptorFile")
+        || starts(b"conectix")
+        || starts(b"vhdxfile")
+        || le32(64) == 0xbeda_107f
+}
+
 /// The generic block options of `-o`/`--image-opts` lists applied to `params`; returns the
 /// file name and the driver's own options (qcow2's runtime options).
 fn apply_options(
@@ -613,6 +656,7 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         );
     }
     let ro = params.read_only;
+    let mut probed_raw = false;
     if params.copy_on_read && ro {
         return Err("Can't use copy-on-read on read-only device".into());
     }
@@ -620,6 +664,7 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         Some(f) => Format::parse(f).map_err(|_| format!("Unknown driver '{f}'"))?,
         None => {
             let probed = crate::image::open_detail(&path, None, false)?.format;
+            probed_raw = probed == Format::Raw;
             if probed == Format::Raw && !ro && !params.snapshot {
                 eprintln!(
                     "WARNING: Image format was not specified for '{path}' and probing guessed \
@@ -684,6 +729,7 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         read_only: ro,
         discard_unmap: params.discard_unmap,
         copy_on_read: params.copy_on_read,
+        probed_raw: probed_raw && !params.snapshot,
         params: reopen,
     })
 }

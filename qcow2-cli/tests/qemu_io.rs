@@ -742,6 +742,25 @@ fn qcow2_runtime_options_and_raw_probing() {
         &c_args(&["open -o lazy-refcounts=on r.raw"], &["-f", "raw"]),
         None,
     );
+    // A probed raw image refuses writes that would make it look like a qcow2 image.
+    s.file_both(
+        "hdr",
+        &std::fs::read(s.dir("qemu").join("t.qcow2")).expect("read"),
+    );
+    let cmds = [
+        "write -s hdr 0 512",
+        "write -s hdr 0 4",
+        "write -s hdr 512 512",
+        "read -v 0 8",
+        "write -s hdr 0 64k",
+        "aio_write -P 0x51 0 1",
+        "aio_flush",
+    ];
+    s.same(&c_args(&cmds, &["r.raw"]), None);
+    s.same(
+        &c_args(&["write -s hdr 0 512"], &["-f", "raw", "r.raw"]),
+        None,
+    );
     s.same_file("t.qcow2");
     s.same_file("r.raw");
 }
