@@ -535,6 +535,11 @@ impl BlockDev for Device {
     }
     fn write_zeroes_fast(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), i32> {
         self.writable()?;
+        // With O_DIRECT a raw file is accessed in whole sectors: a partial one would need
+        // a read-modify-write, which "no fallback" excludes.
+        if self.cache.direct && self.inner.format_name() == "raw" && (offset | len) % 512 != 0 {
+            return Err(io::ENOTSUP);
+        }
         let r = self.inner.write_zeroes_fast(offset, len, unmap);
         self.after_write(r)
     }
