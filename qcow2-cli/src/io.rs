@@ -731,6 +731,7 @@ fn pattern(o: &mut Outcome, p: &Parsed) -> Result<Option<u8>, Fail> {
 /// C's `strtol(s, &end, 0)` accepting the whole string (for `sleep`).
 fn strtol_whole(s: &str) -> Option<i64> {
     let t = s.trim_start();
+    let signed = t.starts_with(['-', '+']);
     let (neg, t) = match t.strip_prefix('-') {
         Some(r) => (true, r),
         None => (false, t.strip_prefix('+').unwrap_or(t)),
@@ -740,6 +741,11 @@ fn strtol_whole(s: &str) -> Option<i64> {
     } else if t.len() > 1 && t.starts_with('0') {
         i64::from_str_radix(&t[1..], 8).ok()?
     } else if t.is_empty() {
+        // strtol converts nothing: "" is a valid 0 (the end pointer is at the end), a lone
+        // sign is not (the end pointer stays on it).
+        if signed {
+            return None;
+        }
         0
     } else {
         t.parse::<i64>().ok()?
@@ -797,7 +803,17 @@ pub fn run_command(shell: &mut dyn Shell, line: &str) -> Outcome {
         o.failed = true;
         return o;
     }
-    let result = match getopt(name, spec.opts, args) {
+    // Only the commands with options run getopt; the others take every word as it is
+    // ("sleep -5", "alloc -1").
+    let parsed = if spec.opts.is_empty() {
+        Ok(Parsed {
+            flags: Vec::new(),
+            operands: args.to_vec(),
+        })
+    } else {
+        getopt(name, spec.opts, args)
+    };
+    let result = match parsed {
         Ok(p) => dispatch(shell, spec, name, &p, &mut o),
         Err(e) => {
             o.err(e);
@@ -1627,5 +1643,7 @@ mod tests {
         );
         assert_eq!(strtol_whole("0x10"), Some(16));
         assert_eq!(strtol_whole("x"), None);
+        assert_eq!(strtol_whole("-"), None);
+        assert_eq!(strtol_whole("-5"), Some(-5));
     }
 }

@@ -431,6 +431,12 @@ fn read_and_write_options() {
         "break write_aio A",
         "read \"0\" 512",
         "# comment",
+        "sleep -5",
+        "sleep -",
+        "alloc -1",
+        "sigraise -1",
+        "help -x",
+        "map -x",
     ];
     s.same(&c_args(&cmds, &["t.qcow2"]), None);
     s.same_file("t.qcow2");
