@@ -82,7 +82,10 @@ pub fn run(req: CheckRequest) -> Result<(), CliError> {
     }
     let diagnostics = report.render_stderr();
     if !diagnostics.is_empty() {
-        eprint!("{}", diagnostics.replace("qemu-img: ", "qcow2: "));
+        eprint!(
+            "{}",
+            diagnostics.replace("qemu-img: ", &crate::prog::prefix())
+        );
     }
     if !req.quiet {
         match req.output {

@@ -135,7 +135,7 @@ impl Source {
             Reader::Qcow2(img) => img.read(off, buf).map_err(|e| {
                 let errno = e.errno();
                 if e.is_corruption() {
-                    eprintln!("qcow2: {}", qcowdev::error_text(&e));
+                    eprintln!("{}{}", crate::prog::prefix(), qcowdev::error_text(&e));
                 }
                 crate::io::strerror(errno)
             }),

@@ -1,10 +1,14 @@
-//! `qcow2 io`: a subset of qemu-io's command language with its messages and output.
+//! qemu-io's command language (`qcow2 io`, or the binary called as `qemu-io`): the command
+//! table, option parsing (glibc getopt with permutation), and every command's behaviour,
+//! messages and output as qemu-io 10 prints them.
 //!
-//! Commands: `read [-qv] [-P pattern] off len`, `write [-cquz] [-P pattern] off len`,
-//! `discard [-q] off len`, `flush`, `map`, `alloc off [count]`, `info`, `truncate off`,
-//! `length`. Every command runs even after one failed; the exit status is 1 if any failed
-//! (as qemu-io). The commands work on a [`BlockDev`]; raw files are one, qcow2 images become
-//! one when the image facade lands.
+//! Commands: `read`, `readv`, `write`, `writev`, `aio_read`, `aio_write`, `aio_flush`,
+//! `discard`, `flush`, `truncate`, `length`, `info`, `map`, `alloc`, `open`, `close`,
+//! `reopen`, `help`, `quit`, `sleep`, `sigraise`, `abort`; the blkdebug (`break` ...) and
+//! zoned (`zone_*`) commands fail as on a device without that support. AIO commands run
+//! synchronously, in order (qemu-io may complete them in any order; scripts wait with
+//! `aio_flush`). The session (which device is open, how to open another) is the caller's
+//! [`Shell`]; the command loop and the global options live in `ioshell`.
 
 use std::time::{Duration, Instant};
 
@@ -39,7 +43,35 @@ pub trait BlockDev {
     fn specific_info(&mut self) -> Vec<String>;
     /// Whether writes are refused (opened read-only).
     fn read_only(&self) -> bool;
+    /// Zeroes a range only if that needs no data write (qemu-io's `write -z -n`,
+    /// `BDRV_REQ_NO_FALLBACK`); `ENOTSUP` otherwise (the default).
+    fn write_zeroes_fast(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), i32> {
+        let _ = (offset, len, unmap);
+        Err(ENOTSUP)
+    }
+    /// False once the device cannot serve anything (QEMU drops the driver of an image a
+    /// corruption was found in); `info` then prints nothing.
+    fn usable(&self) -> bool {
+        true
+    }
+    /// Reads the VM state area (`read -b`); `ENOTSUP` by default.
+    fn load_vmstate(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        let _ = (offset, buf);
+        Err(ENOTSUP)
+    }
+    /// Writes the VM state area (`write -b`); `ENOTSUP` by default.
+    fn save_vmstate(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        let _ = (offset, buf);
+        Err(ENOTSUP)
+    }
 }
+
+/// `ENOTSUP`.
+pub const ENOTSUP: i32 = 95;
+/// `EIO`.
+pub const EIO: i32 = 5;
+/// `ENOMEDIUM` (a device a corruption made unusable).
+pub const ENOMEDIUM: i32 = 123;
 
 /// `strerror` text for the errno values the engine reports.
 pub fn strerror(errno: i32) -> String {
@@ -77,9 +109,14 @@ pub fn cvtstr(value: f64) -> String {
 
 /// qemu-io's `timestr` without flags: "00.00 sec" under a second, "H:MM:SS.ss" above.
 pub fn timestr(t: Duration) -> String {
+    timestr_with(t, false)
+}
+
+/// qemu-io's `timestr`; `fixed` is `VERBOSE_FIXED_TIME` ("H:MM:SS.ss" always).
+fn timestr_with(t: Duration, fixed: bool) -> String {
     let secs = t.as_secs();
     let frac = f64::from(t.subsec_nanos()) / 1e9;
-    if secs == 0 {
+    if secs == 0 && !fixed {
         format!("{frac:05.2} sec")
     } else {
         format!(
@@ -99,6 +136,17 @@ pub fn report(op: &str, t: Duration, offset: u64, count: u64, total: u64, ops: u
         cvtstr(total as f64),
         timestr(t),
         cvtstr(total as f64 / secs),
+        ops as f64 / secs
+    )
+}
+
+/// The `-C` report: "bytes,ops,H:MM:SS.ss,bytes/sec,ops/sec".
+pub fn report_machine(t: Duration, total: u64, ops: u64) -> String {
+    let secs = t.as_secs_f64().max(1e-9);
+    format!(
+        "{total},{ops},{},{:.3},{:.3}\n",
+        timestr_with(t, true),
+        total as f64 / secs,
         ops as f64 / secs
     )
 }
@@ -124,158 +172,462 @@ pub fn dump_buffer(buf: &[u8], offset: u64) -> String {
     s
 }
 
-/// One command's result: text for stdout and stderr, and whether it failed.
+/// Which standard stream a piece of output goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output (buffered by the shell as C's stdio buffers it).
+    Out,
+    /// Standard error (written at once).
+    Err,
+}
+
+/// How a command ends the program, if it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// `quit`: stop reading commands.
+    Quit,
+    /// `sigraise N`: flush the standard streams, then raise signal N.
+    Raise(i32),
+    /// `abort`: abort(3) at once (buffered output is lost, as in C).
+    Abort,
+}
+
+/// One command's result: its output in the order written, and whether it failed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    /// Standard output text.
-    pub stdout: String,
-    /// Standard error text.
-    pub stderr: String,
+    /// Output pieces in order.
+    pub chunks: Vec<(Stream, String)>,
     /// Whether the command failed (the exit status becomes 1).
     pub failed: bool,
+    /// Whether the command ends the program.
+    pub exit: Option<Exit>,
+    /// Where the completion output of an AIO request starts in `chunks`.
+    completion_at: Option<usize>,
+    /// Output of an AIO request's completion, which qemu-io prints later: when requests
+    /// are drained (`aio_flush`, `close`, `reopen`, exit), or after the next prompt when
+    /// reading standard input.
+    pub deferred: Vec<(Stream, String)>,
+    /// The command drains AIO requests: earlier completions print after its output.
+    pub drains: bool,
 }
 
 impl Outcome {
-    fn out(&mut self, s: impl AsRef<str>) {
-        self.stdout.push_str(s.as_ref());
+    /// Appends text for standard output.
+    pub fn out(&mut self, s: impl AsRef<str>) {
+        self.push(Stream::Out, s.as_ref());
     }
-    fn err(&mut self, s: impl AsRef<str>) {
-        self.stderr.push_str(s.as_ref());
+    /// Appends text for standard error.
+    pub fn err(&mut self, s: impl AsRef<str>) {
+        self.push(Stream::Err, s.as_ref());
     }
-    fn fail(mut self) -> Self {
-        self.failed = true;
-        self
+    /// Appends an `error_report` line: "PROG: MSG\n" on standard error.
+    pub fn error_report(&mut self, msg: impl AsRef<str>) {
+        let line = format!("{}{}\n", crate::prog::prefix(), msg.as_ref());
+        self.push(Stream::Err, &line);
+    }
+    /// Marks the start of an AIO request's completion output.
+    fn complete(&mut self) {
+        self.completion_at = Some(self.chunks.len());
+    }
+    fn push(&mut self, stream: Stream, s: &str) {
+        if self.completion_at == Some(self.chunks.len()) {
+            // A new chunk begins the completion; never merge into the submission's.
+            self.chunks.push((stream, s.to_string()));
+            return;
+        }
+        if s.is_empty() {
+            return;
+        }
+        match self.chunks.last_mut() {
+            Some((st, text)) if *st == stream => text.push_str(s),
+            _ => self.chunks.push((stream, s.to_string())),
+        }
     }
 }
 
+/// The session a command runs in: the open device, and opening, closing and reopening
+/// (which the command loop owns).
+pub trait Shell {
+    /// The open device, if any.
+    fn device(&mut self) -> Option<&mut dyn BlockDev>;
+    /// `open [-rsCnkU] [-t cache] [-d discard] [-i aio] [-o options] [path]`, options
+    /// already parsed; the messages go to `o`. `Err(Fail::Usage)` prints the usage line.
+    fn open(&mut self, p: &Parsed, o: &mut Outcome) -> Result<(), Fail>;
+    /// `close`.
+    fn close(&mut self);
+    /// `reopen [-r|-w] [-c cache] [-o options]`, options already parsed.
+    fn reopen(&mut self, p: &Parsed, o: &mut Outcome) -> Result<(), Fail>;
+}
+
+/// Why a command failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fail {
+    /// Print the command's usage line (qemu-io's `qemuio_command_usage`).
+    Usage,
+    /// The command printed its message already.
+    Done,
+}
+
+type CmdResult = Result<(), Fail>;
+
+/// May the command run without an open device (`CMD_NOFILE_OK`, `CMD_FLAG_GLOBAL`)?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoFile {
+    /// Needs an open device.
+    No,
+    /// Runs without one.
+    Ok,
+}
+
+/// One entry of the command table (qemu-io's `cmdinfo_t`).
 struct Spec {
     name: &'static str,
+    altname: Option<&'static str>,
     /// getopt option string (a letter followed by ':' takes an argument).
     opts: &'static str,
     argmin: usize,
+    /// `None`: no upper bound.
     argmax: Option<usize>,
-    args: &'static str,
+    /// `false`: the argument count is never checked (`quit`).
+    check_args: bool,
+    /// `None` prints as "(null)" in a usage line, as qemu-io does.
+    args: Option<&'static str>,
     oneline: &'static str,
+    /// Needs write permission (`BLK_PERM_WRITE`).
     writes: bool,
+    nofile: NoFile,
 }
 
+const fn spec(name: &'static str, args: Option<&'static str>, oneline: &'static str) -> Spec {
+    Spec {
+        name,
+        altname: None,
+        opts: "",
+        argmin: 0,
+        argmax: Some(0),
+        check_args: true,
+        args,
+        oneline,
+        writes: false,
+        nofile: NoFile::No,
+    }
+}
+
+/// The command table, sorted by name as qemu-io sorts it for `help`.
 const SPECS: &[Spec] = &[
     Spec {
-        name: "read",
-        opts: "P:qv",
+        nofile: NoFile::Ok,
+        ..spec("abort", None, "simulate a program crash using abort(3)")
+    },
+    spec("aio_flush", None, "completes all outstanding aio requests"),
+    Spec {
+        opts: "CiP:qrv",
         argmin: 2,
         argmax: None,
-        args: "[-abCqrv] [-P pattern [-s off] [-l len]] off len",
-        oneline: "reads a number of bytes at a specified offset",
-        writes: false,
+        ..spec(
+            "aio_read",
+            Some("[-Ciqrv] [-P pattern] off len [len..]"),
+            "asynchronously reads a number of bytes",
+        )
     },
     Spec {
-        name: "write",
-        opts: "cP:quz",
+        opts: "CfiP:qruz",
         argmin: 2,
         argmax: None,
-        args: "[-bcCfnquz] [-P pattern | -s source_file] off len",
-        oneline: "writes a number of bytes at a specified offset",
         writes: true,
+        ..spec(
+            "aio_write",
+            Some("[-Cfiqruz] [-P pattern] off len [len..]"),
+            "asynchronously writes a number of bytes",
+        )
     },
     Spec {
-        name: "discard",
-        opts: "q",
-        argmin: 2,
-        argmax: None,
-        args: "[-Cq] off len",
-        oneline: "discards a number of bytes at a specified offset",
-        writes: true,
-    },
-    Spec {
-        name: "flush",
-        opts: "",
-        argmin: 0,
-        argmax: Some(0),
-        args: "",
-        oneline: "flush all in-core file state to disk",
-        writes: false,
-    },
-    Spec {
-        name: "map",
-        opts: "",
-        argmin: 0,
-        argmax: Some(0),
-        args: "",
-        oneline: "prints the allocated areas of a file",
-        writes: false,
-    },
-    Spec {
-        name: "alloc",
-        opts: "",
         argmin: 1,
         argmax: Some(2),
-        args: "offset [count]",
-        oneline: "checks if offset is allocated in the file",
-        writes: false,
+        ..spec(
+            "alloc",
+            Some("offset [count]"),
+            "checks if offset is allocated in the file",
+        )
     },
     Spec {
-        name: "info",
-        opts: "",
-        argmin: 0,
-        argmax: Some(0),
-        args: "",
-        oneline: "prints information about the current file",
-        writes: false,
+        argmin: 2,
+        argmax: Some(2),
+        ..spec(
+            "break",
+            Some("event tag"),
+            "sets a breakpoint on event and tags the stopped request as tag",
+        )
     },
     Spec {
-        name: "truncate",
-        opts: "",
-        argmin: 1,
-        argmax: Some(1),
-        args: "off",
-        oneline: "truncates the current file at the given offset",
+        altname: Some("c"),
+        ..spec("close", None, "close the current open file")
+    },
+    Spec {
+        altname: Some("d"),
+        opts: "Cq",
+        argmin: 2,
+        argmax: None,
         writes: true,
+        ..spec(
+            "discard",
+            Some("[-Cq] off len"),
+            "discards a number of bytes at a specified offset",
+        )
     },
     Spec {
-        name: "length",
-        opts: "",
-        argmin: 0,
-        argmax: Some(0),
-        args: "",
-        oneline: "gets the length of the current file",
-        writes: false,
+        altname: Some("f"),
+        ..spec("flush", None, "flush all in-core file state to disk")
     },
     Spec {
-        name: "sleep",
-        opts: "",
+        altname: Some("?"),
+        argmax: Some(1),
+        nofile: NoFile::Ok,
+        ..spec("help", Some("[command]"), "help for one or all commands")
+    },
+    Spec {
+        altname: Some("i"),
+        ..spec("info", None, "prints information about the current file")
+    },
+    Spec {
+        altname: Some("l"),
+        ..spec("length", None, "gets the length of the current file")
+    },
+    spec("map", Some(""), "prints the allocated areas of a file"),
+    Spec {
+        altname: Some("o"),
+        opts: "snCro:ki:t:d:U",
+        argmin: 1,
+        argmax: None,
+        nofile: NoFile::Ok,
+        ..spec(
+            "open",
+            Some("[-rsCnkU] [-t cache] [-d discard] [-o options] [path]"),
+            "open the file specified by path",
+        )
+    },
+    Spec {
+        altname: Some("q"),
+        check_args: false,
+        nofile: NoFile::Ok,
+        ..spec("quit", None, "exit the program")
+    },
+    Spec {
+        altname: Some("r"),
+        opts: "bCl:pP:qrs:v",
+        argmin: 2,
+        argmax: None,
+        ..spec(
+            "read",
+            Some("[-abCqrv] [-P pattern [-s off] [-l len]] off len"),
+            "reads a number of bytes at a specified offset",
+        )
+    },
+    Spec {
+        opts: "CP:qrv",
+        argmin: 2,
+        argmax: None,
+        ..spec(
+            "readv",
+            Some("[-Cqrv] [-P pattern] off len [len..]"),
+            "reads a number of bytes at a specified offset",
+        )
+    },
+    Spec {
         argmin: 1,
         argmax: Some(1),
-        args: "milliseconds",
-        oneline: "waits for the given value in milliseconds",
-        writes: false,
+        ..spec("remove_break", Some("tag"), "remove a breakpoint by tag")
+    },
+    Spec {
+        opts: "c:o:rw",
+        argmin: 0,
+        argmax: None,
+        ..spec(
+            "reopen",
+            Some("[(-r|-w)] [-c cache] [-o options]"),
+            "reopens an image with new options",
+        )
+    },
+    Spec {
+        argmin: 1,
+        argmax: Some(1),
+        ..spec("resume", Some("tag"), "resumes the request tagged as tag")
+    },
+    Spec {
+        argmin: 1,
+        argmax: Some(1),
+        nofile: NoFile::Ok,
+        ..spec("sigraise", Some("signal"), "raises a signal")
+    },
+    Spec {
+        argmin: 1,
+        argmax: Some(1),
+        nofile: NoFile::Ok,
+        ..spec("sleep", None, "waits for the given value in milliseconds")
+    },
+    Spec {
+        altname: Some("t"),
+        opts: "m:",
+        argmin: 1,
+        argmax: Some(3),
+        writes: true,
+        ..spec(
+            "truncate",
+            Some("[-m prealloc_mode] off"),
+            "truncates the current file at the given offset",
+        )
+    },
+    Spec {
+        argmin: 1,
+        argmax: Some(1),
+        ..spec(
+            "wait_break",
+            Some("tag"),
+            "waits for the suspension of a request",
+        )
+    },
+    Spec {
+        altname: Some("w"),
+        opts: "bcCfnpP:qrs:uz",
+        argmin: 2,
+        argmax: None,
+        writes: true,
+        ..spec(
+            "write",
+            Some("[-bcCfnqruz] [-P pattern | -s source_file] off len"),
+            "writes a number of bytes at a specified offset",
+        )
+    },
+    Spec {
+        opts: "CfqrP:",
+        argmin: 2,
+        argmax: None,
+        writes: true,
+        ..spec(
+            "writev",
+            Some("[-Cfqr] [-P pattern] off len [len..]"),
+            "writes a number of bytes at a specified offset",
+        )
+    },
+    Spec {
+        argmin: 3,
+        argmax: Some(4),
+        writes: true,
+        ..spec(
+            "zone_append",
+            Some("offset len [len..]"),
+            "append write a number of bytes at a specified offset",
+        )
+    },
+    Spec {
+        argmin: 2,
+        argmax: Some(2),
+        writes: true,
+        ..spec(
+            "zone_close",
+            Some("offset len"),
+            "close a range of zones in zone block device",
+        )
+    },
+    Spec {
+        argmin: 2,
+        argmax: Some(2),
+        writes: true,
+        ..spec(
+            "zone_finish",
+            Some("offset len"),
+            "finish a range of zones in zone block device",
+        )
+    },
+    Spec {
+        argmin: 2,
+        argmax: Some(2),
+        writes: true,
+        ..spec(
+            "zone_open",
+            Some("offset len"),
+            "explicit open a range of zones in zone block device",
+        )
+    },
+    Spec {
+        argmin: 2,
+        argmax: Some(2),
+        ..spec(
+            "zone_report",
+            Some("offset number"),
+            "report zone information",
+        )
+    },
+    Spec {
+        argmin: 2,
+        argmax: Some(2),
+        writes: true,
+        ..spec(
+            "zone_reset",
+            Some("offset len"),
+            "reset a zone write pointer in zone block device",
+        )
     },
 ];
 
+fn find_spec(name: &str) -> Option<&'static Spec> {
+    SPECS
+        .iter()
+        .find(|s| s.name == name || s.altname == Some(name))
+}
+
+/// `help`'s line for one command: "NAME [ARGS ]-- ONELINE".
+fn help_line(name: &str, spec: &Spec) -> String {
+    match spec.args {
+        Some(a) => format!("{name} {a} -- {}\n", spec.oneline),
+        None => format!("{name} -- {}\n", spec.oneline),
+    }
+}
+
+/// qemu-io's usage line of a command (an absent args string prints as "(null)").
+fn usage_line(spec: &Spec) -> String {
+    format!(
+        "{} {} -- {}\n",
+        spec.name,
+        spec.args.unwrap_or("(null)"),
+        spec.oneline
+    )
+}
+
 /// Parsed options and operands of one command (GNU getopt with permutation).
-struct Parsed {
+#[derive(Debug, Default)]
+pub struct Parsed {
     flags: Vec<(char, Option<String>)>,
     operands: Vec<String>,
 }
 
 impl Parsed {
-    fn has(&self, c: char) -> bool {
+    /// Whether option `c` was given.
+    pub fn has(&self, c: char) -> bool {
         self.flags.iter().any(|(f, _)| *f == c)
     }
-    fn value(&self, c: char) -> Option<&str> {
+    /// The last value of option `c`.
+    pub fn value(&self, c: char) -> Option<&str> {
         self.flags
             .iter()
             .rev()
             .find(|(f, _)| *f == c)
             .and_then(|(_, v)| v.as_deref())
     }
+    /// Every option in order, with its value.
+    pub fn flags(&self) -> &[(char, Option<String>)] {
+        &self.flags
+    }
+    /// The operands (non-option words) in order.
+    pub fn operands(&self) -> &[String] {
+        &self.operands
+    }
 }
 
-fn getopt(spec: &Spec, args: &[String]) -> Result<Parsed, String> {
-    let mut p = Parsed {
-        flags: Vec::new(),
-        operands: Vec::new(),
-    };
+/// glibc getopt with argument permutation over `args` (without the command name); errors
+/// are getopt's messages, naming the command as `cmd`.
+pub fn getopt(cmd: &str, opts: &str, args: &[String]) -> Result<Parsed, String> {
+    let mut p = Parsed::default();
     let mut i = 0;
     while i < args.len() {
         let a = &args[i];
@@ -288,11 +640,11 @@ fn getopt(spec: &Spec, args: &[String]) -> Result<Parsed, String> {
             let mut j = 0;
             while j < chars.len() {
                 let c = chars[j];
-                let pos = spec.opts.find(c).filter(|_| c != ':');
+                let pos = opts.find(c).filter(|_| c != ':');
                 let Some(pos) = pos else {
-                    return Err(format!("{}: invalid option -- '{c}'\n", spec.name));
+                    return Err(format!("{cmd}: invalid option -- '{c}'\n"));
                 };
-                let takes_arg = spec.opts[pos + c.len_utf8()..].starts_with(':');
+                let takes_arg = opts[pos + c.len_utf8()..].starts_with(':');
                 if takes_arg {
                     let rest: String = chars[j + 1..].iter().collect();
                     let value = if !rest.is_empty() {
@@ -303,8 +655,7 @@ fn getopt(spec: &Spec, args: &[String]) -> Result<Parsed, String> {
                             Some(v) => v.clone(),
                             None => {
                                 return Err(format!(
-                                    "{}: option requires an argument -- '{c}'\n",
-                                    spec.name
+                                    "{cmd}: option requires an argument -- '{c}'\n"
                                 ))
                             }
                         }
@@ -336,6 +687,14 @@ fn cvtnum(arg: &str) -> Result<u64, String> {
     }
 }
 
+/// [`cvtnum`], printing the error on standard output.
+fn num(o: &mut Outcome, arg: &str) -> Result<u64, Fail> {
+    cvtnum(arg).map_err(|m| {
+        o.out(m);
+        Fail::Done
+    })
+}
+
 /// qemu-io's `parse_pattern`: a C integer (decimal, 0x hex, 0 octal) in 0..=255.
 fn parse_pattern(arg: &str) -> Result<u8, String> {
     let bad = || format!("{arg} is not a valid pattern byte\n");
@@ -358,55 +717,66 @@ fn parse_pattern(arg: &str) -> Result<u8, String> {
     u8::try_from(v).map_err(|_| bad())
 }
 
-/// Splits a command line at blanks (qemu-io's `breakline`; quotes group words).
-fn split_words(line: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut quote: Option<char> = None;
-    for c in line.chars() {
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => cur.push(c),
-            None if c == '"' || c == '\'' => {
-                quote = Some(c);
-                in_word = true;
-            }
-            None if c == ' ' || c == '\t' => {
-                if in_word {
-                    words.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            None => {
-                cur.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        words.push(cur);
-    }
-    words
+fn pattern(o: &mut Outcome, p: &Parsed) -> Result<Option<u8>, Fail> {
+    p.value('P').map(parse_pattern).transpose().map_err(|m| {
+        o.out(m);
+        Fail::Done
+    })
 }
 
-/// Runs one command line on `dev`.
-pub fn run_command(dev: &mut dyn BlockDev, line: &str) -> Outcome {
+/// C's `strtol(s, &end, 0)` accepting the whole string (for `sleep`).
+fn strtol_whole(s: &str) -> Option<i64> {
+    let t = s.trim_start();
+    let signed = t.starts_with(['-', '+']);
+    let (neg, t) = match t.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let v = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        i64::from_str_radix(h, 16).ok()?
+    } else if t.len() > 1 && t.starts_with('0') {
+        i64::from_str_radix(&t[1..], 8).ok()?
+    } else if t.is_empty() {
+        // strtol converts nothing: "" is a valid 0 (the end pointer is at the end), a lone
+        // sign is not (the end pointer stays on it).
+        if signed {
+            return None;
+        }
+        0
+    } else {
+        t.parse::<i64>().ok()?
+    };
+    Some(if neg { -v } else { v })
+}
+
+/// Splits a command line into words as qemu-io's `breakline` does: at single spaces, empty
+/// words dropped; quotes and tabs are ordinary characters.
+pub fn split_words(line: &str) -> Vec<String> {
+    line.split(' ')
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs one command line in `shell`.
+pub fn run_command(shell: &mut dyn Shell, line: &str) -> Outcome {
     let mut o = Outcome::default();
     let words = split_words(line);
     let Some((name, args)) = words.split_first() else {
         return o;
     };
-    let Some(spec) = SPECS.iter().find(|s| s.name == name.as_str()) else {
+    let Some(spec) = find_spec(name) else {
         o.err(format!("command \"{name}\" not found\n"));
-        return o.fail();
+        o.failed = true;
+        return o;
     };
-    if spec.writes && dev.read_only() {
-        o.err("qcow2: Block node is read-only\n");
-        return o.fail();
+    if spec.nofile == NoFile::No && shell.device().is_none() {
+        o.err("no file open, try 'help open'\n");
+        o.failed = true;
+        return o;
     }
     let n = args.len();
-    if n < spec.argmin || spec.argmax.is_some_and(|m| n > m) {
+    if spec.check_args && (n < spec.argmin || spec.argmax.is_some_and(|m| n > m)) {
         let msg = match spec.argmax {
             None => format!(
                 "bad argument count {n} to {name}, expected at least {} arguments\n",
@@ -421,90 +791,292 @@ pub fn run_command(dev: &mut dyn BlockDev, line: &str) -> Outcome {
             ),
         };
         o.err(msg);
-        return o.fail();
+        o.failed = true;
+        return o;
     }
-    let usage = |o: &mut Outcome| {
-        o.out(format!("{} {} -- {}\n", spec.name, spec.args, spec.oneline));
-    };
-    // qemu-io's sleep takes its operand without getopt ("-5 is not a valid number").
-    let parsed = if spec.name == "sleep" {
+    if spec.writes && shell.device().is_some_and(|d| d.read_only()) {
+        o.error_report("Block node is read-only");
+        o.failed = true;
+        return o;
+    }
+    // Only the commands with options run getopt; the others take every word as it is
+    // ("sleep -5", "alloc -1").
+    let parsed = if spec.opts.is_empty() {
         Ok(Parsed {
             flags: Vec::new(),
             operands: args.to_vec(),
         })
     } else {
-        getopt(spec, args)
+        getopt(name, spec.opts, args)
     };
-    let p = match parsed {
-        Ok(p) => p,
+    let result = match parsed {
+        Ok(p) => dispatch(shell, spec, name, &p, &mut o),
         Err(e) => {
             o.err(e);
-            usage(&mut o);
-            return o.fail();
+            Err(Fail::Usage)
         }
     };
-    let result = match spec.name {
-        "read" => cmd_read(dev, &p, &mut o),
-        "write" => cmd_write(dev, &p, &mut o),
-        "discard" => cmd_discard(dev, &p, &mut o),
-        "flush" => dev
-            .flush()
-            .map_err(|e| format!("flush failed: {}\n", strerror(e))),
-        "map" => cmd_map(dev, &mut o),
-        "alloc" => cmd_alloc(dev, &p, &mut o),
-        "info" => cmd_info(dev, &mut o),
-        "truncate" => cmd_truncate(dev, &p),
+    match result {
+        Ok(()) => {}
+        Err(Fail::Usage) => {
+            o.out(usage_line(spec));
+            o.failed = true;
+        }
+        Err(Fail::Done) => o.failed = true,
+    }
+    o.drains = matches!(spec.name, "aio_flush" | "close" | "reopen");
+    o
+}
+
+fn dispatch(
+    shell: &mut dyn Shell,
+    spec: &Spec,
+    typed: &str,
+    p: &Parsed,
+    o: &mut Outcome,
+) -> CmdResult {
+    match spec.name {
+        "help" => return cmd_help(p, o),
+        "quit" => {
+            o.exit = Some(Exit::Quit);
+            return Ok(());
+        }
+        "sleep" => return cmd_sleep(p, o),
+        "sigraise" => return cmd_sigraise(shell, p, o),
+        "abort" => {
+            o.exit = Some(Exit::Abort);
+            return Ok(());
+        }
+        "open" => return shell.open(p, o),
+        "close" => {
+            shell.close();
+            return Ok(());
+        }
+        "reopen" => return shell.reopen(p, o),
+        _ => {}
+    }
+    let Some(dev) = shell.device() else {
+        o.err("no file open, try 'help open'\n");
+        return Err(Fail::Done);
+    };
+    match spec.name {
+        "read" => cmd_read(dev, p, o),
+        "readv" => cmd_readv(dev, p, o, false),
+        "aio_read" => aio(o, |o| cmd_readv(dev, p, o, true)),
+        "write" => cmd_write(dev, p, o),
+        "writev" => cmd_writev(dev, p, o, false),
+        "aio_write" => aio(o, |o| cmd_writev(dev, p, o, true)),
+        "aio_flush" => Ok(()),
+        "discard" => cmd_discard(dev, p, o),
+        // qemu-io's flush prints nothing, also when it fails.
+        "flush" => dev.flush().map_err(|_| Fail::Done),
+        "map" => cmd_map(dev, o),
+        "alloc" => cmd_alloc(dev, p, o),
+        "info" => cmd_info(dev, o),
+        "truncate" => cmd_truncate(dev, p, o),
         "length" => match dev.length() {
             Ok(l) => {
                 o.out(format!("{}\n", cvtstr(l as f64)));
                 Ok(())
             }
-            Err(e) => Err(format!("getlength: {}\n", strerror(e))),
+            Err(e) => {
+                o.out(format!("getlength: {}\n", strerror(e)));
+                Err(Fail::Done)
+            }
         },
-        // The image stays open (and locked) meanwhile: how scripts hold an image.
-        "sleep" => cmd_sleep(&p),
-        _ => Ok(()),
-    };
-    match result {
-        Ok(()) => o,
-        Err(msg) if msg == "usage" => {
-            usage(&mut o);
-            o.fail()
+        "break" => {
+            o.out(format!("Could not set breakpoint: {}\n", strerror(ENOTSUP)));
+            Err(Fail::Done)
         }
-        Err(msg) => {
-            o.out(msg);
-            o.fail()
+        "remove_break" => {
+            o.out(format!(
+                "Could not remove breakpoint {}: {}\n",
+                p.operands.first().map(String::as_str).unwrap_or(""),
+                strerror(ENOTSUP)
+            ));
+            Err(Fail::Done)
+        }
+        "resume" => {
+            o.out(format!("Could not resume request: {}\n", strerror(ENOTSUP)));
+            Err(Fail::Done)
+        }
+        "wait_break" => {
+            // qemu-io waits forever on a device without blkdebug; this one says why it
+            // cannot wait instead of hanging.
+            o.error_report(format!(
+                "{typed}: no blkdebug breakpoints on this device: {}",
+                strerror(ENOTSUP)
+            ));
+            Err(Fail::Done)
+        }
+        zone if zone.starts_with("zone_") => {
+            let what = &zone["zone_".len()..];
+            o.out(format!("zone {what} failed: {}\n", strerror(ENOTSUP)));
+            Err(Fail::Done)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs an AIO command: what it prints up to its submission is printed now, what its
+/// completion prints (after [`Outcome::complete`]) is deferred.
+fn aio(o: &mut Outcome, f: impl FnOnce(&mut Outcome) -> CmdResult) -> CmdResult {
+    let before = o.chunks.len();
+    let r = f(o);
+    let split = o.completion_at.take().unwrap_or(o.chunks.len()).max(before);
+    o.deferred = o.chunks.split_off(split);
+    r
+}
+
+fn cmd_help(p: &Parsed, o: &mut Outcome) -> CmdResult {
+    match p.operands.first() {
+        None => {
+            for s in SPECS {
+                o.out(help_line(s.name, s));
+            }
+            o.out("\nUse 'help commandname' for extended help.\n");
+            Ok(())
+        }
+        Some(name) => match find_spec(name) {
+            Some(s) => {
+                o.out(help_line(name, s));
+                if let Some(text) = long_help(s.name) {
+                    o.out(text);
+                }
+                Ok(())
+            }
+            None => {
+                o.out(format!("command {name} not found\n"));
+                Err(Fail::Done)
+            }
+        },
+    }
+}
+
+/// The extended help of `help COMMAND` (this tool's own wording; the options are
+/// qemu-io's).
+fn long_help(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "read" | "readv" | "aio_read" => {
+            "
+ Reads OFF..OFF+LEN of the open image (readv: the lengths of several buffers
+ read as one request; aio_read: the same, reported when it completes).
+
+ -b, -- the VM state area instead of the guest disk (read only)
+ -C, -- one machine-readable statistics line: bytes,ops,time,bytes/s,ops/s
+ -i, -- (aio_read) count an invalid request instead of reading
+ -l, -- how many bytes the pattern check covers (with -P)
+ -p, -- ignored
+ -P, -- check that every byte read equals this pattern byte
+ -q, -- no statistics
+ -r, -- ignored (buffer registration)
+ -s, -- where in the buffer the pattern check starts (with -P)
+ -v, -- hex dump of the data read
+
+"
+        }
+        "write" | "writev" | "aio_write" => {
+            "
+ Writes OFF..OFF+LEN of the open image with the byte 0xcd unless told otherwise
+ (writev: the lengths of several buffers written as one request; aio_write: the
+ same, reported when it completes).
+
+ -b, -- the VM state area instead of the guest disk (write only)
+ -c, -- write compressed clusters
+ -C, -- one machine-readable statistics line: bytes,ops,time,bytes/s,ops/s
+ -f, -- Force Unit Access: the data is flushed before the command completes
+ -i, -- (aio_write) count an invalid request instead of writing
+ -n, -- with -z: fail rather than write zeroes as data
+ -p, -- ignored
+ -P, -- fill with this pattern byte
+ -q, -- no statistics
+ -r, -- ignored (buffer registration)
+ -s, -- fill with the contents of this file, repeated
+ -u, -- with -z: the range may be deallocated
+ -z, -- write zeroes without data
+
+"
+        }
+        "open" => {
+            "
+ Opens an image for the other commands (one at a time; 'close' first).
+
+ -r, -- read-only
+ -s, -- writes go to a temporary overlay that is thrown away
+ -C, -- copy-on-read: data read from a backing file is copied into the image
+ -n, -- no host cache (-t none)
+ -U, -- share the image with other writers
+ -k, -- native AIO (-i native)
+ -i, -- AIO mode: threads, native or io_uring
+ -t, -- cache mode: none, writeback, writethrough, directsync or unsafe
+ -d, -- discard mode: ignore or unmap
+ -o, -- block driver options, e.g. driver=qcow2,lazy-refcounts=on
+
+"
+        }
+        "reopen" => {
+            "
+ Opens the current image again with other settings.
+
+ -r, -- read-only
+ -w, -- read-write
+ -c, -- another cache mode
+ -o, -- other qcow2 options (e.g. lazy-refcounts=on, l2-cache-size=1M)
+
+"
+        }
+        "discard" => {
+            "
+ Discards OFF..OFF+LEN of the open image.
+
+ -C, -- one machine-readable statistics line: bytes,ops,time,bytes/s,ops/s
+ -q, -- no statistics
+
+"
+        }
+        "sigraise" => {
+            "
+ Raises the signal numbered SIGNAL in this process (e.g. 'sigraise 9' kills it
+ as a crash would, after what was written so far has reached the image file).
+
+"
+        }
+        _ => return None,
+    })
+}
+
+fn cmd_sleep(p: &Parsed, o: &mut Outcome) -> CmdResult {
+    let arg = p.operands.first().map(String::as_str).unwrap_or("");
+    match strtol_whole(arg) {
+        Some(ms) if ms >= 0 => {
+            std::thread::sleep(Duration::from_millis(ms as u64));
+            Ok(())
+        }
+        _ => {
+            o.out(format!("{arg} is not a valid number\n"));
+            Err(Fail::Done)
         }
     }
 }
 
-/// qemu-io's `sleep MS`: the number as C's `strtol(.., 0)` reads it (decimal, 0x hex,
-/// leading-0 octal), refused when negative or not a number.
-fn cmd_sleep(p: &Parsed) -> Result<(), String> {
+/// The highest signal number plus one (Linux `NSIG`).
+const NSIG: u64 = 65;
+
+fn cmd_sigraise(shell: &mut dyn Shell, p: &Parsed, o: &mut Outcome) -> CmdResult {
     let arg = p.operands.first().map(String::as_str).unwrap_or("");
-    let bad = || format!("{arg} is not a valid number\n");
-    let t = arg.trim_start();
-    let (neg, t) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
-    };
-    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        (16, h)
-    } else if t.len() > 1 && t.starts_with('0') {
-        (8, &t[1..])
-    } else {
-        (10, t)
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(bad());
+    let sig = num(o, arg)?;
+    if sig > NSIG {
+        o.out(format!(
+            "signal argument '{arg}' is too large to be a valid signal\n"
+        ));
+        return Err(Fail::Done);
     }
-    // strtol saturates; so does this (a sleep that long is what was asked for).
-    let ms = u64::from_str_radix(digits, radix).unwrap_or(u64::MAX);
-    if neg && ms != 0 {
-        return Err(bad());
+    // What qemu-io wrote before the signal is in the image file (its metadata cache
+    // writes through to the OS); write ours out so that the same data survives.
+    if let Some(dev) = shell.device() {
+        let _ = dev.flush();
     }
-    std::thread::sleep(std::time::Duration::from_millis(ms));
+    o.exit = Some(Exit::Raise(sig as i32));
     Ok(())
 }
 
@@ -514,136 +1086,399 @@ fn in_range(dev: &mut dyn BlockDev, offset: u64, len: u64) -> Result<(), i32> {
     let size = dev.length()?;
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(libc_eio()),
+        _ => Err(EIO),
     }
 }
 
-fn libc_eio() -> i32 {
-    5
+/// `BDRV_REQUEST_MAX_BYTES`: the largest request qemu-io passes on.
+const MAX_REQUEST: u64 = (i32::MAX as u64) & !511;
+
+fn alloc_buffer(len: u64, fill: u8) -> Vec<u8> {
+    vec![fill; len as usize]
 }
 
-fn buffer(len: u64) -> Result<Vec<u8>, String> {
-    // qemu-io refuses requests above BDRV_REQUEST_MAX_BYTES (just under 2 GiB).
-    const MAX: u64 = (i32::MAX as u64) & !511;
-    if len > MAX {
-        return Err(format!("length cannot exceed {MAX}, given {len}\n"));
+fn sector_aligned(o: &mut Outcome, v: u64, what: &str) -> CmdResult {
+    if v % 512 != 0 {
+        o.out(format!("{v} is not a sector-aligned value for '{what}'\n"));
+        return Err(Fail::Done);
     }
-    Ok(vec![0u8; len as usize])
+    Ok(())
 }
 
-fn offset_len(p: &Parsed) -> Result<(u64, u64), String> {
+fn print_report(
+    o: &mut Outcome,
+    p: &Parsed,
+    op: &str,
+    t: Duration,
+    offset: u64,
+    count: u64,
+    total: u64,
+) {
+    if p.has('C') {
+        o.out(report_machine(t, total, 1));
+    } else {
+        o.out(report(op, t, offset, count, total, 1));
+    }
+}
+
+fn cmd_read(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> CmdResult {
+    let mut pattern_count: Option<u64> = None;
+    let mut pattern_offset = 0u64;
+    let mut pat = None;
+    for (c, v) in &p.flags {
+        let v = v.as_deref().unwrap_or("");
+        match c {
+            'l' => pattern_count = Some(num(o, v)?),
+            's' => pattern_offset = num(o, v)?,
+            'P' => {
+                pat = Some(parse_pattern(v).map_err(|m| {
+                    o.out(m);
+                    Fail::Done
+                })?)
+            }
+            _ => {}
+        }
+    }
     if p.operands.len() != 2 {
-        return Err("usage".into());
+        return Err(Fail::Usage);
     }
-    Ok((cvtnum(&p.operands[0])?, cvtnum(&p.operands[1])?))
+    let offset = num(o, &p.operands[0])?;
+    let count = num(o, &p.operands[1])?;
+    if count > MAX_REQUEST {
+        o.out(format!(
+            "length cannot exceed {MAX_REQUEST}, given {}\n",
+            p.operands[1]
+        ));
+        return Err(Fail::Done);
+    }
+    if pat.is_none() && (p.has('l') || p.has('s')) {
+        return Err(Fail::Usage);
+    }
+    let pattern_count = match pattern_count {
+        Some(c) => Some(c),
+        None => count.checked_sub(pattern_offset),
+    };
+    let pattern_count = match pattern_count {
+        Some(c) if c.checked_add(pattern_offset).is_some_and(|e| e <= count) => c,
+        _ => {
+            o.out("pattern verification range exceeds end of read data\n");
+            return Err(Fail::Done);
+        }
+    };
+    let vmstate = p.has('b');
+    if vmstate {
+        sector_aligned(o, offset, "offset")?;
+        sector_aligned(o, count, "count")?;
+    }
+    let mut buf = alloc_buffer(count, 0xab);
+    let start = Instant::now();
+    let res = if vmstate {
+        dev.load_vmstate(offset, &mut buf)
+    } else {
+        in_range(dev, offset, count).and_then(|_| dev.read(offset, &mut buf))
+    };
+    let t = start.elapsed();
+    if let Err(e) = res {
+        o.out(format!("read failed: {}\n", strerror(e)));
+        return Err(Fail::Done);
+    }
+    let mut result = Ok(());
+    if let Some(pat) = pat {
+        let lo = pattern_offset as usize;
+        let hi = lo + pattern_count as usize;
+        if buf[lo..hi].iter().any(|&b| b != pat) {
+            o.out(format!(
+                "Pattern verification failed at offset {}, {pattern_count} bytes\n",
+                offset + pattern_offset
+            ));
+            result = Err(Fail::Done);
+        }
+    }
+    if p.has('q') {
+        return result;
+    }
+    if p.has('v') {
+        o.out(dump_buffer(&buf, offset));
+    }
+    print_report(o, p, "read", t, offset, count, count);
+    result
 }
 
-fn cmd_read(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> Result<(), String> {
-    let pattern = p.value('P').map(parse_pattern).transpose()?;
-    let (offset, count) = offset_len(p)?;
-    let mut buf = buffer(count)?;
+/// qemu-io's `create_iovec`: the total length of the vector `args`.
+fn iovec_len(o: &mut Outcome, args: &[String]) -> Result<u64, Fail> {
+    let mut total = 0u64;
+    for a in args {
+        let len = num(o, a)?;
+        if len > MAX_REQUEST {
+            o.out(format!(
+                "Argument '{a}' exceeds maximum size {MAX_REQUEST}\n"
+            ));
+            return Err(Fail::Done);
+        }
+        if total > MAX_REQUEST - len {
+            o.out(format!(
+                "The total number of bytes exceed the maximum size {MAX_REQUEST}\n"
+            ));
+            return Err(Fail::Done);
+        }
+        total += len;
+    }
+    Ok(total)
+}
+
+/// `readv` and `aio_read` (run at once; an AIO request's own failures do not fail the
+/// command, as in qemu-io where the command succeeds once submitted).
+fn cmd_readv(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome, aio: bool) -> CmdResult {
+    let pat = pattern(o, p)?;
+    if p.operands.len() < 2 {
+        return Err(Fail::Usage);
+    }
+    let offset = num(o, &p.operands[0])?;
+    if aio && p.has('i') {
+        o.out("injecting invalid read request\n");
+        return Ok(());
+    }
+    let count = iovec_len(o, &p.operands[1..])?;
+    if aio {
+        o.complete();
+    }
+    let mut buf = alloc_buffer(count, 0xab);
     let start = Instant::now();
     let res = in_range(dev, offset, count).and_then(|_| dev.read(offset, &mut buf));
     let t = start.elapsed();
-    res.map_err(|e| format!("read failed: {}\n", strerror(e)))?;
-    let mut failed = false;
-    if let Some(pat) = pattern {
+    let fail = if aio { Ok(()) } else { Err(Fail::Done) };
+    if let Err(e) = res {
+        o.out(format!("readv failed: {}\n", strerror(e)));
+        return fail;
+    }
+    let mut result = Ok(());
+    if let Some(pat) = pat {
         if buf.iter().any(|&b| b != pat) {
             o.out(format!(
                 "Pattern verification failed at offset {offset}, {count} bytes\n"
             ));
-            failed = true;
+            result = fail;
         }
     }
-    if !p.has('q') {
-        if p.has('v') {
-            o.out(dump_buffer(&buf, offset));
-        }
-        o.out(report("read", t, offset, count, count, 1));
+    if p.has('q') {
+        return result;
     }
-    if failed {
-        o.failed = true;
+    if p.has('v') {
+        o.out(dump_buffer(&buf, offset));
     }
-    Ok(())
+    print_report(o, p, "read", t, offset, count, count);
+    result
 }
 
-fn cmd_write(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> Result<(), String> {
-    let zero = p.has('z');
-    let pattern = p.value('P').map(parse_pattern).transpose()?;
-    if zero && pattern.is_some() {
-        return Err("Only one of -z, -P, and -s can be specified at the same time\n".into());
+/// The contents of `write -s FILE`: the file's bytes repeated to `len`.
+fn buffer_from_file(o: &mut Outcome, file: &str, len: u64) -> Result<Vec<u8>, Fail> {
+    use std::io::Read;
+    let perror = |o: &mut Outcome, e: std::io::Error| {
+        let text = e
+            .raw_os_error()
+            .map(strerror)
+            .unwrap_or_else(|| e.to_string());
+        o.err(format!("{file}: {text}\n"));
+        Fail::Done
+    };
+    let f = std::fs::File::open(file).map_err(|e| perror(o, e))?;
+    let mut head = Vec::new();
+    f.take(len)
+        .read_to_end(&mut head)
+        .map_err(|e| perror(o, e))?;
+    if head.is_empty() {
+        o.err(format!("{file}: file is empty\n"));
+        return Err(Fail::Done);
     }
-    if !zero && p.has('u') {
-        return Err("-u requires -z to be specified\n".into());
+    let mut buf = Vec::with_capacity(len as usize);
+    while buf.len() < len as usize {
+        let take = head.len().min(len as usize - buf.len());
+        buf.extend_from_slice(&head[..take]);
     }
-    let (offset, count) = offset_len(p)?;
-    if p.has('c') {
-        if offset % 512 != 0 {
-            return Err(format!(
-                "{offset} is not a sector-aligned value for 'offset'\n"
-            ));
-        }
-        if count % 512 != 0 {
-            return Err(format!(
-                "{count} is not a sector-aligned value for 'count'\n"
-            ));
-        }
+    Ok(buf)
+}
+
+fn cmd_write(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> CmdResult {
+    let pat = pattern(o, p)?;
+    if p.operands.len() != 2 {
+        return Err(Fail::Usage);
+    }
+    let (vmstate, zero, compressed) = (p.has('b'), p.has('z'), p.has('c'));
+    let (fua, no_fallback, unmap) = (p.has('f'), p.has('n'), p.has('u'));
+    let source = p.value('s');
+    let checks = [
+        (
+            vmstate && zero,
+            "-b and -z cannot be specified at the same time",
+        ),
+        (
+            fua && vmstate,
+            "-f and -b cannot be specified at the same time",
+        ),
+        (
+            compressed && vmstate,
+            "-c and -b cannot be specified at the same time",
+        ),
+        (no_fallback && !zero, "-n requires -z to be specified"),
+        (unmap && !zero, "-u requires -z to be specified"),
+        (
+            usize::from(zero) + usize::from(pat.is_some()) + usize::from(source.is_some()) > 1,
+            "Only one of -z, -P, and -s can be specified at the same time",
+        ),
+    ];
+    if let Some((_, msg)) = checks.iter().find(|(bad, _)| *bad) {
+        o.out(format!("{msg}\n"));
+        return Err(Fail::Done);
+    }
+    let offset = num(o, &p.operands[0])?;
+    let count = num(o, &p.operands[1])?;
+    if count > MAX_REQUEST && !no_fallback {
+        o.out(format!(
+            "length cannot exceed {MAX_REQUEST}, given {}\n",
+            p.operands[1]
+        ));
+        return Err(Fail::Done);
+    }
+    if vmstate || compressed {
+        sector_aligned(o, offset, "offset")?;
+        sector_aligned(o, count, "count")?;
     }
     let buf = if zero {
         Vec::new()
+    } else if let Some(file) = source {
+        buffer_from_file(o, file, count)?
     } else {
-        let mut b = buffer(count)?;
-        b.fill(pattern.unwrap_or(0xcd));
-        b
+        alloc_buffer(count, pat.unwrap_or(0xcd))
     };
     let start = Instant::now();
-    let res = in_range(dev, offset, count).and_then(|_| {
-        if zero {
-            dev.write_zeroes(offset, count, p.has('u'))
-        } else if p.has('c') {
-            dev.write_compressed(offset, &buf)
-        } else {
-            dev.write(offset, &buf)
-        }
-    });
+    let res = if vmstate {
+        dev.save_vmstate(offset, &buf)
+    } else {
+        in_range(dev, offset, count).and_then(|_| {
+            if zero && no_fallback {
+                dev.write_zeroes_fast(offset, count, unmap)
+            } else if zero {
+                dev.write_zeroes(offset, count, unmap)
+            } else if compressed {
+                dev.write_compressed(offset, &buf)
+            } else {
+                dev.write(offset, &buf)
+            }
+        })
+    }
+    .and_then(|_| if fua { dev.flush() } else { Ok(()) });
     let t = start.elapsed();
-    res.map_err(|e| format!("write failed: {}\n", strerror(e)))?;
+    if let Err(e) = res {
+        o.out(format!("write failed: {}\n", strerror(e)));
+        return Err(Fail::Done);
+    }
     if !p.has('q') {
-        o.out(report("wrote", t, offset, count, count, 1));
+        print_report(o, p, "wrote", t, offset, count, count);
     }
     Ok(())
 }
 
-fn cmd_discard(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> Result<(), String> {
-    let (offset, count) = offset_len(p)?;
+/// `writev` and `aio_write` (see [`cmd_readv`] for AIO).
+fn cmd_writev(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome, aio: bool) -> CmdResult {
+    let pat = pattern(o, p)?;
+    if p.operands.len() < 2 {
+        return Err(Fail::Usage);
+    }
+    let zero = aio && p.has('z');
+    if aio && p.has('u') && !zero {
+        o.out("-u requires -z to be specified\n");
+        return Err(Fail::Done);
+    }
+    let offset = num(o, &p.operands[0])?;
+    if aio && p.has('i') {
+        o.out("injecting invalid write request\n");
+        return Ok(());
+    }
+    let count = if zero {
+        if p.operands.len() != 2 {
+            return Err(Fail::Usage);
+        }
+        num(o, &p.operands[1])?
+    } else {
+        iovec_len(o, &p.operands[1..])?
+    };
+    if aio {
+        o.complete();
+    }
+    let start = Instant::now();
+    let res = in_range(dev, offset, count)
+        .and_then(|_| {
+            if zero {
+                dev.write_zeroes(offset, count, p.has('u'))
+            } else {
+                dev.write(offset, &alloc_buffer(count, pat.unwrap_or(0xcd)))
+            }
+        })
+        .and_then(|_| if p.has('f') { dev.flush() } else { Ok(()) });
+    let t = start.elapsed();
+    if let Err(e) = res {
+        let what = if aio { "aio_write" } else { "writev" };
+        o.out(format!("{what} failed: {}\n", strerror(e)));
+        return if aio { Ok(()) } else { Err(Fail::Done) };
+    }
+    if !p.has('q') {
+        print_report(o, p, "wrote", t, offset, count, count);
+    }
+    Ok(())
+}
+
+fn cmd_discard(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> CmdResult {
+    if p.operands.len() != 2 {
+        return Err(Fail::Usage);
+    }
+    let offset = num(o, &p.operands[0])?;
+    let count = num(o, &p.operands[1])?;
+    if count > MAX_REQUEST {
+        o.out(format!(
+            "length cannot exceed {MAX_REQUEST}, given {}\n",
+            p.operands[1]
+        ));
+        return Err(Fail::Done);
+    }
     let start = Instant::now();
     let res = in_range(dev, offset, count).and_then(|_| dev.discard(offset, count));
     let t = start.elapsed();
-    res.map_err(|e| format!("discard failed: {}\n", strerror(e)))?;
+    if let Err(e) = res {
+        o.out(format!("discard failed: {}\n", strerror(e)));
+        return Err(Fail::Done);
+    }
     if !p.has('q') {
-        o.out(report("discard", t, offset, count, count, 1));
+        print_report(o, p, "discard", t, offset, count, count);
     }
     Ok(())
 }
 
-fn cmd_map(dev: &mut dyn BlockDev, o: &mut Outcome) -> Result<(), String> {
+fn cmd_map(dev: &mut dyn BlockDev, o: &mut Outcome) -> CmdResult {
     let mut offset = 0u64;
-    let mut bytes = dev
-        .length()
-        .map_err(|e| format!("getlength: {}\n", strerror(e)))?;
+    let mut bytes = dev.length().map_err(|e| {
+        o.error_report(format!("Failed to query image length: {}", strerror(e)));
+        Fail::Done
+    })?;
+    let status_err = |o: &mut Outcome, e: i32| {
+        o.out(format!(
+            "Failed to get allocation status: {}\n",
+            strerror(e)
+        ));
+        Fail::Done
+    };
     while bytes > 0 {
         // Merge runs with the same answer, as qemu-io's map_is_allocated does.
         let (alloc, mut num) = dev
             .is_allocated(offset, bytes)
-            .map_err(|e| format!("Failed to get allocation status: {}\n", strerror(e)))?;
+            .map_err(|e| status_err(o, e))?;
         if num == 0 {
-            o.err("qcow2: Unexpected end of image\n");
-            return Err(String::new());
+            o.error_report("Unexpected end of image");
+            return Err(Fail::Done);
         }
         while num < bytes {
             let (next, n) = dev
                 .is_allocated(offset + num, bytes - num)
-                .map_err(|e| format!("Failed to get allocation status: {}\n", strerror(e)))?;
+                .map_err(|e| status_err(o, e))?;
             if next != alloc || n == 0 {
                 break;
             }
@@ -665,28 +1500,28 @@ fn cmd_map(dev: &mut dyn BlockDev, o: &mut Outcome) -> Result<(), String> {
     Ok(())
 }
 
-fn cmd_alloc(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> Result<(), String> {
-    let start = cvtnum(&p.operands[0])?;
-    if start % 512 != 0 {
-        return Err(format!(
-            "{start} is not a sector-aligned value for 'offset'\n"
-        ));
-    }
+fn cmd_alloc(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> CmdResult {
+    let start = num(o, &p.operands[0])?;
     let mut count = match p.operands.get(1) {
-        Some(c) => cvtnum(c)?,
+        Some(c) => num(o, c)?,
         None => 512,
     };
     let mut offset = start;
     let mut remaining = count;
     let mut sum = 0u64;
-    let size = dev.length().unwrap_or(0);
+    let size = dev.length().map_err(|e| {
+        o.out(format!("is_allocated failed: {}\n", strerror(e)));
+        Fail::Done
+    })?;
     while remaining > 0 {
         let avail = size.saturating_sub(offset).min(remaining);
         let (alloc, num) = if avail == 0 {
             (false, 0)
         } else {
-            dev.is_allocated(offset, avail)
-                .map_err(|e| format!("is_allocated failed: {}\n", strerror(e)))?
+            dev.is_allocated(offset, avail).map_err(|e| {
+                o.out(format!("is_allocated failed: {}\n", strerror(e)));
+                Fail::Done
+            })?
         };
         offset += num;
         remaining -= num;
@@ -705,7 +1540,10 @@ fn cmd_alloc(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> Result<(), 
     Ok(())
 }
 
-fn cmd_info(dev: &mut dyn BlockDev, o: &mut Outcome) -> Result<(), String> {
+fn cmd_info(dev: &mut dyn BlockDev, o: &mut Outcome) -> CmdResult {
+    if !dev.usable() {
+        return Err(Fail::Done);
+    }
     o.out(format!("format name: {}\n", dev.format_name()));
     let (cluster, vm_state) = dev.info();
     o.out(format!("cluster size: {}\n", cvtstr(cluster as f64)));
@@ -720,24 +1558,34 @@ fn cmd_info(dev: &mut dyn BlockDev, o: &mut Outcome) -> Result<(), String> {
     Ok(())
 }
 
-fn cmd_truncate(dev: &mut dyn BlockDev, p: &Parsed) -> Result<(), String> {
-    let len = cvtnum(&p.operands[0])?;
-    dev.truncate(len)
-        .map_err(|e| format!("truncate: {}\n", strerror(e)))
-}
-
-/// Runs every command, printing as it goes; returns whether all succeeded.
-pub fn run_all(dev: &mut dyn BlockDev, commands: &[String]) -> bool {
-    let mut ok = true;
-    for c in commands {
-        let o = run_command(dev, c);
-        crate::out(&o.stdout);
-        if !o.stderr.is_empty() {
-            eprint!("{}", o.stderr);
+fn cmd_truncate(dev: &mut dyn BlockDev, p: &Parsed, o: &mut Outcome) -> CmdResult {
+    if let Some(mode) = p.value('m') {
+        match mode {
+            "off" => {}
+            "metadata" | "falloc" | "full" => {
+                o.error_report(format!(
+                    "Preallocation mode '{mode}' is not supported by this qemu-io"
+                ));
+                return Err(Fail::Done);
+            }
+            other => {
+                o.error_report(format!("Invalid preallocation mode '{other}'"));
+                return Err(Fail::Done);
+            }
         }
-        ok &= !o.failed;
     }
-    ok
+    if p.operands.len() != 1 {
+        return Err(Fail::Usage);
+    }
+    let len = num(o, &p.operands[0])?;
+    dev.truncate(len).map_err(|e| {
+        if e == ENOMEDIUM {
+            o.error_report("No medium inserted");
+        } else {
+            o.error_report(format!("truncate: {}", strerror(e)));
+        }
+        Fail::Done
+    })
 }
 
 #[cfg(test)]
@@ -787,7 +1635,11 @@ mod tests {
         );
         assert_eq!(
             split_words("write  -P 0xab 0 '64k'"),
-            ["write", "-P", "0xab", "0", "64k"]
+            ["write", "-P", "0xab", "0", "'64k'"]
         );
+        assert_eq!(strtol_whole("0x10"), Some(16));
+        assert_eq!(strtol_whole("x"), None);
+        assert_eq!(strtol_whole("-"), None);
+        assert_eq!(strtol_whole("-5"), Some(-5));
     }
 }

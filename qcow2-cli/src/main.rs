@@ -13,9 +13,11 @@ mod create;
 mod image;
 mod info;
 mod io;
+mod ioshell;
 mod json;
 mod map;
 mod opts;
+mod prog;
 mod progress;
 mod qcowdev;
 mod rawdev;
@@ -464,24 +466,18 @@ struct BenchArgs {
     files: Vec<String>,
 }
 
+/// `io` takes qemu-io's command line verbatim; `ioshell` parses it (`qcow2 io -h` lists
+/// the options, `-U` included).
 #[derive(Args, Debug)]
+#[command(disable_help_flag = true)]
 struct IoArgs {
-    /// A command to run (may be repeated): read, write, discard, flush, map, alloc, info,
-    /// truncate.
-    #[arg(short = 'c', long = "cmd", value_name = "COMMAND")]
-    commands: Vec<String>,
-    /// Open read-only.
-    #[arg(short = 'r', long = "read-only")]
-    read_only: bool,
-    /// Image format.
-    #[arg(short = 'f', long = "format", value_name = "FMT")]
-    format: Option<String>,
-    /// Force-share: open even while another process writes the image (read-only opens
-    /// only, as qemu-img's -U; what is read may be inconsistent).
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// The image file.
-    files: Vec<String>,
+    /// qemu-io's options, commands and image file (see 'qcow2 io -h').
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    args: Vec<String>,
 }
 
 /// The single FILE of a command, with qemu-img's message otherwise.
@@ -683,46 +679,13 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 }
             }
         }
-        Command::Io(a) => {
-            let file = one_file("io", &a.files)?;
-            image::set_force_share(a.force_share);
-            // Probe only: the lock that matters (and its message) is the device's open.
-            let format = match parse_format(a.format.as_deref())? {
-                Some(f) => f,
-                None => image::probe_detail(&file)
-                    .map_err(|e| CliError::new(format!("can't open device {file}: {e}")))?,
-            };
-            match format {
-                Format::Raw => {
-                    let mut dev =
-                        rawdev::RawDev::open(&file, a.read_only).map_err(CliError::new)?;
-                    if io::run_all(&mut dev, &a.commands) {
-                        Ok(())
-                    } else {
-                        Err(CliError {
-                            msg: String::new(),
-                            code: 1,
-                        })
-                    }
-                }
-                Format::Qcow2 => {
-                    let mut dev =
-                        qcowdev::QcowDev::open(&file, a.read_only).map_err(CliError::new)?;
-                    let ok = io::run_all(&mut dev, &a.commands);
-                    dev.close().map_err(|e| {
-                        CliError::new(format!("Error while closing the image: {e}"))
-                    })?;
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(CliError {
-                            msg: String::new(),
-                            code: 1,
-                        })
-                    }
-                }
-            }
-        }
+        Command::Io(a) => match ioshell::main(&a.args) {
+            0 => Ok(()),
+            code => Err(CliError {
+                msg: String::new(),
+                code,
+            }),
+        },
     }
 }
 
@@ -734,7 +697,10 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
         | ErrorKind::DisplayVersion
         | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                eprintln!("qcow2: Not enough arguments (see 'qcow2 --help')");
+                eprintln!(
+                    "{}Not enough arguments (see 'qcow2 --help')",
+                    prog::prefix()
+                );
                 return ExitCode::from(1);
             }
             let _ = e.print();
@@ -751,9 +717,9 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
                 .map(String::as_str);
             match sub {
                 Some(s) if Cli::command_names().contains(&s) => {
-                    eprintln!("qcow2: {s}: {first} (see 'qcow2 {s} --help')")
+                    eprintln!("{}{s}: {first} (see 'qcow2 {s} --help')", prog::prefix())
                 }
-                _ => eprintln!("qcow2: {first} (see 'qcow2 --help')"),
+                _ => eprintln!("{}{first} (see 'qcow2 --help')", prog::prefix()),
             }
             ExitCode::from(1)
         }
@@ -771,12 +737,16 @@ impl Cli {
 
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("qcow2: internal error: {info}");
+        eprintln!("{}internal error: {info}", prog::prefix());
         std::process::exit(1);
     }));
     let args: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    // Called as qemu-io, the binary is `qcow2 io`; as qemu-img, `qcow2` with that name.
+    if prog::init(args.first().map(String::as_str).unwrap_or("")) == prog::Personality::QemuIo {
+        return ExitCode::from(ioshell::main(args.get(1..).unwrap_or(&[])));
+    }
     let mut args = args;
     // qemu-img takes the size off the end of a resize command line before parsing options.
     let size_arg = if args.get(1).map(String::as_str) == Some("resize")
@@ -796,7 +766,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // An empty message means the command already reported what failed.
             if !e.msg.is_empty() {
-                eprintln!("qcow2: {}", e.msg);
+                eprintln!("{}{}", prog::prefix(), e.msg);
             }
             ExitCode::from(e.code)
         }

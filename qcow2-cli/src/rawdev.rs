@@ -74,6 +74,10 @@ impl BlockDev for RawDev {
         self.writable()?;
         self.storage.write_zeroes(offset, len).map_err(errno)
     }
+    fn write_zeroes_fast(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), i32> {
+        // The file backend zeroes with fallocate, never by writing data.
+        self.write_zeroes(offset, len, unmap)
+    }
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), i32> {
         self.writable()?;
         self.storage.discard(offset, len).map_err(errno)

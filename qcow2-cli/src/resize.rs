@@ -88,11 +88,12 @@ pub fn run(
 
 /// qemu-img's refusal of a shrink without `--shrink`: the error and its warning line.
 fn shrink_refusal() -> CliError {
-    CliError::new(
+    CliError::new(format!(
         "Use the --shrink option to perform a shrink operation.\n\
-         qcow2: warning: Shrinking an image will delete all data beyond the shrunken image's \
+         {}warning: Shrinking an image will delete all data beyond the shrunken image's \
          end. Before performing such an operation, make sure there is no important data there.",
-    )
+        crate::prog::prefix()
+    ))
 }
 
 /// Grows or shrinks a qcow2 image through the image facade (QEMU's `qcow2_co_truncate`:

@@ -166,7 +166,7 @@ fn modify(file: &str, format: Option<Format>, op: &SnapshotOp, name: &str) -> Re
         }),
         Err(e) => {
             for line in preliminary_lines(op, &e) {
-                eprintln!("qcow2: {line}");
+                eprintln!("{}{line}", crate::prog::prefix());
             }
             // The failure is what matters; a close error after it would only repeat it.
             let _ = img.close();
