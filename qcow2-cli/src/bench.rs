@@ -328,6 +328,9 @@ pub fn run(dev: &dyn SharedDev, p: &BenchParams) -> Result<(), CliError> {
         .map_err(|e| CliError::new(format!("Failed request: {}", strerror(e))))?;
     let max_len = p.bufsize.max(MERGE_BYTES.min(p.bufsize * p.depth)) as usize;
     let workers = p.depth.min(MAX_WORKERS).min(p.count);
+    // Enough submissions per visit to the dispatcher to keep it off the profile, few
+    // enough that every worker gets a share of a short run.
+    let batch_size = (p.count / (workers * 16)).clamp(1, 8) as usize;
     let state = Mutex::new(Dispatch {
         subs: p.submissions(size),
         issued: 0,
@@ -339,7 +342,7 @@ pub fn run(dev: &dyn SharedDev, p: &BenchParams) -> Result<(), CliError> {
     let start = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..workers {
-            scope.spawn(|| worker(dev, p, max_len, &state, &wake));
+            scope.spawn(|| worker(dev, p, max_len, batch_size, &state, &wake));
         }
     });
     let st = state.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -357,11 +360,20 @@ fn worker<I: Iterator<Item = Result<Submission, ()>>>(
     dev: &dyn SharedDev,
     p: &BenchParams,
     max_len: usize,
+    batch_size: usize,
     state: &Mutex<Dispatch<I>>,
     wake: &Condvar,
 ) {
     let mut buf = vec![p.pattern; max_len];
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    let fail = |st: &mut Dispatch<I>, errno: i32| {
+        st.failed = Some(CliError::new(format!(
+            "Failed request: {}",
+            strerror(errno)
+        )));
+        wake.notify_all();
+    };
+    let mut batch: Vec<Submission> = Vec::with_capacity(batch_size);
     let mut st = lock();
     loop {
         if st.failed.is_some() {
@@ -371,11 +383,48 @@ fn worker<I: Iterator<Item = Result<Submission, ()>>>(
             st = wake.wait(st).unwrap_or_else(|e| e.into_inner());
             continue;
         }
+        if p.flush_interval == 0 && batch_size > 1 {
+            // No flush point orders the requests: take several per visit, so that the
+            // workers do not queue on the dispatcher for every request.
+            batch.clear();
+            let mut then_fail = false;
+            while batch.len() < batch_size {
+                match st.subs.next() {
+                    None => break,
+                    Some(Err(())) => {
+                        then_fail = true;
+                        break;
+                    }
+                    Some(Ok(s)) => batch.push(s),
+                }
+            }
+            if batch.is_empty() && !then_fail {
+                return;
+            }
+            drop(st);
+            for sub in &batch {
+                let b = &mut buf[..sub.len as usize];
+                let r = if p.write {
+                    dev.write(sub.offset, b)
+                } else {
+                    dev.read(sub.offset, b)
+                };
+                if let Err(e) = r {
+                    fail(&mut lock(), e);
+                    return;
+                }
+            }
+            st = lock();
+            if then_fail {
+                fail(&mut st, 5);
+                return;
+            }
+            continue;
+        }
         let sub = match st.subs.next() {
             None => return,
             Some(Err(())) => {
-                st.failed = Some(CliError::new(format!("Failed request: {}", strerror(5))));
-                wake.notify_all();
+                fail(&mut st, 5);
                 return;
             }
             Some(Ok(s)) => s,
@@ -394,8 +443,7 @@ fn worker<I: Iterator<Item = Result<Submission, ()>>>(
         st = lock();
         st.completed += sub.requests;
         if let Err(e) = r {
-            st.failed = Some(CliError::new(format!("Failed request: {}", strerror(e))));
-            wake.notify_all();
+            fail(&mut st, e);
             return;
         }
         if st.flush_at == Some(st.completed) {

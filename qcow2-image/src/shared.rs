@@ -36,7 +36,6 @@ use crate::error::{ImageError, Op, Result};
 use crate::map::Extent;
 use crate::plan::ReadPiece;
 use crate::Image;
-use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
 
 /// Guest byte ranges (cluster aligned) whose data is moving without the metadata lock.
@@ -56,17 +55,21 @@ enum Moving {
     Alloc,
 }
 
+/// The live ranges: a few per thread in flight, so a vector scanned linearly beats a map.
 #[derive(Debug, Default)]
 struct Registry {
     next: u64,
-    live: HashMap<u64, (u64, u64, Moving)>,
+    live: Vec<(u64, u64, u64, Moving)>,
+    /// Threads blocked on `idle`: releasing a range wakes them only if there are any (a
+    /// wake-up is a system call on every request otherwise).
+    waiters: usize,
 }
 
 impl Registry {
     fn overlaps(&self, start: u64, end: u64, kind: Moving) -> bool {
         self.live
-            .values()
-            .any(|&(s, e, k)| k == kind && s < end && start < e)
+            .iter()
+            .any(|&(_, s, e, k)| k == kind && s < end && start < e)
     }
 }
 
@@ -83,9 +86,14 @@ impl Drop for InFlightGuard<'_> {
             .ranges
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        r.live.remove(&self.id);
+        if let Some(i) = r.live.iter().position(|e| e.0 == self.id) {
+            r.live.swap_remove(i);
+        }
+        let wake = r.waiters > 0;
         drop(r);
-        self.owner.idle.notify_all();
+        if wake {
+            self.owner.idle.notify_all();
+        }
     }
 }
 
@@ -101,7 +109,7 @@ impl InFlight {
         let mut r = self.registry();
         let id = r.next;
         r.next += 1;
-        r.live.insert(id, (start, end, kind));
+        r.live.push((id, start, end, kind));
         InFlightGuard { owner: self, id }
     }
 
@@ -115,10 +123,7 @@ impl InFlight {
     fn wait_allocations(&self, start: u64, end: u64) {
         let mut r = self.registry();
         while r.overlaps(start, end, Moving::Alloc) {
-            r = self
-                .idle
-                .wait(r)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            r = self.wait(r);
         }
     }
 
@@ -128,11 +133,19 @@ impl InFlight {
     fn wait_idle(&self, start: u64, end: u64) {
         let mut r = self.registry();
         while r.overlaps(start, end, Moving::Data) {
-            r = self
-                .idle
-                .wait(r)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            r = self.wait(r);
         }
+    }
+
+    /// Sleeps until a range is released, counted as a waiter meanwhile.
+    fn wait<'a>(&'a self, mut r: MutexGuard<'a, Registry>) -> MutexGuard<'a, Registry> {
+        r.waiters += 1;
+        let mut r = self
+            .idle
+            .wait(r)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.waiters -= 1;
+        r
     }
 }
 
