@@ -18,6 +18,12 @@ pub trait BackingImage: Send {
     /// Reads `buf.len()` bytes at `offset` (guest offsets of the backing image). Bytes
     /// beyond [`size`](BackingImage::size) read as zero.
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// The block status of the run at `offset` (at most `len` bytes, within
+    /// [`size`](BackingImage::size)) through this image and the images below it. The
+    /// default, for images that cannot tell, is allocated data.
+    fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        Ok(crate::BlockStatus::data(offset, len))
+    }
 }
 
 /// Opens backing files on behalf of an image (see [`BackingPolicy::Custom`]).
@@ -63,6 +69,10 @@ impl BackingImage for Image {
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         Image::read_clamped(self, offset, buf)
+    }
+
+    fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        self.chain_status(offset, len)
     }
 }
 

@@ -26,6 +26,7 @@
 mod amend;
 mod backing;
 mod bitmaps;
+mod compare;
 mod compress;
 mod data_file;
 mod error;
@@ -37,12 +38,14 @@ mod plan;
 mod shared;
 mod shrink;
 mod snapshot;
+mod status;
 mod write;
 mod zero;
 
 pub use amend::AmendOptions;
 pub use backing::{BackingImage, BackingOpener, RawBacking};
 pub use bitmaps::BitmapInfo;
+pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, CompareReport, Side};
 pub use compress::compress_cluster;
 pub use error::{ImageError, Op, Result};
 pub use image::Image;
@@ -54,6 +57,7 @@ pub use qcow2_format::features::CompressionType;
 pub use qcow2_format::layout::Compat;
 pub use qcow2_snapshot::{NewSnapshot, SnapshotEntry};
 pub use shared::SharedImage;
+pub use status::{BlockStatus, RawDisk};
 
 #[cfg(test)]
 mod send_check {

@@ -15,6 +15,7 @@
 
 mod event;
 mod file;
+mod holes;
 mod mem;
 mod sparse;
 
@@ -25,6 +26,7 @@ pub mod fault;
 
 pub use event::{Event, UnknownEvent};
 pub use file::FileStorage;
+pub use holes::{file_extent_at, FileExtent};
 pub use mem::MemStorage;
 pub use sparse::SparseStorage;
 

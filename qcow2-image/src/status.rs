@@ -1,0 +1,171 @@
+//! Block status through a whole backing chain, as QEMU's `bdrv_block_status_above` answers
+//! it (for `compare`, `measure`, `dd`), and raw image files as read-only guest disks.
+
+use crate::backing::BackingImage;
+use crate::error::{ImageError, Op, Result};
+use crate::map::ExtentKind;
+use crate::Image;
+use qcow2_io::{file_extent_at, FileExtent, FileStorage, Storage};
+
+/// QEMU's block-status flags of a guest run (`BDRV_BLOCK_*`), over the whole chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockStatus {
+    /// Guest offset of the run.
+    pub offset: u64,
+    /// Its length (at least 1 unless the query was empty or beyond the end).
+    pub length: u64,
+    /// `BDRV_BLOCK_DATA`: data is stored (possibly reading as zeros).
+    pub data: bool,
+    /// `BDRV_BLOCK_ZERO`: reads as zeros.
+    pub zero: bool,
+    /// `BDRV_BLOCK_ALLOCATED`: some layer of the chain holds the run.
+    pub allocated: bool,
+    /// `BDRV_BLOCK_OFFSET_VALID`: the run has a host offset.
+    pub offset_valid: bool,
+}
+
+impl BlockStatus {
+    /// A run of plain data (what a layer that cannot tell reports).
+    pub fn data(offset: u64, length: u64) -> Self {
+        Self {
+            offset,
+            length,
+            data: true,
+            zero: false,
+            allocated: true,
+            offset_valid: true,
+        }
+    }
+
+    /// A run no layer holds and that reads as zeros.
+    pub fn unallocated_zero(offset: u64, length: u64) -> Self {
+        Self {
+            offset,
+            length,
+            data: false,
+            zero: true,
+            allocated: false,
+            offset_valid: false,
+        }
+    }
+
+    /// Whether the run holds data that must be read (QEMU: allocated, data, not zero).
+    pub fn needs_read(&self) -> bool {
+        !self.zero
+    }
+}
+
+impl Image {
+    /// The block status of the run at `offset` (at most `len` bytes, within the virtual
+    /// size) through this image and its backing chain. Runs end at L2-table boundaries,
+    /// as QEMU's qcow2 driver answers one L2 slice per query.
+    pub fn chain_status(&mut self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let size = self.virtual_size();
+        let len = len.min(size.saturating_sub(offset));
+        if len == 0 {
+            return Ok(BlockStatus::unallocated_zero(offset, 0));
+        }
+        let coverage = self.geometry().l2_coverage();
+        let slice_end = offset
+            .checked_next_multiple_of(coverage)
+            .filter(|&e| e > offset)
+            .unwrap_or(u64::MAX);
+        let len = len.min(slice_end - offset);
+        let ext = self.block_status(offset, len)?;
+        let n = ext.length.max(1).min(len);
+        let st = match ext.kind {
+            ExtentKind::Data => BlockStatus::data(offset, n),
+            ExtentKind::Compressed => BlockStatus {
+                offset_valid: false,
+                ..BlockStatus::data(offset, n)
+            },
+            ExtentKind::Zero => BlockStatus {
+                offset,
+                length: n,
+                data: false,
+                zero: true,
+                allocated: true,
+                offset_valid: ext.host_offset.is_some(),
+            },
+            ExtentKind::Unallocated => BlockStatus::unallocated_zero(offset, n),
+            ExtentKind::Backing => match self.backing.as_mut() {
+                Some(b) => {
+                    let mut st = b.status(offset, n)?;
+                    st.length = st.length.clamp(1, n);
+                    st.offset = offset;
+                    st
+                }
+                None => BlockStatus::unallocated_zero(offset, n),
+            },
+        };
+        Ok(st)
+    }
+}
+
+/// A raw image file as a read-only guest disk: its size rounded up to 512 bytes (as the
+/// block layer counts sectors), holes reported by the file system as zero runs.
+pub struct RawDisk {
+    storage: FileStorage,
+    file_len: u64,
+    size: u64,
+}
+
+impl RawDisk {
+    /// Wraps an open file.
+    pub fn new(storage: FileStorage) -> Result<Self> {
+        let file_len = storage
+            .len()
+            .map_err(|e| ImageError::io(Op::Open, "length of raw image", 0, e))?;
+        let size = file_len.checked_next_multiple_of(512).ok_or_else(|| {
+            ImageError::io(
+                Op::Open,
+                "length of raw image",
+                0,
+                std::io::Error::from_raw_os_error(qcow2_io::errno::EFBIG),
+            )
+        })?;
+        Ok(Self {
+            storage,
+            file_len,
+            size,
+        })
+    }
+}
+
+impl BackingImage for RawDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let avail = self.file_len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        tail.fill(0);
+        if head.is_empty() {
+            return Ok(());
+        }
+        self.storage
+            .read_at(head, offset)
+            .map_err(|e| ImageError::io(Op::Read, "read from raw image", offset, e))
+    }
+
+    fn status(&mut self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let len = len.min(self.size.saturating_sub(offset));
+        let ext = file_extent_at(self.storage.file(), offset, self.file_len)
+            .map_err(|e| ImageError::io(Op::Map, "block status of raw image", offset, e))?;
+        let (data, end) = match ext {
+            FileExtent::Data(end) => (true, end),
+            // Past the end of the file, up to the sector-rounded size: a hole.
+            FileExtent::Hole(end) => (false, if end >= self.file_len { u64::MAX } else { end }),
+        };
+        let n = end.saturating_sub(offset).clamp(1, len.max(1)).min(len);
+        Ok(BlockStatus {
+            offset,
+            length: n,
+            data,
+            zero: !data,
+            allocated: true,
+            offset_valid: true,
+        })
+    }
+}
