@@ -116,15 +116,19 @@ impl MeasureOptions {
 /// What the source of a measurement contributes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MeasureSource {
-    /// `--size N`: an empty image of N bytes.
+    /// `--size N` (or no size at all: 0): an empty image of N bytes.
     Size(u64),
     /// An existing image of `virtual_size` bytes whose data (not reading as zeros) covers
     /// `data_clusters` clusters of the target's cluster size (see [`DataClusterCounter`]).
+    /// `size_option` is the `size` create option if one was given (QEMU checks the L1
+    /// limit against it, not against the source).
     Image {
         /// The source's virtual size.
         virtual_size: u64,
         /// Target clusters holding data.
         data_clusters: u64,
+        /// `-o size=N`, or 0.
+        size_option: u64,
     },
 }
 
@@ -184,15 +188,21 @@ pub fn prealloc_size(
 pub fn measure(opts: &MeasureOptions, source: MeasureSource) -> Result<Measurement, MeasureError> {
     opts.validate()?;
     let cs = opts.cluster_size;
-    let size = match source {
-        MeasureSource::Size(s) => s,
-        MeasureSource::Image { virtual_size, .. } => virtual_size,
+    let (checked, size) = match source {
+        MeasureSource::Size(s) => (s, s),
+        MeasureSource::Image {
+            virtual_size,
+            size_option,
+            ..
+        } => (size_option, virtual_size),
     };
-    let virtual_size = round_up(size, cs)?;
-    let l2_tables = (virtual_size / cs).div_ceil(cs / opts.l2_entry_size());
+    let l2_tables = (round_up(checked, cs)? / cs).div_ceil(cs / opts.l2_entry_size());
     if l2_tables.saturating_mul(ENTRY_SIZE) > MAX_L1_SIZE {
-        return Err(MeasureError::TooLarge { virtual_size: size });
+        return Err(MeasureError::TooLarge {
+            virtual_size: checked,
+        });
     }
+    let virtual_size = round_up(size, cs)?;
     let mut required = match source {
         MeasureSource::Size(_) => 0,
         MeasureSource::Image { .. } if opts.has_backing_file => virtual_size,
@@ -323,6 +333,7 @@ mod tests {
             MeasureSource::Image {
                 virtual_size: 2 << 20,
                 data_clusters: 1,
+                size_option: 0,
             },
         )
         .unwrap();
@@ -345,6 +356,7 @@ mod tests {
             MeasureSource::Image {
                 virtual_size: 2 << 20,
                 data_clusters: 0,
+                size_option: 0,
             },
         )
         .unwrap();

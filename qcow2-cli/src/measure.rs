@@ -1,0 +1,249 @@
+//! `qcow2 measure`: qemu-img measure's command line, numbers, output (human and JSON) and
+//! messages; the computation is [`qcow2_format::measure`], fed with the source's block
+//! status through its whole backing chain.
+
+use qcow2_format::measure::{
+    bitmaps_size, measure, BitmapSize, DataClusterCounter, MeasureOptions, MeasureSource,
+};
+
+use crate::create::target_options;
+use crate::image::Format;
+use crate::source::{self, Disk};
+use crate::{out, CliError, OutputFormat};
+
+/// The arguments of `measure`.
+pub struct MeasureRequest {
+    /// `--output`.
+    pub output: OutputFormat,
+    /// `-O`: target format (raw when absent).
+    pub target_format: Option<String>,
+    /// `-o` lists.
+    pub options: Vec<String>,
+    /// `-l`: internal snapshot of the source.
+    pub snapshot: Option<String>,
+    /// `--size`, parsed.
+    pub size: Option<u64>,
+    /// `-f`: source format.
+    pub format: Option<String>,
+    /// The source file names (at most one is allowed).
+    pub files: Vec<String>,
+}
+
+/// What `measure` found.
+struct Info {
+    required: u64,
+    fully_allocated: u64,
+    bitmaps: Option<u64>,
+}
+
+fn print(info: &Info, output: OutputFormat) {
+    match output {
+        OutputFormat::Human => {
+            let mut s = format!(
+                "required size: {}\nfully allocated size: {}\n",
+                info.required, info.fully_allocated
+            );
+            if let Some(b) = info.bitmaps {
+                s.push_str(&format!("bitmaps size: {b}\n"));
+            }
+            out(&s);
+        }
+        OutputFormat::Json => {
+            // QEMU's QDict order for these keys.
+            let mut s = String::from("{\n");
+            if let Some(b) = info.bitmaps {
+                s.push_str(&format!("    \"bitmaps\": {b},\n"));
+            }
+            s.push_str(&format!(
+                "    \"required\": {},\n    \"fully-allocated\": {}\n}}\n",
+                info.required, info.fully_allocated
+            ));
+            out(&s);
+        }
+    }
+}
+
+/// Runs `measure`.
+pub fn run(req: MeasureRequest) -> Result<(), CliError> {
+    if req.files.len() > 1 {
+        return Err(CliError::new("At most one filename argument is allowed."));
+    }
+    let file = req.files.first();
+    if file.is_none() && (req.format.is_some() || req.snapshot.is_some()) {
+        return Err(CliError::new(
+            "--image-opts, -f, and -l require a filename argument.",
+        ));
+    }
+    if file.is_some() && req.size.is_some() {
+        return Err(CliError::new(
+            "--size N cannot be used together with a filename.",
+        ));
+    }
+    let Some(size_or_file) = file.map(Ok).or(req.size.map(Err)) else {
+        return Err(CliError::new(
+            "Either --size N or one filename must be specified.",
+        ));
+    };
+    let mut src = match size_or_file {
+        Ok(path) => Some(source::open(path, req.format.as_deref())?),
+        Err(_) => None,
+    };
+    if let (Some(s), Some(name)) = (&src, &req.snapshot) {
+        load_snapshot(s, name)?;
+    }
+    let out_name = req.target_format.as_deref().unwrap_or("raw");
+    let target = match Format::parse(out_name) {
+        Ok(f) => f,
+        Err(_) if matches!(out_name, "vmdk" | "vdi" | "vhdx" | "vpc" | "qed" | "luks") => {
+            return Err(CliError::new(format!(
+                "Block driver '{out_name}' does not support size measurement"
+            )))
+        }
+        Err(_) => return Err(CliError::new(format!("Unknown file format '{out_name}'"))),
+    };
+    let opts = target_options(target, &req.options).map_err(|e| {
+        CliError::new(format!(
+            "{}\nqcow2: Invalid options for file format '{}'",
+            e.msg,
+            target.name()
+        ))
+    })?;
+    let opt = |name: &str| opts.iter().find(|o| o.name == name);
+    let size_option = req.size.or(opt("size").map(|o| o.num)).unwrap_or(0);
+    let info = match target {
+        Format::Raw => {
+            let required = match &src {
+                Some(s) => s.disk.size(),
+                None => size_option.next_multiple_of(512),
+            };
+            Info {
+                required,
+                fully_allocated: required,
+                bitmaps: None,
+            }
+        }
+        Format::Qcow2 => {
+            let mut m = MeasureOptions::default();
+            if let Some(o) = opt("extended_l2") {
+                m.extended_l2 = o.flag;
+            }
+            if let Some(o) = opt("cluster_size") {
+                m.cluster_size = o.num;
+            }
+            if let Some(o) = opt("compat") {
+                m.v3 = match o.text.as_str() {
+                    "0.10" => false,
+                    "1.1" => true,
+                    other => {
+                        return Err(CliError::new(format!(
+                            "Invalid compatibility level: '{other}'"
+                        )))
+                    }
+                };
+            }
+            if let Some(o) = opt("refcount_bits") {
+                m.refcount_bits = o.num;
+            }
+            // Validate in QEMU's order before the preallocation mode is looked at.
+            m.validate().map_err(|e| CliError::new(e.to_string()))?;
+            if let Some(o) = opt("preallocation") {
+                m.preallocate_data = match o.text.as_str() {
+                    "off" | "metadata" => false,
+                    "falloc" | "full" => true,
+                    other => {
+                        return Err(CliError::new(format!("invalid parameter value: {other}")))
+                    }
+                };
+            }
+            m.has_backing_file = opt("backing_file").is_some();
+            qcow2_info(&m, size_option, src.as_mut())?
+        }
+    };
+    print(&info, req.output);
+    Ok(())
+}
+
+/// `-l`: QEMU looks the snapshot up by ID, then by name. Reading a source from an internal
+/// snapshot is not available in this tool yet.
+fn load_snapshot(src: &Disk, name: &str) -> Result<(), CliError> {
+    let fail = |m: &str| CliError::new(format!("Failed to load snapshot: {m}"));
+    let Some(q) = &src.opened.qcow2 else {
+        return Err(fail(
+            "Block format 'raw' used by device '' does not support temporarily loading internal snapshots",
+        ));
+    };
+    let name = name.strip_prefix("snapshot.name=").unwrap_or(name);
+    let found = q
+        .snapshots
+        .iter()
+        .any(|s| s.id == name.as_bytes() || s.name == name.as_bytes());
+    if !found {
+        return Err(fail("Can't find snapshot"));
+    }
+    Err(CliError::new(
+        "measure -l: measuring an internal snapshot is not available yet",
+    ))
+}
+
+fn qcow2_info(
+    m: &MeasureOptions,
+    size_option: u64,
+    src: Option<&mut Disk>,
+) -> Result<Info, CliError> {
+    let err = |e: qcow2_format::measure::MeasureError| CliError::new(e.to_string());
+    let Some(src) = src else {
+        let r = measure(m, MeasureSource::Size(size_option)).map_err(err)?;
+        return Ok(Info {
+            required: r.required,
+            fully_allocated: r.fully_allocated,
+            bitmaps: None,
+        });
+    };
+    let size = src.disk.size();
+    let mut counter = DataClusterCounter::new(m.cluster_size);
+    if !m.has_backing_file {
+        let mut offset = 0u64;
+        while offset < size {
+            let st = src.disk.status(offset, size - offset).map_err(|e| {
+                CliError::new(format!(
+                    "Unable to get block status: {}",
+                    crate::io::strerror(e.errno())
+                ))
+            })?;
+            let n = st.length.clamp(1, size - offset);
+            if !st.zero && st.data && st.allocated {
+                counter.add(offset, n);
+            }
+            offset += n;
+        }
+    }
+    let r = measure(
+        m,
+        MeasureSource::Image {
+            virtual_size: size,
+            data_clusters: counter.clusters(),
+            size_option,
+        },
+    )
+    .map_err(err)?;
+    // Bitmaps are shown when both source and target support persistent bitmaps.
+    let bitmaps = match &src.opened.qcow2 {
+        Some(q) if m.v3 && q.first.header.version >= 3 => {
+            let list: Vec<BitmapSize> = q
+                .bitmaps
+                .iter()
+                .map(|b| BitmapSize {
+                    name_len: b.name.len() as u64,
+                    granularity: b.granularity(),
+                })
+                .collect();
+            Some(bitmaps_size(&list, size, m.cluster_size).map_err(err)?)
+        }
+        _ => None,
+    };
+    Ok(Info {
+        required: r.required,
+        fully_allocated: r.fully_allocated,
+        bitmaps,
+    })
+}
