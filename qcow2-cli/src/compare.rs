@@ -69,11 +69,22 @@ pub fn run(req: CompareRequest) -> Result<(), CliError> {
             out(s);
         }
     };
-    progress.end();
     if report.size_mismatch_warning {
         say("Warning: Image size mismatch!\n");
     }
-    match report.result {
+    let r = finish(file_a, file_b, report.result, &say);
+    // qemu-img ends the progress line after the verdict.
+    progress.end();
+    r
+}
+
+fn finish(
+    file_a: &str,
+    file_b: &str,
+    result: Result<CompareOutcome, CompareError>,
+    say: &dyn Fn(&str),
+) -> Result<(), CliError> {
+    match result {
         Ok(CompareOutcome::Identical) => {
             say("Images are identical.\n");
             Ok(())
@@ -103,8 +114,8 @@ pub fn run(req: CompareRequest) -> Result<(), CliError> {
         }
         Err(e) => {
             let name = |s: Side| match s {
-                Side::A => file_a.as_str(),
-                Side::B => file_b.as_str(),
+                Side::A => file_a,
+                Side::B => file_b,
             };
             let msg = match &e {
                 CompareError::Status { side, .. } => {

@@ -5,7 +5,7 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
-use qcow2_image::{dd_copy, CreateOptions, DdError, DdParams, Image};
+use qcow2_image::{dd_copy, CreateOptions, DdError, DdParams, DdWrite, Image};
 
 use crate::image::{strerror, Format};
 use crate::size::{parse_size, SizeError};
@@ -116,20 +116,19 @@ pub fn run(req: DdRequest) -> Result<(), CliError> {
     let write_err = |e: &dyn std::fmt::Display| {
         CliError::new(format!("error while writing to output image file: {e}"))
     };
-    let copy = |src: &mut source::Disk,
-                write: &mut dyn FnMut(u64, &[u8]) -> Result<(), std::io::Error>|
-     -> Result<(), CliError> {
-        if plan.skip_beyond_end {
-            eprintln!("qcow2: {input}: cannot skip to specified offset");
-        }
-        dd_copy(src.disk.as_mut(), &plan, params.block_size, write).map_err(|e| match e {
-            DdError::Read(e) => CliError::new(format!(
-                "error while reading from input image file: {}",
-                crate::io::strerror(e.errno())
-            )),
-            DdError::Write(e) => write_err(&strerror(&e)),
-        })
-    };
+    let copy =
+        |src: &mut source::Disk, write: &mut DdWrite<'_, std::io::Error>| -> Result<(), CliError> {
+            if plan.skip_beyond_end {
+                eprintln!("qcow2: {input}: cannot skip to specified offset");
+            }
+            dd_copy(src.disk.as_mut(), &plan, params.block_size, write).map_err(|e| match e {
+                DdError::Read(e) => CliError::new(format!(
+                    "error while reading from input image file: {}",
+                    crate::io::strerror(e.errno())
+                )),
+                DdError::Write(e) => write_err(&strerror(&e)),
+            })
+        };
     match out_format {
         Format::Raw => {
             let file = OpenOptions::new()

@@ -258,7 +258,7 @@ struct MeasureArgs {
     #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
     snapshot: Option<String>,
     /// Measure an empty image of this size.
-    #[arg(long = "size", value_name = "SIZE")]
+    #[arg(long = "size", value_name = "SIZE", allow_hyphen_values = true)]
     size: Option<String>,
     /// Format of FILE.
     #[arg(short = 'f', long = "format", value_name = "FMT")]

@@ -77,13 +77,16 @@ pub enum DdError<E: std::error::Error + 'static> {
     Write(#[source] E),
 }
 
+/// Where [`dd_copy`] writes: `(output offset, data)`.
+pub type DdWrite<'a, E> = dyn FnMut(u64, &[u8]) -> Result<(), E> + 'a;
+
 /// Copies `plan`'s input range from `input` to output offset 0 on, through `write(offset,
 /// data)`, in blocks of `block_size` bytes (each moved in bounded pieces).
 pub fn dd_copy<E: std::error::Error + 'static>(
     input: &mut dyn BackingImage,
     plan: &DdPlan,
     block_size: u64,
-    write: &mut dyn FnMut(u64, &[u8]) -> Result<(), E>,
+    write: &mut DdWrite<'_, E>,
 ) -> Result<(), DdError<E>> {
     let step = block_size.clamp(1, MAX_STEP);
     let mut buf = vec![0u8; step.min(plan.in_end - plan.in_offset) as usize];

@@ -48,7 +48,7 @@ pub use backing::{BackingImage, BackingOpener, RawBacking};
 pub use bitmaps::BitmapInfo;
 pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, CompareReport, Side};
 pub use compress::compress_cluster;
-pub use dd::{dd_copy, DdError, DdParams, DdPlan};
+pub use dd::{dd_copy, DdError, DdParams, DdPlan, DdWrite};
 pub use error::{ImageError, Op, Result};
 pub use image::Image;
 pub use map::{Extent, ExtentKind};
