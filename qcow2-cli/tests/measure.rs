@@ -196,6 +196,7 @@ fn measure_files_equals_qemu_img() {
         &["sparse.raw"][..],
         &["ext.qcow2"][..],
         &["full.qcow2"][..],
+        &["meta.qcow2"][..],
         &["v2.qcow2"][..],
         &["-f", "raw", "base.qcow2"][..],
     ] {
@@ -267,4 +268,45 @@ fn measure_errors_equal_qemu_img() {
     ] {
         same(d, args);
     }
+}
+
+/// "bitmaps size" of qcow2 v3 sources with persistent bitmaps of several granularities.
+#[test]
+fn measure_bitmaps_equal_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "bm.qcow2", "1G"],
+    ));
+    ok(qemu_img(d, &["bitmap", "--add", "bm.qcow2", "b0"]));
+    ok(qemu_img(
+        d,
+        &[
+            "bitmap",
+            "--add",
+            "-g",
+            "4k",
+            "bm.qcow2",
+            "a-longer-bitmap-name",
+        ],
+    ));
+    ok(qemu_img(
+        d,
+        &["bitmap", "--add", "-g", "2M", "bm.qcow2", "x"],
+    ));
+    ok(qemu_io(d, &["-c", "write 0 1M", "bm.qcow2"]));
+    for o in [
+        "cluster_size=64k",
+        "cluster_size=512",
+        "cluster_size=2M",
+        "compat=0.10",
+    ] {
+        same(d, &["-O", "qcow2", "-o", o, "bm.qcow2"]);
+        same(d, &["--output=json", "-O", "qcow2", "-o", o, "bm.qcow2"]);
+    }
+    same(d, &["-O", "raw", "bm.qcow2"]);
 }

@@ -51,6 +51,12 @@ impl Storage for FlushesDataFirst {
     fn event(&self, event: Event) {
         self.meta.event(event)
     }
+    fn extent_at(&self, offset: u64) -> io::Result<Option<qcow2_io::FileExtent>> {
+        self.meta.extent_at(offset)
+    }
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.meta.allocated_size()
+    }
 }
 
 /// Opens the data file `name` (as stored in the image) the way `opts` allows: the

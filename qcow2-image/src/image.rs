@@ -106,6 +106,9 @@ pub struct Image {
     /// The bitmap directory of a writable open with valid bitmaps; bitmaps that a change
     /// would make stale are marked IN_USE first (see `bitmaps.rs`).
     pub(crate) bitmap_dir: Option<crate::bitmaps::BitmapDir>,
+    /// QEMU's `metadata_preallocation` guess, made at the first block-status query (see
+    /// `status.rs`).
+    pub(crate) metadata_prealloc: Option<bool>,
 }
 
 impl std::fmt::Debug for Image {
@@ -390,6 +393,7 @@ impl Image {
             data_file_raw,
             image_file,
             bitmap_dir: None,
+            metadata_prealloc: None,
         };
         img.messages = messages;
         img.init_overlap(opts)?;

@@ -74,7 +74,10 @@ impl Image {
         let ext = self.block_status(offset, len)?;
         let n = ext.length.max(1).min(len);
         let st = match ext.kind {
-            ExtentKind::Data => BlockStatus::data(offset, n),
+            ExtentKind::Data => match ext.host_offset {
+                Some(host) if self.metadata_preallocated()? => self.file_status(offset, n, host)?,
+                _ => BlockStatus::data(offset, n),
+            },
             ExtentKind::Compressed => BlockStatus {
                 offset_valid: false,
                 ..BlockStatus::data(offset, n)
@@ -98,6 +101,63 @@ impl Image {
                 None => BlockStatus::unallocated_zero(offset, n),
             },
         };
+        Ok(st)
+    }
+
+    /// QEMU's `qcow2_detect_metadata_preallocation`, made once: the image counts clearly
+    /// more clusters in use (refcount > 0) than its file occupies on the device (more than
+    /// `max(10/9 of them, them + 2)`), so its data clusters are largely holes and block
+    /// status asks the file system about them.
+    fn metadata_preallocated(&mut self) -> Result<bool> {
+        if let Some(v) = self.metadata_prealloc {
+            return Ok(v);
+        }
+        let io = |e| ImageError::io(Op::Map, "detect metadata preallocation", 0, e);
+        let file = self.image_file.clone();
+        let detected = match file.allocated_size().map_err(io)? {
+            None => false,
+            Some(real) => {
+                let cs = self.geometry().cluster_size();
+                let real_clusters = real / cs;
+                let threshold = (real_clusters.saturating_mul(10) / 9).max(real_clusters + 2);
+                let end = file.len().map_err(io)?.div_ceil(cs);
+                let mut count = 0u64;
+                let mut i = 0u64;
+                while i < end && count <= threshold {
+                    let r = self.engine.get(&mut self.caches, i).map_err(|source| {
+                        ImageError::Refcount {
+                            op: Op::Map,
+                            source,
+                        }
+                    })?;
+                    count += u64::from(r != 0);
+                    i += 1;
+                }
+                count > threshold
+            }
+        };
+        self.metadata_prealloc = Some(detected);
+        Ok(detected)
+    }
+
+    /// The status of data run `[offset, offset + n)` at `host` refined by the file system
+    /// (QEMU's `BDRV_BLOCK_RECURSE`): a hole reads as zeros; the run ends where the file's
+    /// extent does.
+    fn file_status(&mut self, offset: u64, n: u64, host: u64) -> Result<BlockStatus> {
+        let io = |e| ImageError::io(Op::Map, "block status of the image file", host, e);
+        let mut st = BlockStatus::data(offset, n);
+        match self.data_storage().extent_at(host).map_err(io)? {
+            None => {}
+            Some(FileExtent::Data(end)) => {
+                st.length = end.saturating_sub(host).clamp(1, n);
+            }
+            Some(FileExtent::Hole(end)) => {
+                st.zero = true;
+                if end > host {
+                    st.length = (end - host).min(n);
+                }
+            }
+        }
         Ok(st)
     }
 }

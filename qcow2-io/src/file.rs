@@ -77,6 +77,16 @@ impl FileStorage {
 }
 
 impl Storage for FileStorage {
+    fn extent_at(&self, offset: u64) -> io::Result<Option<crate::FileExtent>> {
+        let len = self.len()?;
+        crate::file_extent_at(&self.file, offset, len).map(Some)
+    }
+
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks().checked_mul(512))
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0usize;
         while done < buf.len() {

@@ -129,6 +129,20 @@ pub trait Storage: Send + Sync {
     fn event(&self, event: Event) {
         let _ = event;
     }
+
+    /// Whether the bytes from `offset` on are data or a hole, and where that extent ends,
+    /// as the file system reports it (QEMU's block status of a file). `Ok(None)`: the
+    /// backend cannot tell (the default); callers then treat everything as data.
+    fn extent_at(&self, offset: u64) -> io::Result<Option<FileExtent>> {
+        let _ = offset;
+        Ok(None)
+    }
+
+    /// Bytes the storage occupies on its device (files: `st_blocks * 512`), if known (the
+    /// default does not know).
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for Arc<S> {
@@ -165,6 +179,12 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     fn event(&self, event: Event) {
         (**self).event(event)
     }
+    fn extent_at(&self, offset: u64) -> io::Result<Option<FileExtent>> {
+        (**self).extent_at(offset)
+    }
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        (**self).allocated_size()
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for Box<S> {
@@ -200,6 +220,12 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn event(&self, event: Event) {
         (**self).event(event)
+    }
+    fn extent_at(&self, offset: u64) -> io::Result<Option<FileExtent>> {
+        (**self).extent_at(offset)
+    }
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        (**self).allocated_size()
     }
 }
 
