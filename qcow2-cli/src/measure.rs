@@ -85,12 +85,13 @@ pub fn run(req: MeasureRequest) -> Result<(), CliError> {
         ));
     };
     let mut src = match size_or_file {
-        Ok(path) => Some(source::open(path, req.format.as_deref())?),
+        Ok(path) => Some(source::open_at(
+            path,
+            req.format.as_deref(),
+            req.snapshot.as_deref(),
+        )?),
         Err(_) => None,
     };
-    if let (Some(s), Some(name)) = (&src, &req.snapshot) {
-        load_snapshot(s, name)?;
-    }
     let out_name = req.target_format.as_deref().unwrap_or("raw");
     let target = match Format::parse(out_name) {
         Ok(f) => f,
@@ -161,28 +162,6 @@ pub fn run(req: MeasureRequest) -> Result<(), CliError> {
     };
     print(&info, req.output);
     Ok(())
-}
-
-/// `-l`: QEMU looks the snapshot up by ID, then by name. Reading a source from an internal
-/// snapshot is not available in this tool yet.
-fn load_snapshot(src: &Disk, name: &str) -> Result<(), CliError> {
-    let fail = |m: &str| CliError::new(format!("Failed to load snapshot: {m}"));
-    let Some(q) = &src.opened.qcow2 else {
-        return Err(fail(
-            "Block format 'raw' used by device '' does not support temporarily loading internal snapshots",
-        ));
-    };
-    let name = name.strip_prefix("snapshot.name=").unwrap_or(name);
-    let found = q
-        .snapshots
-        .iter()
-        .any(|s| s.id == name.as_bytes() || s.name == name.as_bytes());
-    if !found {
-        return Err(fail("Can't find snapshot"));
-    }
-    Err(CliError::new(
-        "measure -l: measuring an internal snapshot is not available yet",
-    ))
 }
 
 fn qcow2_info(

@@ -30,6 +30,12 @@ pub fn parse_format(path: &str, fmt: Option<&str>) -> Result<Option<Format>, Cli
 /// Opens `path` read-only with format `fmt` (probed when absent); errors are qemu-img's
 /// "Could not open 'FILE': ..." lines.
 pub fn open(path: &str, fmt: Option<&str>) -> Result<Disk, CliError> {
+    open_at(path, fmt, None)
+}
+
+/// [`open`], showing the internal snapshot chosen by `snapshot` (qemu-img's `-l`: an id or
+/// name, or `snapshot.id=ID,snapshot.name=NAME`) instead of the active state.
+pub fn open_at(path: &str, fmt: Option<&str>, snapshot: Option<&str>) -> Result<Disk, CliError> {
     let format = parse_format(path, fmt)?;
     let opened = image::open(path, format, false)?;
     let disk: Box<dyn BackingImage> = match opened.format {
@@ -39,10 +45,62 @@ pub fn open(path: &str, fmt: Option<&str>) -> Result<Disk, CliError> {
             Box::new(RawDisk::new(storage).map_err(|e| image::open_error(path, e))?)
         }
         Format::Qcow2 => {
-            let img: Image =
+            let mut img: Image =
                 qcowdev::open_image(path, true).map_err(|e| image::open_error(path, e))?;
+            if let Some(sn) = snapshot {
+                let id = snapshot_id(&opened, sn)?;
+                img.snapshot_load_tmp(&id).map_err(|e| {
+                    CliError::new(format!(
+                        "Failed to load snapshot: {}",
+                        qcowdev::error_text(&e)
+                    ))
+                })?;
+            }
             Box::new(img)
         }
     };
+    if snapshot.is_some() && opened.format == Format::Raw {
+        return Err(CliError::new(
+            "Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots",
+        ));
+    }
     Ok(Disk { opened, disk })
+}
+
+/// The id of the snapshot `spec` selects, with QEMU's lookup: `snapshot.id=` and/or
+/// `snapshot.name=` must all match; a plain string is an id, else a name.
+fn snapshot_id(opened: &Opened, spec: &str) -> Result<String, CliError> {
+    let not_found = || CliError::new("Failed to load snapshot: Can't find snapshot");
+    let list = opened
+        .qcow2
+        .as_ref()
+        .map(|q| q.snapshots.as_slice())
+        .unwrap_or_default();
+    let found = if spec.starts_with("snapshot.") {
+        let (mut id, mut name) = (None, None);
+        for item in spec.split(',') {
+            match item.split_once('=') {
+                Some(("snapshot.id", v)) => id = Some(v),
+                Some(("snapshot.name", v)) => name = Some(v),
+                other => {
+                    let name = other.map_or(item, |(n, _)| n);
+                    return Err(CliError::new(format!(
+                        "Invalid parameter '{name}'\nqcow2: Failed in parsing snapshot param '{spec}'"
+                    )));
+                }
+            }
+        }
+        list.iter().find(|s| {
+            id.is_none_or(|i| s.id == i.as_bytes())
+                && name.is_none_or(|n| s.name == n.as_bytes())
+                && (id.is_some() || name.is_some())
+        })
+    } else {
+        list.iter()
+            .find(|s| s.id == spec.as_bytes())
+            .or_else(|| list.iter().find(|s| s.name == spec.as_bytes()))
+    };
+    found
+        .map(|s| String::from_utf8_lossy(&s.id).into_owned())
+        .ok_or_else(not_found)
 }

@@ -310,3 +310,45 @@ fn measure_bitmaps_equal_qemu_img() {
     }
     same(d, &["-O", "raw", "bm.qcow2"]);
 }
+
+/// `-l`: measuring an internal snapshot (by id, name or `snapshot.id=`/`snapshot.name=`)
+/// of an image whose active state and size changed since.
+#[test]
+fn measure_snapshot_equals_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    ok(qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "sn.qcow2", "64M"],
+    ));
+    ok(qemu_io(d, &["-c", "write -P 1 0 5M", "sn.qcow2"]));
+    ok(qemu_img(d, &["snapshot", "-c", "s1", "sn.qcow2"]));
+    ok(qemu_io(
+        d,
+        &["-c", "write -P 2 10M 20M", "-c", "discard 0 2M", "sn.qcow2"],
+    ));
+    ok(qemu_img(d, &["snapshot", "-c", "s2", "sn.qcow2"]));
+    ok(qemu_img(d, &["resize", "-q", "sn.qcow2", "100M"]));
+    ok(qemu_io(d, &["-c", "write 80M 1M", "sn.qcow2"]));
+    for l in [
+        "s1",
+        "1",
+        "s2",
+        "2",
+        "snapshot.name=s1",
+        "snapshot.id=2",
+        "snapshot.id=1,snapshot.name=s2",
+        "snapshot.id=1,snapshot.name=s1",
+        "snapshot.foo=1",
+        "s3",
+    ] {
+        same(d, &["-O", "qcow2", "-l", l, "sn.qcow2"]);
+        same(
+            d,
+            &["-O", "qcow2", "-o", "cluster_size=4k", "-l", l, "sn.qcow2"],
+        );
+    }
+}
