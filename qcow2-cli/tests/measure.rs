@@ -197,6 +197,7 @@ fn measure_files_equals_qemu_img() {
         &["ext.qcow2"][..],
         &["full.qcow2"][..],
         &["meta.qcow2"][..],
+        &["rawtop.qcow2"][..],
         &["v2.qcow2"][..],
         &["-f", "raw", "base.qcow2"][..],
     ] {

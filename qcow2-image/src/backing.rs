@@ -60,6 +60,34 @@ impl BackingImage for RawBacking {
             .read_at(buf, offset)
             .map_err(|e| ImageError::io(crate::Op::Read, "read from raw backing file", offset, e))
     }
+
+    /// Holes the file system reports read as zeros (QEMU's file driver); a storage that
+    /// cannot tell reports data.
+    fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        let ext = self.storage.extent_at(offset).map_err(|e| {
+            ImageError::io(
+                crate::Op::Map,
+                "block status of raw backing file",
+                offset,
+                e,
+            )
+        })?;
+        let mut st = crate::BlockStatus::data(offset, len);
+        match ext {
+            None => {}
+            Some(qcow2_io::FileExtent::Data(end)) => {
+                st.length = end.saturating_sub(offset).clamp(1, len.max(1)).min(len);
+            }
+            Some(qcow2_io::FileExtent::Hole(end)) => {
+                st.data = false;
+                st.zero = true;
+                if end > offset {
+                    st.length = (end - offset).min(len);
+                }
+            }
+        }
+        Ok(st)
+    }
 }
 
 impl BackingImage for Image {
