@@ -229,3 +229,58 @@ impl BackingImage for RawDisk {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CreateOptions;
+    use qcow2_io::MemStorage;
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+
+    #[test]
+    fn qcow2_runs() {
+        let mut o = CreateOptions::new(64 << 20);
+        o.cluster_size = 4096;
+        let mut img = Image::create(Arc::new(MemStorage::new()), &o).unwrap();
+        img.write(0, &[1; 8192]).unwrap();
+        img.write_zeroes(8192, 4096, false).unwrap();
+        let st = img.chain_status(0, 64 << 20).unwrap();
+        assert!(st.data && st.allocated && st.offset_valid && !st.zero);
+        assert_eq!(st.length, 8192);
+        let st = img.chain_status(8192, 64 << 20).unwrap();
+        assert!(st.zero && st.allocated && !st.data);
+        let st = img.chain_status(12288, 64 << 20).unwrap();
+        assert_eq!(st, BlockStatus::unallocated_zero(12288, st.length));
+        // One L2 table of 4 KiB clusters covers 2 MiB: runs stop there.
+        assert_eq!(st.length, (2 << 20) - 12288);
+        assert_eq!(img.chain_status(64 << 20, 1).unwrap().length, 0);
+    }
+
+    #[test]
+    fn raw_files_report_holes_and_round_to_sectors() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
+        f.as_file().write_all_at(&[5; 4096], 512 << 10).unwrap();
+        f.as_file().set_len((1 << 20) + 100).unwrap();
+        let storage = FileStorage::open(f.path(), false).unwrap();
+        let mut disk = RawDisk::new(storage).unwrap();
+        assert_eq!(disk.size(), (1 << 20) + 512);
+        let mut off = 0;
+        let mut data = 0;
+        while off < disk.size() {
+            let st = disk.status(off, disk.size() - off).unwrap();
+            assert!(st.length > 0 && st.allocated && st.offset_valid);
+            assert_ne!(st.data, st.zero);
+            if st.data {
+                data += st.length;
+            }
+            off += st.length;
+        }
+        assert_eq!(off, disk.size());
+        assert!(data >= 4096);
+        let mut buf = [9u8; 1024];
+        disk.read((1 << 20) - 512, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+}
