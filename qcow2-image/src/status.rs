@@ -3,7 +3,7 @@
 
 use crate::backing::BackingImage;
 use crate::error::{ImageError, Op, Result};
-use crate::map::ExtentKind;
+use crate::image::MapKind;
 use crate::Image;
 use qcow2_io::{file_extent_at, FileExtent, FileStorage, Storage};
 
@@ -65,40 +65,39 @@ impl Image {
         if len == 0 {
             return Ok(BlockStatus::unallocated_zero(offset, 0));
         }
-        let coverage = self.geometry().l2_coverage();
-        let slice_end = offset
-            .checked_next_multiple_of(coverage)
-            .filter(|&e| e > offset)
-            .unwrap_or(u64::MAX);
-        let len = len.min(slice_end - offset);
-        let ext = self.block_status(offset, len)?;
-        let n = ext.length.max(1).min(len);
-        let st = match ext.kind {
-            ExtentKind::Data => match ext.host_offset {
-                Some(host) if self.metadata_preallocated()? => self.file_status(offset, n, host)?,
-                _ => BlockStatus::data(offset, n),
-            },
-            ExtentKind::Compressed => BlockStatus {
+        // One run of equal kind within one L2 slice, as QEMU's qcow2_get_host_offset
+        // answers (compressed clusters one by one, data while host offsets continue).
+        let chunk = self.lookup(Op::Map, offset, len)?;
+        let n = chunk.len.clamp(1, len);
+        let st = match chunk.kind {
+            MapKind::Data(host) => {
+                if self.metadata_preallocated()? {
+                    self.file_status(offset, n, host)?
+                } else {
+                    BlockStatus::data(offset, n)
+                }
+            }
+            MapKind::Compressed(_) => BlockStatus {
                 offset_valid: false,
                 ..BlockStatus::data(offset, n)
             },
-            ExtentKind::Zero => BlockStatus {
+            MapKind::Zero(host) => BlockStatus {
                 offset,
                 length: n,
                 data: false,
                 zero: true,
                 allocated: true,
-                offset_valid: ext.host_offset.is_some(),
+                offset_valid: host.is_some(),
             },
-            ExtentKind::Unallocated => BlockStatus::unallocated_zero(offset, n),
-            ExtentKind::Backing => match self.backing.as_mut() {
-                Some(b) => {
+            MapKind::Unallocated(_) => match self.backing.as_mut() {
+                Some(b) if offset < b.size() => {
+                    let n = n.min(b.size() - offset);
                     let mut st = b.status(offset, n)?;
                     st.length = st.length.clamp(1, n);
                     st.offset = offset;
                     st
                 }
-                None => BlockStatus::unallocated_zero(offset, n),
+                _ => BlockStatus::unallocated_zero(offset, n),
             },
         };
         Ok(st)
