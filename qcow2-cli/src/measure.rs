@@ -102,6 +102,13 @@ pub fn run(req: MeasureRequest) -> Result<(), CliError> {
         }
         Err(_) => return Err(CliError::new(format!("Unknown file format '{out_name}'"))),
     };
+    // measure has no "-o help": QEMU parses it as an unknown option.
+    if crate::opts::OptList::parse(&req.options).is_ok_and(|l| l.help) {
+        return Err(CliError::new(format!(
+            "Invalid parameter 'help'\nqcow2: Invalid options for file format '{}'",
+            target.name()
+        )));
+    }
     let opts = target_options(target, &req.options).map_err(|e| {
         CliError::new(format!(
             "{}\nqcow2: Invalid options for file format '{}'",
