@@ -146,8 +146,15 @@ pub fn run(req: DdRequest) -> Result<(), CliError> {
             file.sync_all().map_err(|e| write_err(&strerror(&e)))
         }
         Format::Qcow2 => {
-            let mut img = Image::create_path(&output, &CreateOptions::new(plan.out_size))
-                .map_err(|e| create_err(crate::qcowdev::error_text(&e)))?;
+            let storage =
+                qcow2_io::FileStorage::create(std::path::Path::new(&output)).map_err(|e| {
+                    create_err(format!("Could not create '{output}': {}", strerror(&e)))
+                })?;
+            let mut img = Image::create(
+                std::sync::Arc::new(storage),
+                &CreateOptions::new(plan.out_size),
+            )
+            .map_err(|e| create_err(crate::qcowdev::error_text(&e)))?;
             copy(&mut src, &mut |off, data| {
                 img.write(off, data)
                     .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))

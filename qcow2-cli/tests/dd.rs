@@ -153,6 +153,7 @@ fn dd_errors_equal_qemu_img() {
         &["if=missing", "of=x"][..],
         &["if=in.raw", "of=x", "-O", "foo"][..],
         &["if=in.raw", "of=/nonexistent/x"][..],
+        &["-O", "qcow2", "if=in.raw", "of=/nonexistent/x"][..],
         &["-f", "foo", "if=in.raw", "of=x"][..],
     ] {
         let mut full = vec!["dd"];

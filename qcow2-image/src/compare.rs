@@ -319,6 +319,35 @@ mod tests {
     }
 
     #[test]
+    fn read_errors_are_typed_with_qemu_img_exit_code() {
+        use qcow2_io::fault::{FaultStorage, Rule};
+        use qcow2_io::Event;
+        let storage = Arc::new(FaultStorage::new(MemStorage::new()));
+        let mut a = Image::create(storage.clone(), &CreateOptions::new(4 << 20)).unwrap();
+        a.write(1 << 20, &[3; 4096]).unwrap();
+        let mut b = image(4 << 20);
+        storage.add_rule(Rule::on_event(Event::ReadAio, qcow2_io::errno::EIO));
+        let r = run(&mut a, &mut b, false);
+        match r.result {
+            Err(
+                e @ CompareError::Read {
+                    side: Side::A,
+                    offset,
+                    ..
+                },
+            ) => {
+                assert_eq!(offset, 1 << 20);
+                assert_eq!(e.exit_code(), 4);
+                if let CompareError::Read { source, .. } = &e {
+                    assert_eq!(source.errno(), qcow2_io::errno::EIO);
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!r.size_mismatch_warning);
+    }
+
+    #[test]
     fn sector_offsets() {
         assert_eq!(first_difference(&[0; 1024], &[0; 1024]), None);
         let mut x = [0u8; 1500];
