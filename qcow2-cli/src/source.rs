@@ -45,6 +45,7 @@ pub fn open_at(path: &str, fmt: Option<&str>, snapshot: Option<&str>) -> Result<
             Box::new(RawDisk::new(storage).map_err(|e| image::open_error(path, e))?)
         }
         Format::Qcow2 => {
+            missing_backing(path, &opened)?;
             let mut img: Image =
                 qcowdev::open_image(path, true).map_err(|e| image::open_error(path, e))?;
             if let Some(sn) = snapshot {
@@ -103,4 +104,28 @@ fn snapshot_id(opened: &Opened, spec: &str) -> Result<String, CliError> {
     found
         .map(|s| String::from_utf8_lossy(&s.id).into_owned())
         .ok_or_else(not_found)
+}
+
+/// QEMU's message for a backing file that does not exist (names resolve relative to the
+/// image's directory, as qemu-img resolves them).
+fn missing_backing(path: &str, opened: &Opened) -> Result<(), CliError> {
+    let Some(name) = opened
+        .qcow2
+        .as_ref()
+        .and_then(|q| q.first.backing_file.as_ref())
+    else {
+        return Ok(());
+    };
+    let name = String::from_utf8_lossy(name);
+    let full = image::path_combine(path, &name);
+    match std::fs::metadata(&full) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(image::open_error(
+            path,
+            format_args!(
+                "Could not open backing file: Could not open '{full}': {}",
+                image::strerror(&e)
+            ),
+        )),
+        _ => Ok(()),
+    }
 }

@@ -161,6 +161,7 @@ fn compare_equals_qemu_img_compare() {
         &["-f", "qcow2", "-F", "raw", "flat.qcow2", "flat.raw"],
         // Errors: exit 2 for opens and the cache mode.
         &["top.qcow2", "missing.qcow2"],
+        &["orphan.qcow2", "top.qcow2"],
         &["-T", "bogus", "top.qcow2", "top.qcow2"],
         &["-f", "bogus", "top.qcow2", "top.qcow2"],
         &["-F", "qcow2", "top.qcow2", "flat.raw"],
