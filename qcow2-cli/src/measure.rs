@@ -109,7 +109,32 @@ pub fn run(req: MeasureRequest) -> Result<(), CliError> {
             target.name()
         )));
     }
-    let opts = target_options(target, &req.options).map_err(|e| {
+    // encrypt.* options: only LUKS changes the numbers, and it needs a secret object,
+    // which this tool has no way to define (QEMU's messages without one).
+    let mut lists = req.options.clone();
+    if target == Format::Qcow2 {
+        if let Ok(list) = crate::opts::OptList::parse(&req.options) {
+            let get = |n: &str| list.items.iter().find(|(k, _)| k == n).map(|(_, v)| v);
+            if get("encrypt.format").is_some_and(|f| f == "luks") {
+                return Err(CliError::new(match get("encrypt.key-secret") {
+                    None => "Parameter 'encrypt.key-secret' is required for cipher".to_string(),
+                    Some(id) => format!("No secret with id '{id}'"),
+                }));
+            }
+            let rest: Vec<String> = list
+                .items
+                .iter()
+                .filter(|(k, _)| !k.starts_with("encrypt."))
+                .map(|(k, v)| format!("{k}={}", v.replace(',', ",,")))
+                .collect();
+            lists = if rest.is_empty() {
+                Vec::new()
+            } else {
+                vec![rest.join(",")]
+            };
+        }
+    }
+    let opts = target_options(target, &lists).map_err(|e| {
         CliError::new(format!(
             "{}\nqcow2: Invalid options for file format '{}'",
             e.msg,
