@@ -215,7 +215,7 @@ fn qcow2_info(
     if !m.has_backing_file {
         let mut offset = 0u64;
         while offset < size {
-            let st = src.disk.status(offset, size - offset).map_err(|e| {
+            let st = src.disk.status_above(offset, size - offset).map_err(|e| {
                 CliError::new(format!(
                     "Unable to get block status: {}",
                     crate::io::strerror(e.errno())

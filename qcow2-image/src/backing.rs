@@ -18,11 +18,32 @@ pub trait BackingImage: Send {
     /// Reads `buf.len()` bytes at `offset` (guest offsets of the backing image). Bytes
     /// beyond [`size`](BackingImage::size) read as zero.
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
-    /// The block status of the run at `offset` (at most `len` bytes, within
-    /// [`size`](BackingImage::size)) through this image and the images below it. The
-    /// default, for images that cannot tell, is allocated data.
+    /// The block status of the run at `offset` (at most `len` bytes) through this image and
+    /// the images below it, `eof` set as the layer that answered sets it; a length of 0
+    /// when `offset` lies at or beyond [`size`](BackingImage::size). The default, for
+    /// images that cannot tell, is allocated data.
     fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
-        Ok(crate::BlockStatus::data(offset, len))
+        let len = len.min(self.size().saturating_sub(offset));
+        Ok(crate::BlockStatus {
+            eof: offset.saturating_add(len) == self.size(),
+            ..crate::BlockStatus::data(offset, len)
+        })
+    }
+
+    /// QEMU's `bdrv_block_status_above(bs, NULL, ...)` on this image as the top of its
+    /// chain: [`status`](BackingImage::status), with `eof` as the top reports it (the flag
+    /// of a lower layer that holds the run is dropped; the run ends the image iff it
+    /// reaches this image's end).
+    fn status_above(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        let size = self.size();
+        let mut st = self.status(offset, len)?;
+        let end = offset.saturating_add(st.length);
+        st.eof = if st.allocated {
+            end == size
+        } else {
+            st.eof || end == size
+        };
+        Ok(st)
     }
 }
 
@@ -64,6 +85,13 @@ impl BackingImage for RawBacking {
     /// Holes the file system reports read as zeros (QEMU's file driver); a storage that
     /// cannot tell reports data.
     fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        let len = len.min(self.size.saturating_sub(offset));
+        if len == 0 {
+            return Ok(crate::BlockStatus {
+                eof: true,
+                ..crate::BlockStatus::unallocated_zero(offset, 0)
+            });
+        }
         let ext = self.storage.extent_at(offset).map_err(|e| {
             ImageError::io(
                 crate::Op::Map,
@@ -86,6 +114,7 @@ impl BackingImage for RawBacking {
                 }
             }
         }
+        st.eof = offset + st.length == self.size;
         Ok(st)
     }
 }
@@ -100,7 +129,7 @@ impl BackingImage for Image {
     }
 
     fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
-        self.chain_status(offset, len)
+        self.layer_status(offset, len)
     }
 }
 

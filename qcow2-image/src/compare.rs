@@ -114,7 +114,7 @@ fn status(
     len: u64,
 ) -> Result<BlockStatus, CompareError> {
     let st = disk
-        .status(offset, len)
+        .status_above(offset, len)
         .map_err(|source| CompareError::Status { side, source })?;
     // A status must make progress; a zero-length answer would loop forever.
     if st.length == 0 {
@@ -146,14 +146,8 @@ fn read(
 
 /// The flags strict mode compares (QEMU compares the whole status word, including
 /// `BDRV_BLOCK_EOF`).
-fn strict_flags(st: &BlockStatus, size: u64) -> (bool, bool, bool, bool, bool) {
-    (
-        st.data,
-        st.zero,
-        st.allocated,
-        st.offset_valid,
-        st.offset + st.length == size,
-    )
+fn strict_flags(st: &BlockStatus) -> (bool, bool, bool, bool, bool) {
+    (st.data, st.zero, st.allocated, st.offset_valid, st.eof)
 }
 
 /// Compares the guest contents of `a` and `b` as `qemu-img compare` does; `progress` is
@@ -193,7 +187,7 @@ fn compare_inner(
         let sa = status(Side::A, a, offset, size_a - offset)?;
         let sb = status(Side::B, b, offset, size_b - offset)?;
         let mut chunk = sa.length.min(sb.length).min(total - offset);
-        if opts.strict && strict_flags(&sa, size_a) != strict_flags(&sb, size_b) {
+        if opts.strict && strict_flags(&sa) != strict_flags(&sb) {
             return Ok(CompareOutcome::StrictStatusMismatch { offset });
         }
         if sa.zero && sb.zero {

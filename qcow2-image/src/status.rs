@@ -22,6 +22,9 @@ pub struct BlockStatus {
     pub allocated: bool,
     /// `BDRV_BLOCK_OFFSET_VALID`: the run has a host offset.
     pub offset_valid: bool,
+    /// `BDRV_BLOCK_EOF`: the run ends at the end of the image (for a run no layer holds,
+    /// possibly the end of the lowest image asked, as QEMU keeps that layer's flag).
+    pub eof: bool,
 }
 
 impl BlockStatus {
@@ -34,6 +37,7 @@ impl BlockStatus {
             zero: false,
             allocated: true,
             offset_valid: true,
+            eof: false,
         }
     }
 
@@ -46,6 +50,7 @@ impl BlockStatus {
             zero: true,
             allocated: false,
             offset_valid: false,
+            eof: false,
         }
     }
 
@@ -60,10 +65,19 @@ impl Image {
     /// size) through this image and its backing chain. Runs end at L2-table boundaries,
     /// as QEMU's qcow2 driver answers one L2 slice per query.
     pub fn chain_status(&mut self, offset: u64, len: u64) -> Result<BlockStatus> {
+        BackingImage::status_above(self, offset, len)
+    }
+
+    /// The status of the run at `offset` from this layer down, with `BDRV_BLOCK_EOF` as the
+    /// layer that answered sets it. A length of 0 means `offset` lies beyond this image.
+    pub(crate) fn layer_status(&mut self, offset: u64, len: u64) -> Result<BlockStatus> {
         let size = self.virtual_size();
         let len = len.min(size.saturating_sub(offset));
         if len == 0 {
-            return Ok(BlockStatus::unallocated_zero(offset, 0));
+            return Ok(BlockStatus {
+                eof: true,
+                ..BlockStatus::unallocated_zero(offset, 0)
+            });
         }
         // One run of equal kind within one L2 slice, as QEMU's qcow2_get_host_offset
         // answers (compressed clusters one by one, data while host offsets continue).
@@ -88,18 +102,29 @@ impl Image {
                 zero: true,
                 allocated: true,
                 offset_valid: host.is_some(),
+                eof: false,
             },
             MapKind::Unallocated(_) => match self.backing.as_mut() {
-                Some(b) if offset < b.size() => {
-                    let n = n.min(b.size() - offset);
+                Some(b) => {
                     let mut st = b.status(offset, n)?;
-                    st.length = st.length.clamp(1, n);
+                    if st.length == 0 {
+                        // Beyond a shorter backing file: zeros that count as allocated
+                        // there (QEMU).
+                        st = BlockStatus {
+                            zero: true,
+                            allocated: true,
+                            ..BlockStatus::unallocated_zero(offset, n)
+                        };
+                    }
+                    st.length = st.length.min(n);
                     st.offset = offset;
-                    st
+                    return Ok(st);
                 }
-                _ => BlockStatus::unallocated_zero(offset, n),
+                None => BlockStatus::unallocated_zero(offset, n),
             },
         };
+        let mut st = st;
+        st.eof = offset + st.length == size;
         Ok(st)
     }
 
@@ -210,6 +235,12 @@ impl BackingImage for RawDisk {
 
     fn status(&mut self, offset: u64, len: u64) -> Result<BlockStatus> {
         let len = len.min(self.size.saturating_sub(offset));
+        if len == 0 {
+            return Ok(BlockStatus {
+                eof: true,
+                ..BlockStatus::unallocated_zero(offset, 0)
+            });
+        }
         let ext = file_extent_at(self.storage.file(), offset, self.file_len)
             .map_err(|e| ImageError::io(Op::Map, "block status of raw image", offset, e))?;
         let (data, end) = match ext {
@@ -225,6 +256,7 @@ impl BackingImage for RawDisk {
             zero: !data,
             allocated: true,
             offset_valid: true,
+            eof: offset + n == self.size,
         })
     }
 }
