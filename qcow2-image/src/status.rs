@@ -145,9 +145,23 @@ impl Image {
                 let real_clusters = real / cs;
                 let threshold = (real_clusters.saturating_mul(10) / 9).max(real_clusters + 2);
                 let end = file.len().map_err(io)?.div_ceil(cs);
+                let per_block = self.geometry().refcount_block_entries().max(1);
                 let mut count = 0u64;
                 let mut i = 0u64;
                 while i < end && count <= threshold {
+                    // Clusters without a refcount block count zero: skip the block (a
+                    // huge sparse file must not be walked cluster by cluster).
+                    if i % per_block == 0 {
+                        let block = usize::try_from(i / per_block).unwrap_or(usize::MAX);
+                        match self.engine.reftable().get(block) {
+                            None => break,
+                            Some(0) => {
+                                i = i.saturating_add(per_block);
+                                continue;
+                            }
+                            Some(_) => {}
+                        }
+                    }
                     let r = self.engine.get(&mut self.caches, i).map_err(|source| {
                         ImageError::Refcount {
                             op: Op::Map,
