@@ -58,11 +58,18 @@ pub fn run(req: CompareRequest) -> Result<(), CliError> {
     let mut a = source::open(file_a, req.format_a.as_deref()).map_err(with_code(2))?;
     let mut b = source::open(file_b, req.format_b.as_deref()).map_err(with_code(2))?;
     let mut progress = Progress::new(req.progress && !quiet, 2.0);
+    // QEMU's accumulating qemu_progress_print(chunk / size * 100, 100), in f32 as in C.
+    let (mut acc, mut prev) = (0f32, 0u64);
     let report = compare(
         a.disk.as_mut(),
         b.disk.as_mut(),
         CompareOptions { strict: req.strict },
-        &mut |done, total| progress.set_ratio(done, total),
+        &mut |done, total| {
+            let delta = (done.saturating_sub(prev) as f32 / total as f32) * 100.0;
+            prev = done;
+            acc += delta / 100.0 * 100.0;
+            progress.set(acc);
+        },
     );
     let say = |s: &str| {
         if !quiet {

@@ -151,7 +151,8 @@ fn strict_flags(st: &BlockStatus) -> (bool, bool, bool, bool, bool) {
 }
 
 /// Compares the guest contents of `a` and `b` as `qemu-img compare` does; `progress` is
-/// told the bytes done out of the larger size.
+/// told the bytes done out of the larger size (once with 0 at the start, then after each
+/// step).
 pub fn compare(
     a: &mut dyn BackingImage,
     b: &mut dyn BackingImage,
@@ -176,13 +177,13 @@ fn compare_inner(
     let (size_a, size_b) = (a.size(), b.size());
     let total = size_a.min(size_b);
     let base = size_a.max(size_b);
+    progress(0, base);
     if opts.strict && size_a != size_b {
         return Ok(CompareOutcome::StrictSizeMismatch);
     }
     let mut buf_a = vec![0u8; IO_BUF_SIZE as usize];
     let mut buf_b = vec![0u8; IO_BUF_SIZE as usize];
     let mut offset = 0u64;
-    progress(0, base);
     while offset < total {
         let sa = status(Side::A, a, offset, size_a - offset)?;
         let sb = status(Side::B, b, offset, size_b - offset)?;
