@@ -11,6 +11,45 @@ fn ok(r: Run) {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
+/// More images: a raw backing file, a missing backing file, backing files shorter and
+/// longer than their overlays, extended L2 clusters allocated for one subcluster.
+fn chain_fixtures(d: &Path) {
+    let img = |args: &str| ok(qemu_img(d, &args.split(' ').collect::<Vec<_>>()));
+    let io = |file: &str, cmds: &[&str]| {
+        let mut a: Vec<&str> = Vec::new();
+        for c in cmds {
+            a.extend(["-c", c]);
+        }
+        a.push(file);
+        ok(qemu_io(d, &a));
+    };
+    img("create -q -f qcow2 -b sparse.raw -F raw rawtop.qcow2 80M");
+    io("rawtop.qcow2", &["write -P 5 2M 64k"]);
+    img("create -q -f qcow2 -u -b gone.qcow2 -F qcow2 orphan.qcow2 1M");
+    img("create -q -f qcow2 sb.qcow2 1M");
+    img("create -q -f qcow2 -b sb.qcow2 -F qcow2 st.qcow2 4M");
+    img("create -q -f qcow2 -b sb.qcow2 -F qcow2 st2.qcow2 4M");
+    io("st2.qcow2", &["write -P 1 2M 64k"]);
+    img("create -q -f qcow2 sf.qcow2 4M");
+    io("sf.qcow2", &["write -P 1 2M 64k"]);
+    img("create -q -f qcow2 b4.qcow2 4M");
+    img("create -q -f qcow2 -b b4.qcow2 -F qcow2 mid2.qcow2 2M");
+    img("create -q -f qcow2 -b mid2.qcow2 -F qcow2 top3.qcow2 3M");
+    img("create -q -f qcow2 m2.qcow2 2M");
+    img("create -q -f qcow2 -b m2.qcow2 -F qcow2 m3.qcow2 3M");
+    img("create -q -f qcow2 -o cluster_size=1M,extended_l2=on xa.qcow2 8M");
+    img("create -q -f qcow2 -o cluster_size=1M,extended_l2=on xb.qcow2 8M");
+    io("xa.qcow2", &["write -P 2 6M 1M", "write -z 6M 64k"]);
+    io(
+        "xb.qcow2",
+        &[
+            "write -P 2 6M 1M",
+            "write -z 6M 64k",
+            "write -P 1 4718592 4096",
+        ],
+    );
+}
+
 /// The images both tools compare.
 fn fixtures(d: &Path) {
     ok(qemu_img(
@@ -121,6 +160,7 @@ fn fixtures(d: &Path) {
         d,
         &["-f", "raw", "-c", "write -P 9 5M 12k", "sparse.raw"],
     ));
+    chain_fixtures(d);
 }
 
 #[test]
@@ -160,6 +200,9 @@ fn compare_equals_qemu_img_compare() {
         &["-s", "top3.qcow2", "m3.qcow2"],
         &["-s", "m3.qcow2", "top3.qcow2"],
         &["top3.qcow2", "sf.qcow2"],
+        &["-s", "xa.qcow2", "xb.qcow2"],
+        &["-s", "xb.qcow2", "xa.qcow2"],
+        &["xa.qcow2", "xb.qcow2"],
         &["-s", "sparse.raw", "sparse.raw"],
         &["-q", "base.qcow2", "big.qcow2"],
         &["-p", "base.qcow2", "empty.qcow2"],
@@ -184,6 +227,12 @@ fn compare_equals_qemu_img_compare() {
         full.extend_from_slice(args);
         let ours = qcow2(d, &full);
         let qemu = qemu_img(d, &full);
+        let error_case = args
+            .iter()
+            .any(|a| ["missing.qcow2", "orphan.qcow2", "bogus"].contains(a))
+            || args.starts_with(&["-F", "qcow2"]);
+        // Every other case opens real images and gets a verdict (0 or 1).
+        assert!(error_case || qemu.code <= 1, "{full:?}: {qemu:?}");
         assert_eq!(ours.code, qemu.code, "{full:?}: {ours:?} vs {qemu:?}");
         assert_eq!(ours.stdout, qemu.stdout, "{full:?}");
         assert_eq!(

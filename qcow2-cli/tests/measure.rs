@@ -26,6 +26,15 @@ fn same(d: &Path, args: &[&str]) {
     );
 }
 
+/// [`same`], and qemu-img succeeded (the case measured something).
+fn same_ok(d: &Path, args: &[&str]) {
+    let mut full = vec!["measure"];
+    full.extend_from_slice(args);
+    let qemu = qemu_img(d, &full);
+    assert_eq!(qemu.code, 0, "{full:?}: {qemu:?}");
+    same(d, args);
+}
+
 const OPTIONS: &[&str] = &[
     "",
     "cluster_size=512",
@@ -190,6 +199,11 @@ fn measure_files_equals_qemu_img() {
         ],
     ));
     ok(qemu_io(d, &["-c", "write -P 1 1M 1M", "v2.qcow2"]));
+    let img = |args: &str| ok(qemu_img(d, &args.split(' ').collect::<Vec<_>>()));
+    img("create -q -f qcow2 -o preallocation=metadata meta.qcow2 16M");
+    ok(qemu_io(d, &["-c", "write -P 1 1M 4k", "meta.qcow2"]));
+    img("create -q -f qcow2 -b sparse.raw -F raw rawtop.qcow2 60M");
+    ok(qemu_io(d, &["-c", "write -P 5 2M 64k", "rawtop.qcow2"]));
     for src in [
         &["base.qcow2"][..],
         &["top.qcow2"][..],
@@ -207,14 +221,14 @@ fn measure_files_equals_qemu_img() {
                 args.extend(["-o", o]);
             }
             args.extend_from_slice(src);
-            same(d, &args);
+            same_ok(d, &args);
         }
         let mut args = vec!["--output=json", "-O", "qcow2"];
         args.extend_from_slice(src);
-        same(d, &args);
+        same_ok(d, &args);
         let mut args = vec!["-O", "raw"];
         args.extend_from_slice(src);
-        same(d, &args);
+        same_ok(d, &args);
     }
 }
 

@@ -82,7 +82,13 @@ impl Image {
         // One run of equal kind within one L2 slice, as QEMU's qcow2_get_host_offset
         // answers (compressed clusters one by one, data while host offsets continue).
         let chunk = self.lookup(Op::Map, offset, len)?;
-        let n = chunk.len.clamp(1, len);
+        let n = match chunk.kind {
+            MapKind::Zero(_) | MapKind::Unallocated(_) => {
+                self.exact_run(offset, chunk.kind, chunk.len)?
+            }
+            _ => chunk.len,
+        };
+        let n = n.clamp(1, len);
         let st = match chunk.kind {
             MapKind::Data(host) => {
                 if self.metadata_preallocated()? {
@@ -104,7 +110,7 @@ impl Image {
                 offset_valid: host.is_some(),
                 eof: false,
             },
-            MapKind::Unallocated(_) => match self.backing.as_mut() {
+            MapKind::Unallocated(host) => match self.backing.as_mut() {
                 Some(b) => {
                     let mut st = b.status(offset, n)?;
                     if st.length == 0 {
@@ -120,12 +126,49 @@ impl Image {
                     st.offset = offset;
                     return Ok(st);
                 }
-                None => BlockStatus::unallocated_zero(offset, n),
+                // An unallocated subcluster of an allocated cluster (extended L2) still
+                // has a host offset (QEMU: QCOW2_SUBCLUSTER_UNALLOCATED_ALLOC).
+                None => BlockStatus {
+                    offset_valid: host.is_some(),
+                    ..BlockStatus::unallocated_zero(offset, n)
+                },
             },
         };
         let mut st = st;
         st.eof = offset + st.length == size;
         Ok(st)
+    }
+
+    /// The length of the zero or unallocated run at `offset` as QEMU counts it
+    /// (`count_contiguous_subclusters`): the lookup merges runs of those kinds across
+    /// clusters whether or not they have a host cluster, QEMU keeps plain and allocated
+    /// ones apart and wants allocated ones contiguous. `merged` is the lookup's length.
+    fn exact_run(&mut self, offset: u64, kind: MapKind, merged: u64) -> Result<u64> {
+        let cs = self.geometry().cluster_size();
+        let first_cluster = offset / cs;
+        let mut n = merged.min((first_cluster + 1) * cs - offset);
+        while n < merged {
+            let at = offset + n;
+            let c = self.lookup(Op::Map, at, (merged - n).min(cs))?;
+            let step = (at / cs - first_cluster) * cs;
+            let same = match (kind, c.kind) {
+                (MapKind::Zero(a), MapKind::Zero(b))
+                | (MapKind::Unallocated(a), MapKind::Unallocated(b)) => match (a, b) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => a.checked_add(step) == Some(b),
+                    _ => false,
+                },
+                _ => false,
+            };
+            if !same || c.len == 0 {
+                break;
+            }
+            n += c.len;
+            if c.len < cs {
+                break;
+            }
+        }
+        Ok(n)
     }
 
     /// QEMU's `qcow2_detect_metadata_preallocation`, made once: the image counts clearly
