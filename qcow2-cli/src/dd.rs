@@ -105,6 +105,11 @@ pub fn run(req: DdRequest) -> Result<(), CliError> {
     let mut src = source::open(&input, req.format.as_deref())?;
     let out_format = match req.output_format.as_deref() {
         None => Format::Raw,
+        Some(f) if source::QEMU_ONLY_FORMATS.contains(&f) => {
+            return Err(CliError::new(format!(
+                "output format '{f}' is not available in this tool"
+            )))
+        }
         Some(f) => Format::parse(f).map_err(|_| CliError::new("Unknown file format"))?,
     };
     let plan = params.plan(src.disk.size());

@@ -95,7 +95,17 @@ pub fn run(req: MeasureRequest) -> Result<(), CliError> {
     let out_name = req.target_format.as_deref().unwrap_or("raw");
     let target = match Format::parse(out_name) {
         Ok(f) => f,
-        Err(_) if matches!(out_name, "vmdk" | "vdi" | "vhdx" | "vpc" | "qed" | "luks") => {
+        Err(_) if out_name == "luks" => {
+            return Err(CliError::new(
+                "Parameter 'key-secret' is required for cipher",
+            ))
+        }
+        Err(_) if matches!(out_name, "dmg" | "bochs" | "cloop") => {
+            return Err(CliError::new(format!(
+                "Format driver '{out_name}' does not support image creation"
+            )))
+        }
+        Err(_) if crate::source::QEMU_ONLY_FORMATS.contains(&out_name) => {
             return Err(CliError::new(format!(
                 "Block driver '{out_name}' does not support size measurement"
             )))

@@ -21,11 +21,30 @@ pub struct Disk {
 pub fn parse_format(path: &str, fmt: Option<&str>) -> Result<Option<Format>, CliError> {
     match fmt {
         None => Ok(None),
+        Some(f) if QEMU_ONLY_FORMATS.contains(&f) => Err(image::open_error(
+            path,
+            format_args!("format '{f}' is not available in this tool"),
+        )),
         Some(f) => Format::parse(f)
             .map(Some)
             .map_err(|_| image::open_error(path, format_args!("Unknown driver '{f}'"))),
     }
 }
+
+/// Image formats QEMU has and this tool does not (refused honestly rather than as unknown).
+pub const QEMU_ONLY_FORMATS: [&str; 11] = [
+    "vmdk",
+    "vdi",
+    "vhdx",
+    "vpc",
+    "qed",
+    "luks",
+    "parallels",
+    "dmg",
+    "bochs",
+    "cloop",
+    "qcow",
+];
 
 /// Opens `path` read-only with format `fmt` (probed when absent); errors are qemu-img's
 /// "Could not open 'FILE': ..." lines.
