@@ -145,7 +145,8 @@ pub fn run(req: DdRequest) -> Result<(), CliError> {
                 .map_err(|e| {
                     create_err(format!("Could not create '{output}': {}", strerror(&e)))
                 })?;
-            file.set_len(plan.out_size)
+            // QEMU creates raw files in whole sectors.
+            file.set_len(plan.out_size.next_multiple_of(512))
                 .map_err(|e| create_err(format!("Could not resize file: {}", strerror(&e))))?;
             copy(&mut src, &mut |off, data| file.write_all_at(data, off))?;
             file.sync_all().map_err(|e| write_err(&strerror(&e)))

@@ -102,6 +102,10 @@ fn dd_equals_qemu_img_dd() {
             "of=OUT",
             "bs=2147483647",
         ],
+        // Output sizes that are not whole sectors (raw files are created in sectors).
+        &["if=in.raw", "of=OUT", "bs=1788", "count=304"],
+        &["if=top.qcow2", "of=OUT", "bs=249", "skip=56"],
+        &["-O", "qcow2", "if=in.raw", "of=OUT", "bs=107", "count=2591"],
     ];
     for (i, case) in cases.iter().enumerate() {
         let name = |who: &str| format!("{who}{i}");
