@@ -271,7 +271,7 @@ impl SharedDev for SharedImage {
 /// The errno of an engine error; a corruption is reported once, as the engine words it.
 fn image_errno(e: &ImageError) -> i32 {
     if e.is_corruption() {
-        eprintln!("qcow2: {}", crate::qcowdev::error_text(e));
+        eprintln!("{}{}", crate::prog::prefix(), crate::qcowdev::error_text(e));
     }
     e.errno()
 }

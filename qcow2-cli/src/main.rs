@@ -8,14 +8,17 @@
 mod amend;
 mod bench;
 mod check;
+mod compare;
 mod convert;
 mod create;
+mod dd;
 mod image;
 mod info;
 mod io;
 mod ioshell;
 mod json;
 mod map;
+mod measure;
 mod opts;
 mod prog;
 mod progress;
@@ -24,6 +27,7 @@ mod rawdev;
 mod resize;
 mod size;
 mod snapshot;
+mod source;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -193,6 +197,94 @@ Examples:
   qcow2 io -c 'write -P 0xab 0 64k' -c 'read -P 0xab 0 64k' disk.qcow2
   qcow2 io -r -c map disk.qcow2")]
     Io(IoArgs),
+    /// Check whether two images have the same guest contents.
+    #[command(after_help = "\
+Exit status: 0 identical, 1 different, 2 open error, 3 block status error, 4 read error.
+Examples:
+  qcow2 compare disk.qcow2 copy.qcow2
+  qcow2 compare -f raw -F qcow2 disk.raw disk.qcow2")]
+    Compare(CompareArgs),
+    /// Calculate the file size a new image needs.
+    #[command(after_help = "\
+Examples:
+  qcow2 measure -O qcow2 --size 10G
+  qcow2 measure -O qcow2 -o cluster_size=4k --output=json disk.raw")]
+    Measure(MeasureArgs),
+    /// Copy input to output with optional format conversion, dd-style.
+    #[command(after_help = "\
+Examples:
+  qcow2 dd if=disk.qcow2 of=disk.raw bs=1M
+  qcow2 dd -O qcow2 bs=4k count=256 skip=16 if=disk.raw of=part.qcow2")]
+    Dd(DdArgs),
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// Format of the first image.
+    #[arg(short = 'f', long = "a-format", value_name = "FMT")]
+    format_a: Option<String>,
+    /// Format of the second image.
+    #[arg(short = 'F', long = "b-format", value_name = "FMT")]
+    format_b: Option<String>,
+    /// Cache mode (validated, then accepted for compatibility).
+    #[arg(short = 'T', long = "cache", value_name = "CACHE")]
+    cache: Option<String>,
+    /// Show a progress bar.
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// Strict mode: sizes and block status must match too.
+    #[arg(short = 's', long = "strict")]
+    strict: bool,
+    /// Open without locking (accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The two image files.
+    files: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct MeasureArgs {
+    /// Output format: human or json.
+    #[arg(long = "output", value_name = "human|json")]
+    output: Option<String>,
+    /// Target format (raw or qcow2; raw when absent).
+    #[arg(short = 'O', long = "target-format", value_name = "FMT")]
+    target_format: Option<String>,
+    /// Target format options.
+    #[arg(short = 'o', long = "options", value_name = "OPTS")]
+    options: Vec<String>,
+    /// Measure this internal snapshot of FILE.
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
+    /// Measure an empty image of this size.
+    #[arg(long = "size", value_name = "SIZE", allow_hyphen_values = true)]
+    size: Option<String>,
+    /// Format of FILE.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Open without locking (accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The source image.
+    files: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct DdArgs {
+    /// Input format.
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Output format (raw when absent).
+    #[arg(short = 'O', long = "output-format", value_name = "OUTPUT_FMT")]
+    output_format: Option<String>,
+    /// Open without locking (accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Operands: bs=BLOCK_SIZE count=BLOCKS skip=BLOCKS if=INPUT of=OUTPUT.
+    operands: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -679,6 +771,44 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 }
             }
         }
+        Command::Compare(a) => {
+            image::set_force_share(a.force_share);
+            compare::run(compare::CompareRequest {
+                format_a: a.format_a,
+                format_b: a.format_b,
+                cache: a.cache,
+                progress: a.progress,
+                quiet: a.quiet,
+                strict: a.strict,
+                files: a.files,
+            })
+        }
+        Command::Measure(a) => {
+            let output = OutputFormat::parse(a.output.as_deref())?;
+            let size = a
+                .size
+                .as_deref()
+                .map(create::parse_image_size)
+                .transpose()?;
+            image::set_force_share(a.force_share);
+            measure::run(measure::MeasureRequest {
+                output,
+                target_format: a.target_format,
+                options: a.options,
+                snapshot: a.snapshot,
+                size,
+                format: a.format,
+                files: a.files,
+            })
+        }
+        Command::Dd(a) => {
+            image::set_force_share(a.force_share);
+            dd::run(dd::DdRequest {
+                format: a.format,
+                output_format: a.output_format,
+                operands: a.operands,
+            })
+        }
         Command::Io(a) => match ioshell::main(&a.args) {
             0 => Ok(()),
             code => Err(CliError {
@@ -727,10 +857,10 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
 }
 
 impl Cli {
-    fn command_names() -> [&'static str; 10] {
+    fn command_names() -> [&'static str; 13] {
         [
             "create", "info", "check", "snapshot", "map", "convert", "amend", "resize", "bench",
-            "io",
+            "io", "compare", "measure", "dd",
         ]
     }
 }

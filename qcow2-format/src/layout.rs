@@ -576,7 +576,14 @@ impl RefcountSim {
         let g = self.geometry;
         let per_block = g.refcount_block_entries();
         let per_table_cluster = g.table_entries_per_cluster();
-        let total = refcount_blocks_needed(start, per_block, per_table_cluster, true);
+        let total = crate::refcount::refcount_metadata_size(
+            start,
+            g.cluster_size(),
+            g.refcount_order(),
+            true,
+        )
+        .map_err(|_| SimError::Fatal)?
+        .refblocks;
         // QEMU compares both counts with QCOW_MAX_REFTABLE_SIZE (-EFBIG).
         let table_size = (total + total.div_ceil(2)).next_multiple_of(per_table_cluster);
         if total > MAX_REFTABLE_SIZE || table_size > MAX_REFTABLE_SIZE {
@@ -617,32 +624,6 @@ impl RefcountSim {
             self.add(c, -1);
         }
         Ok(())
-    }
-}
-
-/// QEMU's `qcow2_refcount_metadata_size`: the number of refcount blocks that covers
-/// `clusters` clusters plus the blocks and table clusters themselves (a fixed point), with
-/// room for half the table again when `generous`.
-fn refcount_blocks_needed(
-    mut clusters: u64,
-    per_block: u64,
-    per_table_cluster: u64,
-    mut generous: bool,
-) -> u64 {
-    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
-    loop {
-        let last = n;
-        blocks = (clusters + table + blocks).div_ceil(per_block);
-        table = blocks.div_ceil(per_table_cluster);
-        n = clusters + blocks + table;
-        if n == last && generous {
-            clusters += table.div_ceil(2);
-            n = 0;
-            generous = false;
-        }
-        if n == last {
-            return blocks;
-        }
     }
 }
 

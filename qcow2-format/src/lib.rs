@@ -20,6 +20,7 @@ pub mod geometry;
 pub mod header;
 pub mod layout;
 pub mod limits;
+pub mod measure;
 pub mod refcount;
 pub mod snapshot;
 

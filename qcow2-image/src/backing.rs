@@ -19,6 +19,33 @@ pub trait BackingImage: Send {
     /// Reads `buf.len()` bytes at `offset` (guest offsets of the backing image). Bytes
     /// beyond [`size`](BackingImage::size) read as zero.
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// The block status of the run at `offset` (at most `len` bytes) through this image and
+    /// the images below it, `eof` set as the layer that answered sets it; a length of 0
+    /// when `offset` lies at or beyond [`size`](BackingImage::size). The default, for
+    /// images that cannot tell, is allocated data.
+    fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        let len = len.min(self.size().saturating_sub(offset));
+        Ok(crate::BlockStatus {
+            eof: offset.saturating_add(len) == self.size(),
+            ..crate::BlockStatus::data(offset, len)
+        })
+    }
+
+    /// QEMU's `bdrv_block_status_above(bs, NULL, ...)` on this image as the top of its
+    /// chain: [`status`](BackingImage::status), with `eof` as the top reports it (the flag
+    /// of a lower layer that holds the run is dropped; the run ends the image iff it
+    /// reaches this image's end).
+    fn status_above(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        let size = self.size();
+        let mut st = self.status(offset, len)?;
+        let end = offset.saturating_add(st.length);
+        st.eof = if st.allocated {
+            end == size
+        } else {
+            st.eof || end == size
+        };
+        Ok(st)
+    }
 }
 
 /// Opens backing files on behalf of an image (see [`BackingPolicy::Custom`]).
@@ -57,6 +84,32 @@ impl BackingImage for RawBacking {
             .read_at(buf, offset)
             .map_err(|e| ImageError::io(crate::Op::Read, "read from raw backing file", offset, e))
     }
+
+    /// Holes the file system reports read as zeros (QEMU's file driver); a storage that
+    /// cannot tell reports data.
+    fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        let len = len.min(self.size.saturating_sub(offset));
+        if len == 0 {
+            return Ok(crate::BlockStatus {
+                eof: true,
+                ..crate::BlockStatus::unallocated_zero(offset, 0)
+            });
+        }
+        let (data, run) = self.storage.data_status(offset, len).map_err(|e| {
+            ImageError::io(
+                crate::Op::Map,
+                "block status of raw backing file",
+                offset,
+                e,
+            )
+        })?;
+        let mut st = crate::BlockStatus::data(offset, len);
+        st.data = data;
+        st.zero = !data;
+        st.length = run.clamp(1, len);
+        st.eof = offset + st.length == self.size;
+        Ok(st)
+    }
 }
 
 impl BackingImage for Image {
@@ -66,6 +119,10 @@ impl BackingImage for Image {
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         Image::read_clamped(self, offset, buf)
+    }
+
+    fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        self.layer_status(offset, len)
     }
 }
 

@@ -26,8 +26,10 @@
 mod amend;
 mod backing;
 mod bitmaps;
+mod compare;
 mod compress;
 mod data_file;
+mod dd;
 mod error;
 mod image;
 pub mod locking;
@@ -38,13 +40,16 @@ mod plan;
 mod shared;
 mod shrink;
 mod snapshot;
+mod status;
 mod write;
 mod zero;
 
 pub use amend::AmendOptions;
 pub use backing::{BackingImage, BackingOpener, RawBacking};
 pub use bitmaps::BitmapInfo;
+pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, CompareReport, Side};
 pub use compress::compress_cluster;
+pub use dd::{dd_copy, DdError, DdParams, DdPlan, DdWrite};
 pub use error::{ImageError, Op, Result};
 pub use image::Image;
 pub use map::{Extent, ExtentKind};
@@ -56,6 +61,7 @@ pub use qcow2_format::layout::Compat;
 pub use qcow2_io::{Locking, Perms};
 pub use qcow2_snapshot::{NewSnapshot, SnapshotEntry};
 pub use shared::SharedImage;
+pub use status::{BlockStatus, RawDisk};
 
 #[cfg(test)]
 mod send_check {

@@ -212,7 +212,7 @@ impl Image {
     /// and at least two) means most of them were never written, and only then does QEMU's
     /// block status ask the host file which parts are holes. Any error answers "no", as
     /// QEMU's does.
-    fn metadata_preallocated(&mut self) -> bool {
+    pub(crate) fn metadata_preallocated(&mut self) -> bool {
         if let Some(v) = self.metadata_prealloc {
             return v;
         }

@@ -298,6 +298,35 @@ impl Image {
         ImageError::Snapshot { op, source: e }
     }
 
+    /// QEMU's `bdrv_snapshot_load_tmp_by_id_or_name`: a read-only image shows the guest
+    /// contents of internal snapshot `id_or_name` (looked up by id, then by name) until it
+    /// is closed; the virtual size stays the image's, as in QEMU. Nothing is written.
+    pub fn snapshot_load_tmp(&mut self, id_or_name: &str) -> Result<()> {
+        let op = Op::SnapshotApply;
+        if !self.read_only {
+            return Err(ImageError::InvalidArgument {
+                op,
+                reason: "temporarily loading a snapshot needs a read-only image".into(),
+            });
+        }
+        let entry = self
+            .snapshots
+            .find_by_id_or_name(id_or_name)
+            .and_then(|i| self.snapshots.entries().get(i))
+            .cloned()
+            .ok_or_else(|| ImageError::Snapshot {
+                op,
+                source: qcow2_snapshot::Error::NotFound {
+                    name: id_or_name.to_string(),
+                },
+            })?;
+        qcow2_snapshot::validate_snapshot_l1(&self.geo, entry.l1_table_offset, entry.l1_size)
+            .map_err(|source| ImageError::Snapshot { op, source })?;
+        self.l1 = self.read_snapshot_l1(op, &entry)?;
+        self.decompressed = None;
+        Ok(())
+    }
+
     /// Reads a snapshot's L1 table (raw entries); one larger than QEMU's limit reads as
     /// empty (the snapshot is unusable and its tables are not walked).
     pub(crate) fn read_snapshot_l1(&self, op: Op, s: &SnapshotEntry) -> Result<Vec<u64>> {

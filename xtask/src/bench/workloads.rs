@@ -552,6 +552,42 @@ pub fn all(params: &Params) -> Vec<Workload> {
         });
     }
 
+    // compare and measure (issue 18): whole-image reads and block-status walks.
+    for (name, what, mut args) in [
+        (
+            "compare",
+            "compare of a written image with itself (two opens, every byte read twice)",
+            lits(&["compare"]),
+        ),
+        (
+            "measure",
+            "measure -O qcow2 of a written image",
+            lits(&["measure", "-O", "qcow2"]),
+        ),
+    ] {
+        args.push(Arg::Image);
+        if name == "compare" {
+            args.push(Arg::Image);
+        }
+        w.push(Workload {
+            name,
+            title: format!("{what}, {}", fmt_bytes(big)),
+            template: Some(Template::Written {
+                cluster: 64 * KIB,
+                size: big,
+            }),
+            kind: Kind::Pair {
+                needs: name,
+                args,
+                fresh_copy: false,
+                output: false,
+                evict_input: false,
+            },
+            bytes: if name == "compare" { 2 * big } else { 0 },
+            floor: None,
+        });
+    }
+
     for (name, zstd) in [("convert-zlib", false), ("convert-zstd", true)] {
         let mut args = lits(&["convert", "-c", "-O", "qcow2"]);
         if zstd {
