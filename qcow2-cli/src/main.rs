@@ -20,6 +20,7 @@ mod progress;
 mod qcowdev;
 mod rawdev;
 mod resize;
+mod serve;
 mod size;
 mod snapshot;
 
@@ -191,6 +192,13 @@ Examples:
   qcow2 io -c 'write -P 0xab 0 64k' -c 'read -P 0xab 0 64k' disk.qcow2
   qcow2 io -r -c map disk.qcow2")]
     Io(IoArgs),
+    /// Export an image over NBD (qemu-nbd's command line).
+    #[command(after_help = "\
+Examples:
+  qcow2 serve -f qcow2 -k /tmp/disk.sock -x disk disk.qcow2
+  qcow2 serve -f qcow2 -p 10809 -e 4 -t --discard=unmap disk.qcow2
+  qemu-io -f raw 'nbd+unix:///disk?socket=/tmp/disk.sock' -c 'read 0 64k'")]
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -662,6 +670,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 }
             }
         }
+        Command::Serve(a) => serve::run(a),
         Command::Io(a) => {
             let file = one_file("io", &a.files)?;
             let _ = a.force_share;
@@ -740,10 +749,10 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
 }
 
 impl Cli {
-    fn command_names() -> [&'static str; 10] {
+    fn command_names() -> [&'static str; 11] {
         [
             "create", "info", "check", "snapshot", "map", "convert", "amend", "resize", "bench",
-            "io",
+            "io", "serve",
         ]
     }
 }
