@@ -317,32 +317,32 @@ impl Conn<'_> {
         if len == 0 {
             return self.reply_ok(r);
         }
-        // Ranges that read as zero become holes (unless the client wants one chunk).
-        let runs = match b.block_status(r.offset, len as u64) {
-            Ok(runs) => clip(runs, len as u64),
-            Err(_) => vec![Allocation {
-                length: len as u64,
-                flags: 0,
-            }],
-        };
-        let df = r.flags & cflag::DF != 0;
+        // Pieces (start in the request, length, reads as zero): ranges that read as zero
+        // are not read and go out as holes (unless the client wants one chunk).
+        let runs = b
+            .block_status(r.offset, len as u64)
+            .map(|runs| clip(runs, len as u64))
+            .unwrap_or_default();
+        let mut pieces: Vec<(usize, usize, bool)> = Vec::with_capacity(runs.len() + 1);
         let mut at = 0usize;
-        for run in &runs {
-            let n = run.length as usize;
-            if run.flags & proto::STATE_ZERO == 0 {
-                if let Err(e) = b.read(r.offset + at as u64, &mut buf[at..at + n]) {
-                    return self.reply_error(r, e.errno(), &e.to_string());
-                }
-            }
+        for x in &runs {
+            let n = x.length as usize;
+            pieces.push((at, n, x.flags & proto::STATE_ZERO != 0));
             at += n;
         }
         if at < len {
-            if let Err(e) = b.read(r.offset + at as u64, &mut buf[at..]) {
+            pieces.push((at, len - at, false));
+        }
+        for &(start, n, zero) in &pieces {
+            if zero {
+                continue;
+            }
+            if let Err(e) = b.read(r.offset + start as u64, &mut buf[start..start + n]) {
                 return self.reply_error(r, e.errno(), &e.to_string());
             }
         }
-        let all_data = runs.iter().all(|x| x.flags & proto::STATE_ZERO == 0);
-        if df || all_data || runs.is_empty() {
+        let df = r.flags & cflag::DF != 0;
+        if df || pieces.iter().all(|p| !p.2) {
             let h = proto::chunk_header(
                 r.cookie,
                 REPLY_FLAG_DONE,
@@ -351,44 +351,25 @@ impl Conn<'_> {
             );
             return self.send(&[&h, &r.offset.to_be_bytes(), &buf]);
         }
-        // Several chunks: build them all and send them under one lock.
-        let mut headers: Vec<[u8; 32]> = Vec::with_capacity(runs.len() + 1);
-        let mut at = 0usize;
-        let mut covered = Vec::with_capacity(runs.len() + 1);
-        let tail = len - runs.iter().map(|x| x.length as usize).sum::<usize>();
-        let mut pieces: Vec<(usize, usize, bool)> = runs
+        // Several chunks, sent under one lock: headers first, then the slices.
+        let headers: Vec<[u8; 32]> = pieces
             .iter()
-            .map(|x| {
-                let p = (at, x.length as usize, x.flags & proto::STATE_ZERO != 0);
-                at += x.length as usize;
-                p
+            .map(|&(start, n, zero)| {
+                let mut h = [0u8; 32];
+                let (kind, length) = if zero {
+                    (chunk::OFFSET_HOLE, 12)
+                } else {
+                    (chunk::OFFSET_DATA, (n + 8) as u32)
+                };
+                h[..20].copy_from_slice(&proto::chunk_header(r.cookie, 0, kind, length));
+                h[20..28].copy_from_slice(&(r.offset + start as u64).to_be_bytes());
+                h[28..32].copy_from_slice(&(n as u32).to_be_bytes());
+                h
             })
             .collect();
-        if tail > 0 {
-            pieces.push((at, tail, false));
-        }
-        for &(start, n, zero) in &pieces {
-            let mut h = [0u8; 32];
-            let off = r.offset + start as u64;
-            if zero {
-                h[..20].copy_from_slice(&proto::chunk_header(r.cookie, 0, chunk::OFFSET_HOLE, 12));
-                h[20..28].copy_from_slice(&off.to_be_bytes());
-                h[28..32].copy_from_slice(&(n as u32).to_be_bytes());
-            } else {
-                h[..20].copy_from_slice(&proto::chunk_header(
-                    r.cookie,
-                    0,
-                    chunk::OFFSET_DATA,
-                    (n + 8) as u32,
-                ));
-                h[20..28].copy_from_slice(&off.to_be_bytes());
-            }
-            headers.push(h);
-            covered.push((start, n, zero));
-        }
         let done = proto::chunk_header(r.cookie, REPLY_FLAG_DONE, chunk::NONE, 0);
         let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * headers.len() + 1);
-        for (h, &(start, n, zero)) in headers.iter().zip(&covered) {
+        for (h, &(start, n, zero)) in headers.iter().zip(&pieces) {
             if zero {
                 parts.push(&h[..]);
             } else {

@@ -30,6 +30,8 @@
 
 mod conn;
 mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod net;
 pub mod proto;
