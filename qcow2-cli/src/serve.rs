@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Export read-only.
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
+    /// Offer the qemu:allocation-depth metadata context.
+    #[arg(short = 'A', long = "allocation-depth")]
+    allocation_depth: bool,
     /// Clients served at once (default 1; 0: no limit).
     #[arg(short = 'e', long = "shared", value_name = "NUM")]
     shared: Option<String>,
@@ -118,8 +121,12 @@ fn listener(a: &ServeArgs) -> Result<Listener, CliError> {
                 let _ = std::fs::remove_file(path);
             }
         }
-        return Listener::bind_unix(path)
-            .map_err(|e| CliError::new(format!("Failed to bind socket to {path}: {e}")));
+        return Listener::bind_unix(path).map_err(|e| {
+            CliError::new(format!(
+                "Failed to bind socket to {path}: {}",
+                crate::image::strerror(&e)
+            ))
+        });
     }
     let port = match a.port.as_deref() {
         None => 10809,
@@ -133,8 +140,12 @@ fn listener(a: &ServeArgs) -> Result<Listener, CliError> {
         Err(_) if host == "localhost" => IpAddr::from([127, 0, 0, 1]),
         Err(_) => return Err(CliError::new(format!("Invalid bind address '{host}'"))),
     };
-    Listener::bind_tcp(SocketAddr::new(ip, port))
-        .map_err(|e| CliError::new(format!("Failed to bind socket to {host}:{port}: {e}")))
+    Listener::bind_tcp(SocketAddr::new(ip, port)).map_err(|e| {
+        CliError::new(format!(
+            "Failed to bind socket to {host}:{port}: {}",
+            crate::image::strerror(&e)
+        ))
+    })
 }
 
 /// Runs `qcow2 serve`.
@@ -170,7 +181,7 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
     let (backend, image): (Arc<dyn NbdExport>, Option<Arc<SharedImage>>) = match format {
         Format::Qcow2 => {
             let img = crate::qcowdev::open_image_cached(&file, a.read_only, unmap, direct)
-                .map_err(|e| crate::image::open_error(&file, e))?;
+                .map_err(|e| CliError::new(format!("Failed to blk_new_open '{file}': {e}")))?;
             let shared = Arc::new(SharedImage::new(img));
             (shared.clone(), Some(shared))
         }
@@ -187,7 +198,8 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
     let mut export = Export::new(a.export_name.clone().unwrap_or_default(), backend)
         .map_err(|e| CliError::new(format!("Failed to export '{file}': {e}")))?
         .with_read_only(a.read_only)
-        .with_trim(unmap);
+        .with_trim(unmap)
+        .with_allocation_depth(a.allocation_depth);
     if let Some(d) = &a.description {
         export = export.with_description(d.clone());
     }

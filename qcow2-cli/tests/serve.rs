@@ -414,6 +414,7 @@ fn read_only_export_refuses_writes_and_nbdinfo_describes_it() {
             "a read-only disk",
             "-r",
             "-t",
+            "-A",
             "img.qcow2",
         ],
     );
@@ -444,6 +445,14 @@ fn read_only_export_refuses_writes_and_nbdinfo_describes_it() {
         assert_eq!(&rows[0][..3], ["0", "1048576", "3"]);
         assert_eq!(&rows[1][..3], ["1048576", "65536", "0"]);
         assert_eq!(&rows[2][..3], ["1114112", "3080192", "3"]);
+        let depth = run(&["--map=qemu:allocation-depth", &u]);
+        let rows: Vec<Vec<&str>> = depth
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows.len(), 3, "{depth}");
+        assert_eq!(&rows[1][..3], ["1048576", "65536", "1"]);
+        assert_eq!(&rows[2][..3], ["1114112", "3080192", "0"]);
     } else {
         eprintln!("nbdinfo not installed: skipping the libnbd checks");
     }

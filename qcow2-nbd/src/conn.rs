@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::sync::{Condvar, Mutex};
 
 use crate::export::{Allocation, ExportError, NbdExport};
-use crate::handshake::{Session, BASE_ALLOCATION_ID};
+use crate::handshake::{Session, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
 use crate::net::Stream;
 use crate::proto::{self, cflag, chunk, cmd, NbdErrno, Request, REPLY_FLAG_DONE, REQUEST_LEN};
 use crate::server::{ConnError, Export, Server, MAX_REQUEST};
@@ -207,7 +207,11 @@ impl Conn<'_> {
             cmd::READ | cmd::WRITE if r.length > MAX_REQUEST => refuse(NbdErrno::Inval),
             cmd::WRITE | cmd::WRITE_ZEROES if !inside => refuse(NbdErrno::NoSpc),
             cmd::READ | cmd::TRIM | cmd::CACHE if !inside => refuse(NbdErrno::Inval),
-            cmd::BLOCK_STATUS if !self.session.base_allocation || r.length == 0 || !inside => {
+            cmd::BLOCK_STATUS
+                if !(self.session.base_allocation || self.session.allocation_depth)
+                    || r.length == 0
+                    || !inside =>
+            {
                 refuse(NbdErrno::Inval)
             }
             _ => Ok(()),
@@ -381,36 +385,50 @@ impl Conn<'_> {
         self.send(&parts);
     }
 
+    /// One block-status chunk per selected metadata context, the last one with DONE.
     fn block_status(&self, r: &Request) {
         let b = &*self.export.backend;
-        let runs = match b.block_status(r.offset, u64::from(r.length)) {
-            Ok(runs) => clip(runs, u64::from(r.length)),
-            Err(e) => return self.reply_error(r, e.errno(), &e.to_string()),
-        };
+        let len = u64::from(r.length);
+        let mut chunks: Vec<(u32, Vec<Allocation>)> = Vec::with_capacity(2);
+        if self.session.base_allocation {
+            match b.block_status(r.offset, len) {
+                Ok(runs) => chunks.push((BASE_ALLOCATION_ID, clip(runs, len))),
+                Err(e) => return self.reply_error(r, e.errno(), &e.to_string()),
+            }
+        }
+        if self.session.allocation_depth {
+            match b.allocation_depth(r.offset, len) {
+                Ok(runs) => chunks.push((ALLOCATION_DEPTH_ID, clip(runs, len))),
+                Err(e) => return self.reply_error(r, e.errno(), &e.to_string()),
+            }
+        }
         let max = if r.flags & cflag::REQ_ONE != 0 {
             1
         } else {
             MAX_EXTENTS
         };
-        let mut p = Vec::with_capacity(4 + 8 * runs.len().min(max));
-        p.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
-        for x in runs.iter().take(max) {
-            // Runs are clipped to the request's u32 length.
-            p.extend_from_slice(&(x.length as u32).to_be_bytes());
-            p.extend_from_slice(&x.flags.to_be_bytes());
+        let count = chunks.len();
+        let mut bodies: Vec<([u8; 20], Vec<u8>)> = Vec::with_capacity(count);
+        for (i, (id, runs)) in chunks.into_iter().enumerate() {
+            let mut p = Vec::with_capacity(4 + 8 * runs.len().min(max));
+            p.extend_from_slice(&id.to_be_bytes());
+            for x in runs.iter().take(max) {
+                // Runs are clipped to the request's u32 length.
+                p.extend_from_slice(&(x.length as u32).to_be_bytes());
+                p.extend_from_slice(&x.flags.to_be_bytes());
+            }
+            if p.len() == 4 {
+                // The backend described nothing: the whole range, as data / depth 1.
+                p.extend_from_slice(&r.length.to_be_bytes());
+                let flags = if id == ALLOCATION_DEPTH_ID { 1u32 } else { 0 };
+                p.extend_from_slice(&flags.to_be_bytes());
+            }
+            let done = if i + 1 == count { REPLY_FLAG_DONE } else { 0 };
+            let h = proto::chunk_header(r.cookie, done, chunk::BLOCK_STATUS, p.len() as u32);
+            bodies.push((h, p));
         }
-        if p.len() == 4 {
-            // The backend described nothing: report the whole range as data.
-            p.extend_from_slice(&r.length.to_be_bytes());
-            p.extend_from_slice(&0u32.to_be_bytes());
-        }
-        let h = proto::chunk_header(
-            r.cookie,
-            REPLY_FLAG_DONE,
-            chunk::BLOCK_STATUS,
-            p.len() as u32,
-        );
-        self.send(&[&h, &p]);
+        let parts: Vec<&[u8]> = bodies.iter().flat_map(|(h, p)| [&h[..], &p[..]]).collect();
+        self.send(&parts);
     }
 }
 

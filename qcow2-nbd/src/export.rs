@@ -49,12 +49,13 @@ impl ExportError {
     }
 }
 
-/// One run of `base:allocation` block status.
+/// One run of block status: `base:allocation` flags or a `qemu:allocation-depth` depth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allocation {
     /// Length in bytes (nonzero).
     pub length: u64,
-    /// [`STATE_HOLE`] and/or [`STATE_ZERO`].
+    /// For `base:allocation`: [`STATE_HOLE`] and/or [`STATE_ZERO`]. For
+    /// `qemu:allocation-depth`: 0 unallocated, 1 in this image, 2 in a backing file.
     pub flags: u32,
 }
 
@@ -100,6 +101,17 @@ pub trait NbdExport: Send + Sync {
     /// `base:allocation` status of the runs from `offset`, covering at most `len` bytes
     /// (at least one run when `len > 0` and the range is inside the export).
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Allocation>, ExportError>;
+
+    /// `qemu:allocation-depth` of the runs from `offset`, covering at most `len` bytes: 0
+    /// where nothing in the chain allocates the range, 1 where this image does, 2 and more
+    /// where a backing file does. The default: all of it at depth 1 (a plain file).
+    fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<Allocation>, ExportError> {
+        let _ = offset;
+        Ok(vec![Allocation {
+            length: len,
+            flags: 1,
+        }])
+    }
 
     /// Whether `write_zeroes` with `fast` can ever succeed (`NBD_FLAG_SEND_FAST_ZERO`).
     fn can_fast_zero(&self) -> bool {
@@ -181,6 +193,22 @@ impl NbdExport for SharedImage {
                 ExtentKind::Zero | ExtentKind::Unallocated => STATE_HOLE | STATE_ZERO,
             };
             push_run(&mut out, x.length, flags);
+        }
+        Ok(out)
+    }
+
+    fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<Allocation>, ExportError> {
+        let len = len.min(STATUS_WINDOW);
+        let mut out = Vec::new();
+        for x in self.map(offset, len)? {
+            // The engine knows a range comes from the backing chain, not from which layer:
+            // it is reported as the first backing file.
+            let depth = match x.kind {
+                ExtentKind::Data | ExtentKind::Compressed | ExtentKind::Zero => 1,
+                ExtentKind::Backing => 2,
+                ExtentKind::Unallocated => 0,
+            };
+            push_run(&mut out, x.length, depth);
         }
         Ok(out)
     }

@@ -18,6 +18,9 @@ const MAX_STRING: usize = 4096;
 /// The metadata context ID of `base:allocation`.
 pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 const BASE_ALLOCATION: &str = "base:allocation";
+/// The metadata context ID of `qemu:allocation-depth`.
+pub(crate) const ALLOCATION_DEPTH_ID: u32 = 2;
+const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 /// What the handshake agreed on.
 #[derive(Debug, Clone)]
@@ -28,6 +31,8 @@ pub(crate) struct Session {
     pub structured: bool,
     /// `base:allocation` was selected for block status.
     pub base_allocation: bool,
+    /// `qemu:allocation-depth` was selected for block status.
+    pub allocation_depth: bool,
 }
 
 struct Negotiation<'a> {
@@ -35,8 +40,9 @@ struct Negotiation<'a> {
     fixed: bool,
     no_zeroes: bool,
     structured: bool,
-    /// The export `SET_META_CONTEXT` selected `base:allocation` for.
-    meta_export: Option<usize>,
+    /// The export `SET_META_CONTEXT` selected contexts for, and which: (export,
+    /// base:allocation, qemu:allocation-depth).
+    meta: Option<(usize, bool, bool)>,
 }
 
 /// Runs the handshake; `Ok(None)` when the client aborted.
@@ -60,7 +66,7 @@ pub(crate) fn negotiate<S: Read + Write>(
         fixed: client & proto::FLAG_C_FIXED_NEWSTYLE != 0,
         no_zeroes: client & proto::FLAG_C_NO_ZEROES != 0,
         structured: false,
-        meta_export: None,
+        meta: None,
     };
     for _ in 0..MAX_OPTIONS {
         let mut h = [0u8; 16];
@@ -200,7 +206,10 @@ impl Negotiation<'_> {
         Session {
             export,
             structured: self.structured,
-            base_allocation: self.structured && self.meta_export == Some(export),
+            base_allocation: self.structured
+                && matches!(self.meta, Some((e, true, _)) if e == export),
+            allocation_depth: self.structured
+                && matches!(self.meta, Some((e, _, true)) if e == export),
         }
     }
 
@@ -297,18 +306,35 @@ impl Negotiation<'_> {
             reply_error(s, option, rep::ERR_UNKNOWN, "no such export")?;
             return Ok(None);
         };
-        let matches = if set {
-            queries.iter().any(|q| q == BASE_ALLOCATION)
+        let depth_offered = self.server.exports()[i].allocation_depth;
+        let (base, depth) = if set {
+            (
+                queries.iter().any(|q| q == BASE_ALLOCATION),
+                depth_offered && queries.iter().any(|q| q == ALLOCATION_DEPTH),
+            )
         } else {
-            queries.is_empty() || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
+            let all = queries.is_empty();
+            (
+                all || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION),
+                depth_offered
+                    && (all
+                        || queries
+                            .iter()
+                            .any(|q| q == "qemu:" || q == ALLOCATION_DEPTH)),
+            )
         };
         if set {
-            self.meta_export = matches.then_some(i);
+            self.meta = Some((i, base, depth));
         }
-        if matches {
-            let mut p = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
-            p.extend_from_slice(BASE_ALLOCATION.as_bytes());
-            reply(s, option, rep::META_CONTEXT, &p)?;
+        for (on, id, name) in [
+            (base, BASE_ALLOCATION_ID, BASE_ALLOCATION),
+            (depth, ALLOCATION_DEPTH_ID, ALLOCATION_DEPTH),
+        ] {
+            if on {
+                let mut p = id.to_be_bytes().to_vec();
+                p.extend_from_slice(name.as_bytes());
+                reply(s, option, rep::META_CONTEXT, &p)?;
+            }
         }
         reply(s, option, rep::ACK, &[])?;
         Ok(None)

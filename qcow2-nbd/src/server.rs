@@ -22,6 +22,7 @@ pub struct Export {
     pub(crate) size: u64,
     pub(crate) read_only: bool,
     pub(crate) trim: bool,
+    pub(crate) allocation_depth: bool,
 }
 
 impl std::fmt::Debug for Export {
@@ -45,6 +46,7 @@ impl Export {
             read_only: backend.read_only()?,
             backend,
             trim: true,
+            allocation_depth: false,
         })
     }
 
@@ -64,6 +66,12 @@ impl Export {
     /// they succeed without effect (qemu-nbd's `--discard=ignore`).
     pub fn with_trim(mut self, trim: bool) -> Self {
         self.trim = trim;
+        self
+    }
+
+    /// Offers the `qemu:allocation-depth` metadata context (qemu-nbd's `-A`).
+    pub fn with_allocation_depth(mut self, on: bool) -> Self {
+        self.allocation_depth = on;
         self
     }
 

@@ -31,7 +31,8 @@ impl Harness {
         let shared = Arc::new(SharedImage::new(img));
         let rw = Export::new("rw", shared.clone())
             .unwrap()
-            .with_description("read-write");
+            .with_description("read-write")
+            .with_allocation_depth(true);
         let ro = Export::new("ro", shared).unwrap().with_read_only(true);
         let config = ServerConfig {
             max_connections: 8,
@@ -520,4 +521,72 @@ fn bad_transmission_input_disconnects_only_that_client() {
     assert_eq!(other.read(2, 4096, 4096).1, vec![4u8; 4096]);
     other.disc();
     h.assert_alive();
+}
+
+#[test]
+fn both_meta_contexts_give_one_chunk_each() {
+    let h = Harness::new();
+    let mut c = Client { s: h.raw() };
+    c.greeting();
+    c.option(opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().1, rep::ACK);
+    // LIST with no query shows both; "qemu:" only the depth.
+    let mut q = Vec::new();
+    q.extend_from_slice(&2u32.to_be_bytes());
+    q.extend_from_slice(b"rw");
+    q.extend_from_slice(&0u32.to_be_bytes());
+    c.option(opt::LIST_META_CONTEXT, &q);
+    let names: Vec<Vec<u8>> = (0..2).map(|_| c.option_reply().2[4..].to_vec()).collect();
+    assert_eq!(
+        names,
+        [
+            b"base:allocation".to_vec(),
+            b"qemu:allocation-depth".to_vec()
+        ]
+    );
+    assert_eq!(c.option_reply().1, rep::ACK);
+    let mut q = Vec::new();
+    q.extend_from_slice(&2u32.to_be_bytes());
+    q.extend_from_slice(b"rw");
+    q.extend_from_slice(&2u32.to_be_bytes());
+    for name in ["qemu:allocation-depth", "base:allocation"] {
+        q.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        q.extend_from_slice(name.as_bytes());
+    }
+    c.option(opt::SET_META_CONTEXT, &q);
+    assert_eq!(c.option_reply().1, rep::META_CONTEXT);
+    assert_eq!(c.option_reply().1, rep::META_CONTEXT);
+    assert_eq!(c.option_reply().1, rep::ACK);
+    let mut g = Vec::new();
+    g.extend_from_slice(&2u32.to_be_bytes());
+    g.extend_from_slice(b"rw");
+    g.extend_from_slice(&0u16.to_be_bytes());
+    c.option(opt::GO, &g);
+    while c.option_reply().1 != rep::ACK {}
+    assert_eq!(c.write(1, 65536, &[1u8; 512], 0), 0);
+    c.send(cmd::BLOCK_STATUS, 0, 2, 0, 196608);
+    let r = c.reply();
+    assert_eq!(r.error, 0);
+    let decode = |p: &[u8]| -> (u32, Vec<(u32, u32)>) {
+        let id = u32::from_be_bytes(p[0..4].try_into().unwrap());
+        let d = p[4..]
+            .chunks(8)
+            .map(|d| {
+                (
+                    u32::from_be_bytes(d[0..4].try_into().unwrap()),
+                    u32::from_be_bytes(d[4..8].try_into().unwrap()),
+                )
+            })
+            .collect();
+        (id, d)
+    };
+    let got: Vec<_> = r.chunks.iter().map(|(_, p)| decode(p)).collect();
+    assert_eq!(
+        got,
+        [
+            (1, vec![(65536, 3), (65536, 0), (65536, 3)]),
+            (2, vec![(65536, 0), (65536, 1), (65536, 0)]),
+        ]
+    );
+    c.disc();
 }
