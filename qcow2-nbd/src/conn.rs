@@ -17,6 +17,9 @@ use crate::net::Stream;
 use crate::proto::{self, cflag, chunk, cmd, NbdErrno, Request, REPLY_FLAG_DONE, REQUEST_LEN};
 use crate::server::{ConnError, Export, Server, MAX_REQUEST};
 
+/// Bytes the reader buffers from the socket.
+const READ_BUFFER: usize = 128 << 10;
+
 /// Most descriptors in one block-status reply.
 const MAX_EXTENTS: usize = 16 << 10;
 
@@ -119,7 +122,9 @@ pub(crate) fn transmission(
                 return Err(ConnError::Io(e));
             }
         }
-        let r = conn.read_requests(server, &mut reader, &tx);
+        // Buffered: one read takes in many small requests (and the head of a payload).
+        let mut buffered = io::BufReader::with_capacity(READ_BUFFER, &mut reader);
+        let r = conn.read_requests(server, &mut buffered, &tx);
         drop(tx);
         r
     });
@@ -133,7 +138,7 @@ impl Conn<'_> {
     fn read_requests(
         &self,
         server: &Server,
-        reader: &mut Stream,
+        reader: &mut impl Read,
         tx: &mpsc::SyncSender<Job>,
     ) -> Result<(), ConnError> {
         loop {
@@ -170,10 +175,17 @@ impl Conn<'_> {
             self.budget.acquire(cost);
             let mut payload = Vec::new();
             if req.has_payload() {
-                payload = vec![0u8; req.length as usize];
-                if let Err(e) = reader.read_exact(&mut payload) {
+                // Read into spare capacity: no zero-fill of a buffer about to be overwritten.
+                payload = Vec::with_capacity(req.length as usize);
+                let got = Read::by_ref(reader)
+                    .take(u64::from(req.length))
+                    .read_to_end(&mut payload);
+                if got.is_err() || payload.len() != req.length as usize {
                     self.budget.release(cost);
-                    return Err(e.into());
+                    return Err(got
+                        .err()
+                        .unwrap_or_else(|| io::ErrorKind::UnexpectedEof.into())
+                        .into());
                 }
             }
             if tx.send(Job { req, payload, cost }).is_err() {
