@@ -460,3 +460,77 @@ fn read_only_export_refuses_writes_and_nbdinfo_describes_it() {
     ok(&qemu_img(dir, &["compare", "img.qcow2", "orig.qcow2"]));
     clean(dir, "img.qcow2");
 }
+
+#[test]
+fn nbdcopy_from_and_to_an_export() {
+    if !have_qemu()
+        || !Command::new("nbdcopy")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("qemu or nbdcopy not installed: skipping");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    image(dir, "img.qcow2", "8M");
+    let mut args = vec!["-f", "qcow2", "img.qcow2"];
+    args.extend(io_args(&["write -P 0x3c 0 1m", "write -P 0x3d 6m 100k"]));
+    ok(&qemu_io(dir, &args));
+    ok(&qemu_img(
+        dir,
+        &["create", "-q", "-f", "qcow2", "copy.qcow2", "8M"],
+    ));
+    let sock = dir.join("s.sock");
+    let u = uri(&sock, "");
+    let nbdcopy = |args: &[&str]| {
+        let o = Command::new("nbdcopy")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    // From an export to a file, then from that file into another export.
+    let mut server = Served::start(
+        dir,
+        &[
+            "-f",
+            "qcow2",
+            "-k",
+            sock.to_str().unwrap(),
+            "-t",
+            "img.qcow2",
+        ],
+    );
+    nbdcopy(&[&u, "out.raw"]);
+    assert_eq!(server.terminate(), 0);
+    ok(&qemu_img(
+        dir,
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            "out.raw",
+            "img.qcow2",
+        ],
+    ));
+    let mut server = Served::start(
+        dir,
+        &[
+            "-f",
+            "qcow2",
+            "-k",
+            sock.to_str().unwrap(),
+            "-t",
+            "copy.qcow2",
+        ],
+    );
+    nbdcopy(&["out.raw", &u]);
+    assert_eq!(server.terminate(), 0);
+    clean(dir, "copy.qcow2");
+    ok(&qemu_img(dir, &["compare", "img.qcow2", "copy.qcow2"]));
+}

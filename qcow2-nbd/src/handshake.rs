@@ -147,7 +147,13 @@ impl Negotiation<'_> {
                 let e = &self.server.exports()[i];
                 let mut b = Vec::with_capacity(10 + 124);
                 b.extend_from_slice(&e.size.to_be_bytes());
-                b.extend_from_slice(&e.transmission_flags(self.structured).to_be_bytes());
+                b.extend_from_slice(
+                    &e.transmission_flags(
+                        self.structured,
+                        self.server.config().max_connections > 1,
+                    )
+                    .to_be_bytes(),
+                );
                 if !self.no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
@@ -241,7 +247,10 @@ impl Negotiation<'_> {
         let mut p = Vec::with_capacity(12);
         p.extend_from_slice(&info::EXPORT.to_be_bytes());
         p.extend_from_slice(&e.size.to_be_bytes());
-        p.extend_from_slice(&e.transmission_flags(self.structured).to_be_bytes());
+        p.extend_from_slice(
+            &e.transmission_flags(self.structured, self.server.config().max_connections > 1)
+                .to_be_bytes(),
+        );
         reply(s, option, rep::INFO, &p)?;
         if wanted.contains(&info::NAME) {
             let mut p = info::NAME.to_be_bytes().to_vec();

@@ -85,13 +85,15 @@ impl Export {
         self.size
     }
 
-    /// The transmission flags advertised for it.
-    pub(crate) fn transmission_flags(&self, structured: bool) -> u16 {
+    /// The transmission flags advertised for it. `multi_conn`: the server accepts more
+    /// than one client at a time (otherwise a client that opens several connections
+    /// because of `NBD_FLAG_CAN_MULTI_CONN` would wait for ever on the second one).
+    pub(crate) fn transmission_flags(&self, structured: bool, multi_conn: bool) -> u16 {
         let mut f = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::SEND_CACHE;
         if structured {
             f |= tflag::SEND_DF;
         }
-        if self.backend.can_multi_conn() {
+        if multi_conn && self.backend.can_multi_conn() {
             f |= tflag::CAN_MULTI_CONN;
         }
         if self.read_only {
