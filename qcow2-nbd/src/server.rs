@@ -124,8 +124,8 @@ pub struct ServerConfig {
     pub max_buffered_bytes: usize,
     /// How long the handshake may take.
     pub handshake_timeout: Option<Duration>,
-    /// How long a reply may wait for a client that does not read; the client is then
-    /// disconnected.
+    /// How long a reply may make no progress because the client does not read its
+    /// socket; the client is then disconnected (its requests in flight still complete).
     pub reply_timeout: Option<Duration>,
     /// Log connections and protocol errors on stderr.
     pub verbose: bool,

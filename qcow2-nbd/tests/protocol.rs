@@ -25,6 +25,16 @@ struct Harness {
 
 impl Harness {
     fn new() -> Harness {
+        Harness::with(ServerConfig {
+            max_connections: 8,
+            persistent: true,
+            max_requests_in_flight: 16,
+            handshake_timeout: Some(Duration::from_secs(5)),
+            ..ServerConfig::default()
+        })
+    }
+
+    fn with(config: ServerConfig) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("nbd.sock");
         let img = Image::create(Arc::new(MemStorage::new()), &CreateOptions::new(SIZE)).unwrap();
@@ -34,13 +44,6 @@ impl Harness {
             .with_description("read-write")
             .with_allocation_depth(true);
         let ro = Export::new("ro", shared).unwrap().with_read_only(true);
-        let config = ServerConfig {
-            max_connections: 8,
-            persistent: true,
-            max_requests_in_flight: 16,
-            handshake_timeout: Some(Duration::from_secs(5)),
-            ..ServerConfig::default()
-        };
         let server = Server::new(vec![rw, ro], config);
         let handle = server.handle();
         let listener = Listener::bind_unix(&sock).unwrap();
@@ -589,4 +592,41 @@ fn both_meta_contexts_give_one_chunk_each() {
         ]
     );
     c.disc();
+}
+
+#[test]
+fn a_client_that_stops_reading_replies_is_dropped_alone() {
+    let h = Harness::with(ServerConfig {
+        max_connections: 8,
+        persistent: true,
+        max_requests_in_flight: 16,
+        reply_timeout: Some(Duration::from_secs(1)),
+        ..ServerConfig::default()
+    });
+    let mut stuck = h.client("rw");
+    assert_eq!(stuck.write(1, 0, &vec![8u8; 1 << 20], 0), 0);
+    // 64 MiB of read replies that the client never reads: the socket buffers fill, the
+    // server's budget fills, and it stops reading this client's requests.
+    for i in 0..64 {
+        stuck.send(cmd::READ, 0, i, 0, 1 << 20);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // Meanwhile other clients are served.
+    h.assert_alive();
+    // After the reply timeout (a second without progress, twice: the first send returns
+    // what fitted) the stuck client is disconnected: draining its socket ends
+    // with end of file before all 64 replies have come.
+    std::thread::sleep(Duration::from_millis(3500));
+    let mut total = 0usize;
+    let mut b = vec![0u8; 1 << 20];
+    loop {
+        match stuck.s.read(&mut b) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("still connected after the reply timeout: {e} after {total} bytes"),
+        }
+    }
+    assert!(total < 64 << 20, "every reply arrived: {total} bytes");
+    h.assert_alive();
 }
