@@ -7,7 +7,7 @@
 //! payload or reply buffer fits in the byte budget; otherwise it stops reading the socket
 //! (back-pressure) until replies have gone out.
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::sync::mpsc;
 use std::sync::{Condvar, Mutex};
 
@@ -138,7 +138,7 @@ impl Conn<'_> {
     fn read_requests(
         &self,
         server: &Server,
-        reader: &mut impl Read,
+        reader: &mut io::BufReader<&mut Stream>,
         tx: &mpsc::SyncSender<Job>,
     ) -> Result<(), ConnError> {
         loop {
@@ -175,10 +175,16 @@ impl Conn<'_> {
             self.budget.acquire(cost);
             let mut payload = Vec::new();
             if req.has_payload() {
-                // Read into spare capacity: no zero-fill of a buffer about to be overwritten.
-                payload = Vec::with_capacity(req.length as usize);
-                let got = Read::by_ref(reader)
-                    .take(u64::from(req.length))
+                // What the buffer holds, then the rest straight from the socket into spare
+                // capacity (no zero-fill, no copy through the buffer).
+                let len = req.length as usize;
+                payload = Vec::with_capacity(len);
+                let held = reader.buffer();
+                let n = held.len().min(len);
+                payload.extend_from_slice(&held[..n]);
+                reader.consume(n);
+                let got = Read::by_ref(reader.get_mut())
+                    .take((len - n) as u64)
                     .read_to_end(&mut payload);
                 if got.is_err() || payload.len() != req.length as usize {
                     self.budget.release(cost);
