@@ -25,10 +25,18 @@ const MAX_EXTENTS: usize = 16 << 10;
 
 /// Requests in flight and the bytes they hold.
 struct Budget {
-    state: Mutex<(usize, usize)>,
+    state: Mutex<BudgetState>,
     freed: Condvar,
     max_requests: usize,
     max_bytes: usize,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    requests: usize,
+    bytes: usize,
+    /// The reader waits for room (only then does a release wake it).
+    waiting: bool,
 }
 
 impl Budget {
@@ -36,33 +44,141 @@ impl Budget {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         // A request larger than the byte budget alone still goes through when nothing
         // else is in flight.
-        while st.0 >= self.max_requests || (st.0 > 0 && st.1 + bytes > self.max_bytes) {
+        while st.requests >= self.max_requests
+            || (st.requests > 0 && st.bytes + bytes > self.max_bytes)
+        {
+            st.waiting = true;
             st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        st.0 += 1;
-        st.1 += bytes;
+        st.waiting = false;
+        st.requests += 1;
+        st.bytes += bytes;
     }
 
     fn release(&self, bytes: usize) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.0 = st.0.saturating_sub(1);
-        st.1 = st.1.saturating_sub(bytes);
+        st.requests = st.requests.saturating_sub(1);
+        st.bytes = st.bytes.saturating_sub(bytes);
+        let wake = st.waiting;
         drop(st);
-        self.freed.notify_all();
+        if wake {
+            self.freed.notify_one();
+        }
     }
 }
 
-/// The reply side of the socket; once a write fails the connection is dead and later
-/// replies are dropped.
+/// The reply side of the socket. One thread at a time writes to the socket (the
+/// "flusher"); replies that come in meanwhile are queued and go out with its next write,
+/// so replies finishing together share one system call. Once a write fails the
+/// connection is dead and later replies are dropped.
 struct Writer {
-    stream: Stream,
+    state: Mutex<WriterState>,
+    /// Signalled when the flusher is done.
+    idle: Condvar,
+    stream: Mutex<Stream>,
+}
+
+struct WriterState {
+    /// Replies waiting for the socket.
+    queued: Vec<u8>,
+    /// A thread is writing to the socket.
+    flushing: bool,
     dead: bool,
+}
+
+/// Replies up to this size are queued and combined; larger ones are written in place.
+const COMBINE_MAX: usize = 64 << 10;
+
+impl Writer {
+    fn new(stream: Stream) -> Writer {
+        Writer {
+            state: Mutex::new(WriterState {
+                queued: Vec::new(),
+                flushing: false,
+                dead: false,
+            }),
+            idle: Condvar::new(),
+            stream: Mutex::new(stream),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, WriterState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends one reply made of `parts`.
+    fn send(&self, parts: &[&[u8]]) {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut st = self.state();
+        if st.dead {
+            return;
+        }
+        if total <= COMBINE_MAX {
+            for p in parts {
+                st.queued.extend_from_slice(p);
+            }
+            if st.flushing {
+                // The flusher sends it with its next write.
+                return;
+            }
+            st.flushing = true;
+            drop(st);
+            self.flush_queue(&[]);
+            return;
+        }
+        // A large reply: wait for the socket, then send what is queued and this.
+        while st.flushing && !st.dead {
+            st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.dead {
+            return;
+        }
+        st.flushing = true;
+        drop(st);
+        self.flush_queue(parts);
+    }
+
+    /// As the flusher: writes the queue (and `extra` after it), then whatever was queued
+    /// meanwhile, until the queue is empty; then hands the socket back.
+    fn flush_queue(&self, extra: &[&[u8]]) {
+        let mut extra = extra;
+        let mut batch = Vec::new();
+        loop {
+            let mut st = self.state();
+            if st.dead || (st.queued.is_empty() && extra.is_empty()) {
+                st.flushing = false;
+                st.queued = std::mem::take(&mut batch);
+                st.queued.clear();
+                drop(st);
+                self.idle.notify_all();
+                return;
+            }
+            std::mem::swap(&mut st.queued, &mut batch);
+            drop(st);
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + extra.len());
+            parts.push(&batch);
+            parts.extend_from_slice(extra);
+            let ok = {
+                let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+                let ok = stream.write_all_vectored(&parts).is_ok();
+                if !ok {
+                    stream.shutdown();
+                }
+                ok
+            };
+            batch.clear();
+            extra = &[];
+            if !ok {
+                self.state().dead = true;
+            }
+        }
+    }
 }
 
 struct Conn<'a> {
     export: &'a Export,
     session: Session,
-    writer: Mutex<Writer>,
+    writer: Writer,
     budget: Budget,
 }
 
@@ -90,12 +206,9 @@ pub(crate) fn transmission(
     let conn = Conn {
         export,
         session,
-        writer: Mutex::new(Writer {
-            stream,
-            dead: false,
-        }),
+        writer: Writer::new(stream),
         budget: Budget {
-            state: Mutex::new((0, 0)),
+            state: Mutex::new(BudgetState::default()),
             freed: Condvar::new(),
             max_requests: cfg.max_requests_in_flight.max(1),
             max_bytes: cfg.max_buffered_bytes.max(MAX_REQUEST as usize),
@@ -239,14 +352,7 @@ impl Conn<'_> {
     /// Writes one reply; a failed write kills the connection (the reader sees the
     /// shutdown and stops).
     fn send(&self, parts: &[&[u8]]) {
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if w.dead {
-            return;
-        }
-        if w.stream.write_all_vectored(parts).is_err() {
-            w.dead = true;
-            w.stream.shutdown();
-        }
+        self.writer.send(parts);
     }
 
     fn structured_reply(&self, r: &Request) -> bool {
