@@ -534,3 +534,70 @@ fn nbdcopy_from_and_to_an_export() {
     clean(dir, "copy.qcow2");
     ok(&qemu_img(dir, &["compare", "img.qcow2", "copy.qcow2"]));
 }
+
+#[test]
+fn raw_export_matches_a_local_run_and_its_map() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let f = std::fs::File::create(dir.join("served.raw")).unwrap();
+    f.set_len(32 << 20).unwrap();
+    std::fs::copy(dir.join("served.raw"), dir.join("local.raw")).unwrap();
+    let sock = dir.join("s.sock");
+    let mut server = Served::start(
+        dir,
+        &[
+            "-f",
+            "raw",
+            "-k",
+            sock.to_str().unwrap(),
+            "--discard=unmap",
+            "served.raw",
+        ],
+    );
+    let u = uri(&sock, "");
+    let mut args = vec!["-f", "raw", u.as_str()];
+    args.extend(io_args(SCRIPT));
+    let r = qemu_io(dir, &args);
+    ok(&r);
+    assert!(
+        !r.text().contains("Pattern verification failed"),
+        "{}",
+        r.text()
+    );
+    let mut args = vec!["-f", "raw", "local.raw"];
+    args.extend(io_args(SCRIPT));
+    ok(&qemu_io(dir, &args));
+    assert_eq!(server.wait(), 0);
+    ok(&qemu_img(
+        dir,
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            "served.raw",
+            "local.raw",
+        ],
+    ));
+    // Block status over NBD agrees with the file's own holes.
+    let mut server = Served::start(
+        dir,
+        &[
+            "-f",
+            "raw",
+            "-k",
+            sock.to_str().unwrap(),
+            "-r",
+            "served.raw",
+        ],
+    );
+    let nbd_map = qemu_img(dir, &["map", "--output=json", "-f", "raw", &u]);
+    ok(&nbd_map);
+    assert_eq!(server.wait(), 0);
+    let file_map = qemu_img(dir, &["map", "--output=json", "-f", "raw", "served.raw"]);
+    assert_eq!(runs(&nbd_map.stdout), runs(&file_map.stdout));
+}
