@@ -25,6 +25,7 @@ mod progress;
 mod qcowdev;
 mod rawdev;
 mod resize;
+mod serve;
 mod size;
 mod snapshot;
 mod source;
@@ -216,6 +217,13 @@ Examples:
   qcow2 dd if=disk.qcow2 of=disk.raw bs=1M
   qcow2 dd -O qcow2 bs=4k count=256 skip=16 if=disk.raw of=part.qcow2")]
     Dd(DdArgs),
+    /// Export an image over NBD (qemu-nbd's command line).
+    #[command(after_help = "\
+Examples:
+  qcow2 serve -f qcow2 -k /tmp/disk.sock -x disk disk.qcow2
+  qcow2 serve -f qcow2 -p 10809 -e 4 -t --discard=unmap disk.qcow2
+  qemu-io -f raw 'nbd+unix:///disk?socket=/tmp/disk.sock' -c 'read 0 64k'")]
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -771,6 +779,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 }
             }
         }
+        Command::Serve(a) => serve::run(a),
         Command::Compare(a) => {
             image::set_force_share(a.force_share);
             compare::run(compare::CompareRequest {
@@ -857,10 +866,10 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
 }
 
 impl Cli {
-    fn command_names() -> [&'static str; 13] {
+    fn command_names() -> [&'static str; 14] {
         [
             "create", "info", "check", "snapshot", "map", "convert", "amend", "resize", "bench",
-            "io", "compare", "measure", "dd",
+            "io", "compare", "measure", "dd", "serve",
         ]
     }
 }

@@ -1,0 +1,234 @@
+//! `qcow2 serve`: export an image over NBD with qemu-nbd's command line.
+//!
+//! The image (qcow2 through the shared engine, or raw) is served by the `qcow2-nbd` crate
+//! on a Unix socket (`-k`) or TCP (`-b`/`-p`, default 0.0.0.0:10809). SIGTERM, SIGINT and
+//! SIGHUP, and (without `--persistent`) the last client leaving, end the server: requests
+//! in flight complete, then the image is flushed and closed (dirty bit cleared).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use clap::Args;
+use qcow2_image::SharedImage;
+use qcow2_io::FileStorage;
+use qcow2_nbd::{Export, Listener, NbdExport, RawExport, Server, ServerConfig, ServerHandle};
+
+use crate::image::Format;
+use crate::CliError;
+
+/// qemu-nbd's options.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Image format (qcow2 or raw; probed when absent).
+    #[arg(short = 'f', long = "format", value_name = "FORMAT")]
+    format: Option<String>,
+    /// Listen on this Unix-domain socket instead of TCP.
+    #[arg(short = 'k', long = "socket", value_name = "PATH")]
+    socket: Option<String>,
+    /// TCP port to listen on (default 10809).
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    port: Option<String>,
+    /// Address to listen on (default 0.0.0.0).
+    #[arg(short = 'b', long = "bind", value_name = "IFACE")]
+    bind: Option<String>,
+    /// Export name (default: the empty name).
+    #[arg(short = 'x', long = "export-name", value_name = "NAME")]
+    export_name: Option<String>,
+    /// Export description.
+    #[arg(short = 'D', long = "description", value_name = "TEXT")]
+    description: Option<String>,
+    /// Export read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Offer the qemu:allocation-depth metadata context.
+    #[arg(short = 'A', long = "allocation-depth")]
+    allocation_depth: bool,
+    /// Clients served at once (default 1; 0: no limit).
+    #[arg(short = 'e', long = "shared", value_name = "NUM")]
+    shared: Option<String>,
+    /// Keep serving after the last client disconnects.
+    #[arg(short = 't', long = "persistent")]
+    persistent: bool,
+    /// Cache mode: none, directsync (bypass the page cache), writeback, writethrough,
+    /// unsafe.
+    #[arg(long = "cache", value_name = "MODE")]
+    cache: Option<String>,
+    /// AIO mode (accepted for compatibility: worker threads do the I/O).
+    #[arg(long = "aio", value_name = "MODE")]
+    aio: Option<String>,
+    /// Discard requests: ignore (default) or unmap.
+    #[arg(long = "discard", value_name = "MODE")]
+    discard: Option<String>,
+    /// Write the server's process ID to this file (removed at exit).
+    #[arg(long = "pid-file", value_name = "PATH")]
+    pid_file: Option<String>,
+    /// Log connections and refused requests on stderr.
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
+    /// The image file.
+    files: Vec<String>,
+}
+
+/// Blocks the termination signals in this thread and the threads it starts later (so that
+/// only [`watch_signals`] receives them).
+fn block_signals() -> Result<libc::sigset_t, CliError> {
+    #[allow(unsafe_code)]
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use; the pointers
+    // passed are to that local set, alive for each call. Blocking signals changes only
+    // this thread's mask (inherited by threads spawned afterwards).
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(CliError::new("cannot block termination signals"));
+        }
+        set
+    };
+    Ok(set)
+}
+
+/// Starts a thread that waits for the blocked termination signals and stops the server.
+fn watch_signals(set: libc::sigset_t, handle: ServerHandle) -> Result<(), CliError> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            #[allow(unsafe_code)]
+            // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer, both
+            // alive for the call.
+            let r = unsafe { libc::sigwait(&set, &mut sig) };
+            if r == 0 {
+                handle.stop();
+                return;
+            }
+        })
+        .map_err(|e| CliError::new(format!("cannot start the signal thread: {e}")))?;
+    Ok(())
+}
+
+fn listener(a: &ServeArgs) -> Result<Listener, CliError> {
+    if let Some(path) = &a.socket {
+        if a.bind.is_some() || a.port.is_some() {
+            return Err(CliError::new("-k cannot be used with -b or -p"));
+        }
+        // Like QEMU, a stale socket file is replaced.
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if m.file_type().is_socket() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        return Listener::bind_unix(path).map_err(|e| {
+            CliError::new(format!(
+                "Failed to bind socket to {path}: {}",
+                crate::image::strerror(&e)
+            ))
+        });
+    }
+    let port = match a.port.as_deref() {
+        None => 10809,
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| CliError::new(format!("Invalid port '{p}'")))?,
+    };
+    let host = a.bind.as_deref().unwrap_or("0.0.0.0");
+    let ip: IpAddr = match host.parse() {
+        Ok(ip) => ip,
+        Err(_) if host == "localhost" => IpAddr::from([127, 0, 0, 1]),
+        Err(_) => return Err(CliError::new(format!("Invalid bind address '{host}'"))),
+    };
+    Listener::bind_tcp(SocketAddr::new(ip, port)).map_err(|e| {
+        CliError::new(format!(
+            "Failed to bind socket to {host}:{port}: {}",
+            crate::image::strerror(&e)
+        ))
+    })
+}
+
+/// Runs `qcow2 serve`.
+pub fn run(a: ServeArgs) -> Result<(), CliError> {
+    let file = crate::one_file("serve", &a.files)?;
+    let signals = block_signals()?;
+    let cache_name = a.cache.as_deref().unwrap_or("writeback");
+    let cache = qcow2_io::CacheMode::parse(cache_name)
+        .ok_or_else(|| CliError::new(format!("Invalid cache mode '{cache_name}'")))?;
+    match a.aio.as_deref() {
+        None | Some("threads" | "native" | "io_uring") => {}
+        Some(m) => return Err(CliError::new(format!("Invalid aio mode '{m}'"))),
+    }
+    let unmap = match a.discard.as_deref().unwrap_or("ignore") {
+        "ignore" | "off" => false,
+        "unmap" | "on" => true,
+        m => return Err(CliError::new(format!("Invalid discard mode '{m}'"))),
+    };
+    let shared = match a.shared.as_deref() {
+        None => 1,
+        Some(s) => match s.parse::<i64>() {
+            Ok(0) => usize::MAX,
+            Ok(n) if n > 0 => usize::try_from(n).unwrap_or(usize::MAX),
+            _ => return Err(CliError::new(format!("Invalid shared device number '{s}'"))),
+        },
+    };
+    let format = match crate::parse_format(a.format.as_deref())? {
+        Some(f) => f,
+        None => crate::image::probe(&file)?,
+    };
+    let (backend, image): (Arc<dyn NbdExport>, Option<Arc<SharedImage>>) = match format {
+        Format::Qcow2 => {
+            let img = crate::qcowdev::open_image_cached(&file, a.read_only, unmap, cache)
+                .map_err(|e| CliError::new(format!("Failed to blk_new_open '{file}': {e}")))?;
+            let shared = Arc::new(SharedImage::new(img));
+            (shared.clone(), Some(shared))
+        }
+        Format::Raw => {
+            let storage = FileStorage::open_cached(&file, !a.read_only, cache)
+                .map_err(|e| crate::image::open_error(&file, crate::image::strerror(&e)))?;
+            crate::image::lock(
+                &storage,
+                &file,
+                crate::image::FileRole::Raw { resize: false },
+                !a.read_only,
+            )
+            .map_err(|e| crate::image::open_error(&file, e))?;
+            (Arc::new(RawExport::new(storage, a.read_only)), None)
+        }
+    };
+    let mut export = Export::new(a.export_name.clone().unwrap_or_default(), backend)
+        .map_err(|e| CliError::new(format!("Failed to export '{file}': {e}")))?
+        .with_read_only(a.read_only)
+        .with_trim(unmap)
+        .with_allocation_depth(a.allocation_depth);
+    if let Some(d) = &a.description {
+        export = export.with_description(d.clone());
+    }
+    let config = ServerConfig {
+        max_connections: shared,
+        persistent: a.persistent,
+        verbose: a.verbose,
+        ..ServerConfig::default()
+    };
+    let server = Server::new(vec![export], config);
+    watch_signals(signals, server.handle())?;
+    let listener = listener(&a)?;
+    if let Some(p) = &a.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| CliError::new(format!("Failed to write pid file '{p}': {e}")))?;
+    }
+    let served = server.serve(&listener);
+    drop(listener);
+    drop(server);
+    if let Some(p) = &a.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    let closed = match image.map(Arc::try_unwrap) {
+        None => Ok(()),
+        Some(Ok(img)) => img.close(),
+        // Unreachable (every connection has ended), but never leave data unflushed.
+        Some(Err(img)) => img.flush(),
+    };
+    served.map_err(|e| CliError::new(e.to_string()))?;
+    closed.map_err(|e| CliError::new(format!("Error while closing the image: {e}")))
+}
