@@ -57,7 +57,12 @@ pub fn open_image_cached(
     let image =
         Image::open_file(storage, std::path::Path::new(path), &opts).map_err(|e| error_text(&e))?;
     for m in image.messages() {
-        eprintln!("{m}");
+        if m.starts_with("warning: ") {
+            // QEMU's warnings carry the program prefix; printed once per command.
+            crate::image::print_warning(m);
+        } else {
+            eprintln!("{m}");
+        }
     }
     Ok(image)
 }

@@ -429,6 +429,13 @@ impl Image {
             metadata_prealloc: None,
         };
         img.messages = messages;
+        if img.fc.extensions.stale_bitmaps && depth == 0 {
+            // QEMU's warning at every open that finds a bitmaps extension without its
+            // autoclear bit (`qcow2_read_extensions`); the second line has no newline.
+            img.messages.push(crate::bitmaps::stale_extension_warning(
+                img.fc.header.version,
+            ));
+        }
         img.init_overlap(opts)?;
         // QEMU's open loads the bitmaps and refuses an image whose bitmaps break its rules.
         match img.read_bitmap_directory(op) {
@@ -457,12 +464,18 @@ impl Image {
                     },
                 });
             }
-            if img.fc.header.clear_unknown_autoclear() {
-                // Invariant 8: unknown autoclear bits are cleared by a writable open.
+            // Invariant 8: unknown autoclear bits are cleared by a writable open. A bitmaps
+            // extension without its autoclear bit (a program without bitmap support
+            // changed the image) is dropped by the same header rewrite, as QEMU's open
+            // does (`need_update_header` in `qcow2_read_extensions`): left in place it
+            // would name a directory whose clusters `check -r` frees as leaks.
+            let cleared = img.fc.header.clear_unknown_autoclear();
+            if cleared || img.fc.extensions.stale_bitmaps {
                 if let Err(e) = img.rewrite_header(op) {
                     img.closed = true;
                     return Err(e);
                 }
+                img.fc.extensions.stale_bitmaps = false;
             }
         }
 
@@ -1024,6 +1037,10 @@ impl Image {
         match Self::open_inner(self.image_file.clone(), &opts, self.depth, messages, false) {
             Ok(Some(mut new)) => {
                 new.opts = self.opts.clone();
+                // QEMU keeps the unknown extensions in the list it read at open and writes
+                // that list (reversed from the file) at every header update; re-reading
+                // them here would flip their order at the next update.
+                new.fc.extensions.unknown = std::mem::take(&mut self.fc.extensions.unknown);
                 new.backing = self.backing.take();
                 new.locked = self.locked.take();
                 self.closed = true;

@@ -43,7 +43,7 @@ mod zero;
 
 pub use amend::AmendOptions;
 pub use backing::{BackingImage, BackingOpener, RawBacking};
-pub use bitmaps::BitmapInfo;
+pub use bitmaps::{stale_extension_warning, BitmapInfo};
 pub use compress::compress_cluster;
 pub use error::{ImageError, Op, Result};
 pub use image::Image;
