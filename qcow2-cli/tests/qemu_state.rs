@@ -493,31 +493,63 @@ fn row_additional_header_fields() {
     });
 }
 
+fn backing_setup(d: &Path) {
+    ok(&qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
+    ));
+    ok(&qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            IMG,
+        ],
+    ));
+}
+
 #[test]
-fn row_backing_file_and_format() {
+fn row_backing_file_name() {
     run_row(&Row {
-        setup: |d| {
-            ok(&qemu_img(
-                d,
-                &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
-            ));
-            ok(&qemu_img(
-                d,
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-b",
-                    "base.qcow2",
-                    "-F",
-                    "qcow2",
-                    IMG,
-                ],
-            ));
+        setup: backing_setup,
+        // The name and where it sits (offset and size fields).
+        state: |h| {
+            format!(
+                "{:?} at {} len {}",
+                h.backing,
+                be64(&h.raw, 8),
+                be32(&h.raw, 16)
+            )
         },
-        state: |h| format!("{:?} {:?}", h.backing, h.ext(EXT_BACKING_FORMAT)),
         extra: no_extra,
+        ours_may_succeed: &[],
+        qemu_breaks: &[],
+    });
+}
+
+#[test]
+fn row_backing_format_extension() {
+    run_row(&Row {
+        setup: backing_setup,
+        state: |h| format!("{:?}", h.ext(EXT_BACKING_FORMAT)),
+        extra: |op, _, o| {
+            if op == "rw open + write" {
+                // Amending the backing file or its format is refused (use rebase).
+                let r = qcow2(&o.dir, &["amend", "-o", "backing_fmt=raw", IMG]);
+                assert_ne!(r.code, 0, "{r:?}");
+                assert!(r.stderr.contains("Cannot amend the backing file"), "{r:?}");
+                assert_eq!(
+                    Hdr::read(&o.dir.join(IMG)).ext(EXT_BACKING_FORMAT),
+                    o.hdr.ext(EXT_BACKING_FORMAT)
+                );
+            }
+        },
         ours_may_succeed: &[],
         qemu_breaks: &[],
     });
@@ -600,18 +632,37 @@ fn data_file_extra(op: &str, q: &Outcome, o: &Outcome) {
 }
 
 #[test]
-fn row_incompat_external_data_file_and_name() {
+fn row_incompat_external_data_file() {
     run_row(&Row {
         setup: |d| data_file_setup(d, false),
         state: |h| {
             format!(
-                "incompat {:#x} autoclear {:#x} name {:?}",
+                "incompat {:#x} autoclear {:#x}",
                 h.u64_at(OFF_INCOMPAT),
-                h.u64_at(OFF_AUTOCLEAR),
-                h.ext(EXT_DATA_FILE)
+                h.u64_at(OFF_AUTOCLEAR)
             )
         },
         extra: data_file_extra,
+        ours_may_succeed: &[],
+        qemu_breaks: &[],
+    });
+}
+
+#[test]
+fn row_external_data_file_name_extension() {
+    run_row(&Row {
+        setup: |d| data_file_setup(d, false),
+        state: |h| format!("{:?}", h.ext(EXT_DATA_FILE)),
+        extra: |op, _, o| {
+            if op == "rw open + write" {
+                // Renaming through amend rewrites the extension, as QEMU's amend does.
+                ok(&qcow2(&o.dir, &["amend", "-o", "data_file=new.raw", IMG]));
+                std::fs::rename(o.dir.join("data.raw"), o.dir.join("new.raw")).expect("mv");
+                let h = Hdr::read(&o.dir.join(IMG));
+                assert_eq!(h.ext(EXT_DATA_FILE), Some(&b"new.raw"[..]));
+                ok(&qemu_img(&o.dir, &["check", IMG]));
+            }
+        },
         ours_may_succeed: &[],
         qemu_breaks: &[],
     });
