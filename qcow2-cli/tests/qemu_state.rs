@@ -34,6 +34,9 @@ struct OpSpec {
     ours: &'static [&'static str],
     /// QEMU's program and arguments.
     qemu: (&'static str, &'static [&'static str]),
+    /// Further steps, the same arguments for `qcow2` and `qemu-img`, run while both tools
+    /// succeed.
+    then: &'static [&'static [&'static str]],
 }
 
 const OPS: &[OpSpec] = &[
@@ -41,51 +44,77 @@ const OPS: &[OpSpec] = &[
         name: "ro open (info)",
         ours: &["info", IMG],
         qemu: ("qemu-img", &["info", IMG]),
+        then: &[],
     },
     OpSpec {
         name: "ro open (io -r)",
         ours: &["io", "-r", "-c", "read 0 4k", IMG],
         qemu: ("qemu-io", &["-r", "-c", "read 0 4k", IMG]),
+        then: &[],
     },
     OpSpec {
         name: "rw open + write",
         ours: &["io", "-c", "write -P 7 0 4k", IMG],
         qemu: ("qemu-io", &["-c", "write -P 7 0 4k", IMG]),
+        then: &[],
     },
     OpSpec {
         name: "amend lazy_refcounts=on",
         ours: &["amend", "-o", "lazy_refcounts=on", IMG],
         qemu: ("qemu-img", &["amend", "-o", "lazy_refcounts=on", IMG]),
+        then: &[],
     },
     OpSpec {
         name: "amend refcount_bits=8",
         ours: &["amend", "-o", "refcount_bits=8", IMG],
         qemu: ("qemu-img", &["amend", "-o", "refcount_bits=8", IMG]),
+        then: &[],
     },
     OpSpec {
         name: "amend compat=0.10",
         ours: &["amend", "-o", "compat=0.10", IMG],
         qemu: ("qemu-img", &["amend", "-o", "compat=0.10", IMG]),
+        then: &[],
     },
     OpSpec {
         name: "amend compat=1.1",
         ours: &["amend", "-o", "compat=1.1", IMG],
         qemu: ("qemu-img", &["amend", "-o", "compat=1.1", IMG]),
+        then: &[],
     },
     OpSpec {
         name: "resize +1M",
         ours: &["resize", IMG, "+1M"],
         qemu: ("qemu-img", &["resize", IMG, "+1M"]),
+        then: &[],
     },
     OpSpec {
         name: "snapshot -c",
         ours: &["snapshot", "-c", "s1", IMG],
         qemu: ("qemu-img", &["snapshot", "-c", "s1", IMG]),
+        then: &[],
+    },
+    OpSpec {
+        name: "resize --shrink",
+        ours: &["resize", "--shrink", IMG, "-1M"],
+        qemu: ("qemu-img", &["resize", "--shrink", IMG, "-1M"]),
+        then: &[],
+    },
+    OpSpec {
+        name: "snapshot -c, -a, -d",
+        ours: &["snapshot", "-c", "s1", IMG],
+        qemu: ("qemu-img", &["snapshot", "-c", "s1", IMG]),
+        then: &[
+            &["io", "-c", "write -P 9 0 64k", IMG],
+            &["snapshot", "-a", "s1", IMG],
+            &["snapshot", "-d", "s1", IMG],
+        ],
     },
     OpSpec {
         name: "check -r all",
         ours: &["check", "-r", "all", IMG],
         qemu: ("qemu-img", &["check", "-r", "all", IMG]),
+        then: &[],
     },
 ];
 
@@ -305,8 +334,21 @@ fn run_row(row: &Row) {
         let od = root.path().join(format!("o{i}"));
         copy_dir(&base, &qd);
         copy_dir(&base, &od);
-        let q = run_qemu(&qd, op.qemu.0, op.qemu.1);
-        let o = qcow2(&od, op.ours);
+        let mut q = run_qemu(&qd, op.qemu.0, op.qemu.1);
+        let mut o = qcow2(&od, op.ours);
+        let mut before = before.clone();
+        for step in op.then {
+            if q.code != 0 || o.code != 0 {
+                break;
+            }
+            before = snapshot_dir(&od);
+            let (program, args) = match step.split_first() {
+                Some((&"io", rest)) => ("qemu-io", rest),
+                _ => ("qemu-img", *step),
+            };
+            q = run_qemu(&qd, program, args);
+            o = qcow2(&od, step);
+        }
         let ctx = format!("[{}]\nqemu: {q:?}\nours: {o:?}", op.name);
         if row.qemu_breaks.contains(&op.name) {
             assert_ne!(qemu_img(&qd, &["check", IMG]).code, 0, "QEMU fixed? {ctx}");
@@ -859,8 +901,8 @@ fn row_bitmaps_extension_and_autoclear_bit() {
             // where the operation could have made them stale.
             for ((name, qf), (_, of)) in qb.iter().zip(&ob) {
                 let stale_possible = match op {
-                    "rw open + write" => name == "enabled",
-                    "resize +1M" => true,
+                    "rw open + write" | "snapshot -c, -a, -d" => name == "enabled",
+                    "resize +1M" | "resize --shrink" => true,
                     _ => false,
                 };
                 if stale_possible {
