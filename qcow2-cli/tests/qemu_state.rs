@@ -1005,3 +1005,52 @@ fn snapshot_apply_with_bitmaps_is_refused_as_qemu_does() {
     assert_eq!(q.text(), o.text());
     assert!(snapshot_dir(&od) == snapshot_dir(&base));
 }
+
+#[test]
+fn row_snapshot_table_after_repair() {
+    // A snapshot whose L1 offset is not cluster aligned: `check -r all` reports it, cannot
+    // repair it, repairs the leaks around it, and keeps the table (nb_snapshots, entries)
+    // as QEMU does, byte for byte.
+    if !have_qemu() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let base = root.path().join("base");
+    std::fs::create_dir(&base).expect("mkdir");
+    plain(&base);
+    for s in ["a", "b", "c"] {
+        ok(&qemu_img(&base, &["snapshot", "-c", s, IMG]));
+    }
+    let path = base.join(IMG);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let nb = be32(&bytes, 60);
+    let mut entry = be64(&bytes, 64) as usize;
+    assert_eq!(nb, 3);
+    // Skip to the second entry (fixed part 40 bytes, extra data, id, name, padding to 8).
+    let len = |b: &[u8], o: usize| {
+        let n = 40
+            + be32(b, o + 36) as usize
+            + usize::from(u16::from_be_bytes([b[o + 12], b[o + 13]]))
+            + usize::from(u16::from_be_bytes([b[o + 14], b[o + 15]]));
+        n.div_ceil(8) * 8
+    };
+    entry += len(&bytes, entry);
+    let l1 = be64(&bytes, entry) + 1;
+    bytes[entry..entry + 8].copy_from_slice(&l1.to_be_bytes());
+    std::fs::write(&path, &bytes).expect("write");
+
+    let (qd, od) = (root.path().join("q"), root.path().join("o"));
+    copy_dir(&base, &qd);
+    copy_dir(&base, &od);
+    let q = qemu_img(&qd, &["check", "-r", "all", IMG]);
+    let o = qcow2(&od, &["check", "-r", "all", IMG]);
+    assert_eq!(q.code, o.code, "{q:?}\n{o:?}");
+    assert_eq!(q.stdout, o.stdout);
+    assert!(
+        snapshot_dir(&qd) == snapshot_dir(&od),
+        "files differ after repair"
+    );
+    let list = |d: &Path| qemu_img(d, &["snapshot", "-l", IMG]).stdout;
+    assert_eq!(list(&qd), list(&od));
+    assert_eq!(be32(&Hdr::read(&od.join(IMG)).raw, 60), 3);
+}
