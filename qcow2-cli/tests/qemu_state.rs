@@ -1016,6 +1016,35 @@ fn row_full_disk_encryption_header_pointer() {
 }
 
 #[test]
+fn row_legacy_aes_encryption() {
+    // crypt_method 1 (AES-CBC): no extension, the key from a secret; no I/O without it
+    // in QEMU, none at all in ours; nothing written either way.
+    run_row(&Row {
+        setup: |d| {
+            ok(&qemu_img(
+                d,
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "--object",
+                    "secret,id=sec0,data=abc",
+                    "-o",
+                    "encrypt.format=aes,encrypt.key-secret=sec0",
+                    IMG,
+                    "16M",
+                ],
+            ));
+        },
+        state: |h| format!("crypt {} exts {:?}", be32(&h.raw, 32), h.exts),
+        extra: no_extra,
+        ours_may_succeed: &["check -r all"],
+        qemu_breaks: &[],
+    });
+}
+
+#[test]
 fn snapshot_apply_with_bitmaps_is_refused_as_qemu_does() {
     // QEMU refuses to revert a node that has dirty bitmaps (`bdrv_snapshot_goto`:
     // "Device has active dirty bitmaps"), enabled or not: a revert changes the guest
