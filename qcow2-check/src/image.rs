@@ -20,8 +20,6 @@ use crate::CheckError;
 
 /// Offset of `incompatible_features` in the header.
 pub(crate) const INCOMPAT_OFFSET: u64 = 72;
-/// Offset of `autoclear_features` in the header.
-const AUTOCLEAR_OFFSET: u64 = 88;
 /// Offset of `refcount_table_offset` in the header.
 pub(crate) const REFTABLE_POINTER_OFFSET: u64 = 48;
 /// Offset of `nb_snapshots` in the header (followed by `snapshots_offset`).
@@ -111,33 +109,41 @@ impl Image {
             read_write: writable,
             check_mode: true,
         };
-        let fc = open_first_cluster(&first, &opts)?;
-        let mut header = fc.header;
-        let geo = header.geometry().map_err(CheckError::Geometry)?;
+        let mut fc = open_first_cluster(&first, &opts)?;
+        let geo = fc.header.geometry().map_err(CheckError::Geometry)?;
         let cs = geo.cluster_size();
         let bits = geo.cluster_bits();
 
         // Both sizes are validated by open_first_cluster (32 MiB and 8 MiB at most).
-        let l1_bytes = u64::from(header.l1_size) * 8;
+        let l1_bytes = u64::from(fc.header.l1_size) * 8;
         let mut l1_buf = vec![0u8; l1_bytes as usize];
         if l1_bytes > 0 {
-            pread(&*storage, &mut l1_buf, header.l1_table_offset)
+            pread(&*storage, &mut l1_buf, fc.header.l1_table_offset)
                 .map_err(|e| CheckError::Read("Could not read L1 table", e))?;
         }
-        let rt_bytes = u64::from(header.refcount_table_clusters) * cs;
+        let rt_bytes = u64::from(fc.header.refcount_table_clusters) * cs;
         let mut rt_buf = vec![0u8; rt_bytes as usize];
         if rt_bytes > 0 {
-            pread(&*storage, &mut rt_buf, header.refcount_table_offset)
+            pread(&*storage, &mut rt_buf, fc.header.refcount_table_offset)
                 .map_err(|e| CheckError::Read("Could not read refcount table", e))?;
         }
-        if writable && header.version >= 3 && header.clear_unknown_autoclear() {
-            pwrite_sync(
-                &*storage,
-                &header.autoclear_features.to_be_bytes(),
-                AUTOCLEAR_OFFSET,
-            )
-            .map_err(|e| CheckError::Read("Could not update qcow2 header", e))?;
+        // QEMU's read-write open (check mode included) rewrites the whole header
+        // (`qcow2_update_header`) when it clears unknown autoclear bits or drops a bitmaps
+        // extension that lost its autoclear bit: the same first cluster as QEMU writes
+        // (its own feature table, unknown extensions in its order, no stale extension).
+        let cleared = writable && fc.header.version >= 3 && fc.header.clear_unknown_autoclear();
+        if writable && (cleared || fc.extensions.stale_bitmaps) {
+            let bytes = fc.to_bytes().map_err(|e| {
+                CheckError::Read(
+                    "Could not update qcow2 header",
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+                )
+            })?;
+            pwrite_sync(&*storage, &bytes, 0)
+                .map_err(|e| CheckError::Read("Could not update qcow2 header", e))?;
+            fc.extensions.stale_bitmaps = false;
         }
+        let header = fc.header;
         let has_data_file = header.incompatible_features & INCOMPAT_DATA_FILE != 0;
         let virtual_size = header.size & !511;
         if let Some(b) = fc.extensions.bitmaps {

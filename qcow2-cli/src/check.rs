@@ -59,6 +59,8 @@ pub fn run(req: CheckRequest) -> Result<(), CliError> {
     })?;
     image::lock(&storage, file, image::FileRole::Qcow2, req.repair.is_some())
         .map_err(|e| image::open_error(file, e))?;
+    // QEMU's open prints its warnings before the check runs.
+    image::warn_on_open(&storage);
     let storage: Arc<dyn Storage> = Arc::new(storage);
     let bar = req.progress.then(|| {
         let b = indicatif::ProgressBar::new(100);

@@ -224,6 +224,9 @@ fn read_qcow2(storage: &FileStorage, writable: bool) -> Result<Qcow2Meta, String
         check_mode: false,
     };
     let first = open_first_cluster(&first, &opts).map_err(|e| e.to_string())?;
+    if first.extensions.stale_bitmaps {
+        stale_bitmaps_warning(first.header.version);
+    }
     let snapshots = read_snapshots(storage, &first)?;
     let bitmaps = read_bitmaps(storage, &first)?;
     let encryption = read_encryption(storage, &first)?;
@@ -233,6 +236,44 @@ fn read_qcow2(storage: &FileStorage, writable: bool) -> Result<Qcow2Meta, String
         bitmaps,
         encryption,
     })
+}
+
+/// QEMU's warning at every open of an image whose bitmaps extension lost its autoclear
+/// bit; its second line has no newline, as QEMU's `error_printf`.
+fn stale_bitmaps_warning(version: u32) {
+    print_warning(&qcow2_image::stale_extension_warning(version));
+}
+
+/// Prints an open-time warning of QEMU's ("warning: ...", with the program prefix) once
+/// per process: QEMU opens the image once per command, where a command of ours may probe
+/// the header before the engine opens it.
+pub fn print_warning(text: &str) {
+    static PRINTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let Ok(mut printed) = PRINTED.lock() else {
+        return;
+    };
+    if !printed.iter().any(|p| p == text) {
+        printed.push(text.to_string());
+        eprint!("qcow2: {text}");
+    }
+}
+
+/// Prints QEMU's open-time warnings for the qcow2 header in `storage` (used where the
+/// checker, not the engine, opens the image); unreadable headers are left to the caller.
+pub fn warn_on_open(storage: &FileStorage) {
+    let mut first = vec![0u8; 1 << MAX_CLUSTER_BITS];
+    if storage.read_at(&mut first, 0).is_err() {
+        return;
+    }
+    let opts = OpenOptions {
+        read_write: false,
+        check_mode: true,
+    };
+    if let Ok(fc) = open_first_cluster(&first, &opts) {
+        if fc.extensions.stale_bitmaps {
+            stale_bitmaps_warning(fc.header.version);
+        }
+    }
 }
 
 /// The encryption method; for LUKS the header named by the full-disk-encryption header

@@ -165,7 +165,12 @@ pub fn open_image_full(
             other => error_text(&other),
         })?;
     for m in image.messages() {
-        eprintln!("{m}");
+        if m.starts_with("warning: ") {
+            // QEMU's warnings carry the program prefix; printed once per command.
+            crate::image::print_warning(m);
+        } else {
+            eprintln!("{m}");
+        }
     }
     Ok(image)
 }
@@ -459,11 +464,14 @@ impl Ops for QcowDev {
     fn write_compressed(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
         let img = self.writable()?;
         let cs = img.cluster_size() as usize;
-        // QEMU compresses only into clusters with no host cluster yet (EIO otherwise).
-        if !buf.is_empty() {
+        // QEMU compresses only into clusters with no host cluster yet (EIO otherwise), after
+        // refusing external data files outright (ENOTSUP, which the engine returns).
+        if !buf.is_empty() && img.data_file().is_none() {
             for x in img.map(offset, buf.len() as u64).map_err(errno)? {
                 let has_host = match x.kind {
-                    qcow2_image::ExtentKind::Data | qcow2_image::ExtentKind::Compressed => true,
+                    qcow2_image::ExtentKind::Data
+                    | qcow2_image::ExtentKind::DataHole
+                    | qcow2_image::ExtentKind::Compressed => true,
                     qcow2_image::ExtentKind::Zero => x.host_offset.is_some(),
                     _ => false,
                 };

@@ -73,6 +73,10 @@ fn failure_text(op: &SnapshotOp, name: &str, e: &ImageError) -> String {
         SnapshotOp::Create(_) | SnapshotOp::List => {
             format!("Could not create snapshot '{name}': {errno_text}")
         }
+        // bdrv_snapshot_goto refuses a node with dirty bitmaps with its own message.
+        SnapshotOp::Apply(_) if matches!(e, ImageError::Refused { errno: 16, .. }) => {
+            format!("Could not apply snapshot '{name}': {e}")
+        }
         // bdrv_snapshot_goto: error_setg_errno(errp, -ret, "Failed to load snapshot").
         SnapshotOp::Apply(_) => {
             format!("Could not apply snapshot '{name}': Failed to load snapshot: {errno_text}")

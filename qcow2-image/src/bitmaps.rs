@@ -55,6 +55,23 @@ pub struct BitmapInfo {
     pub auto: bool,
 }
 
+/// QEMU's warning (without the program prefix) at every open of an image whose bitmaps
+/// extension lost its autoclear bit (`qcow2_read_extensions`): the bitmaps are ignored,
+/// and a writable open drops the extension. QEMU prints the second line without a newline.
+pub fn stale_extension_warning(version: u32) -> String {
+    let first = if version < 3 {
+        "warning: This qcow2 v2 image contains bitmaps, but they may have been modified by a \
+         program without persistent bitmap support; so now they must all be considered \
+         inconsistent"
+    } else {
+        "warning: a program lacking bitmap support modified this file, so all bitmaps are now \
+         considered inconsistent"
+    };
+    format!(
+        "{first}\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
+    )
+}
+
 impl Image {
     /// Loads the bitmaps as QEMU's open does when the extension is valid (autoclear bit 0
     /// set): the directory with QEMU's rules and, for bitmaps not IN_USE, their tables;
@@ -100,6 +117,14 @@ impl Image {
                 auto: e.auto(),
             })
             .collect())
+    }
+
+    /// Whether the image has persistent bitmaps QEMU would load (a valid extension with
+    /// at least one bitmap, IN_USE ones included): QEMU refuses snapshot reverts then.
+    pub(crate) fn has_persistent_bitmaps(&self) -> bool {
+        self.bitmap_dir
+            .as_ref()
+            .is_some_and(|d| !d.entries.is_empty())
     }
 
     /// Marks IN_USE, durably, every bitmap that `change` would make stale and that is not

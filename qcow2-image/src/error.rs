@@ -331,6 +331,9 @@ impl ImageError {
 /// `ENOTSUP` (Linux): "Operation not supported".
 pub(crate) const ENOTSUP: i32 = 95;
 
+/// `EBUSY` (Linux): "Device or resource busy".
+pub(crate) const EBUSY: i32 = 16;
+
 const fn libc_erofs() -> i32 {
     30
 }

@@ -158,6 +158,18 @@ fn cache_options(
     Ok((l2, rb))
 }
 
+/// Why `Image::open_inner` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenKind {
+    /// A caller's open: may ask for the repair of a dirty image.
+    First,
+    /// The open again after that repair.
+    AfterRepair,
+    /// The engine's own reopen after amend: no open-time header update or warning (QEMU
+    /// does not reopen; its amend works on the image as opened).
+    Reopen,
+}
+
 /// `open_inner` with `may_repair` false never asks for a repair; kept as an error, not a
 /// panic, should that change.
 fn unreachable_dirty() -> Result<()> {
@@ -260,14 +272,16 @@ impl Image {
         if opts.force_share && !opts.read_only {
             return Err(crate::locking::force_share_refused());
         }
-        if let Some(img) = Self::open_inner(storage.clone(), opts, depth, Vec::new(), true)? {
+        if let Some(img) =
+            Self::open_inner(storage.clone(), opts, depth, Vec::new(), OpenKind::First)?
+        {
             return Ok(img);
         }
         // Reference §1.11 step 20 / §2.12: a dirty image (lazy refcounts, not closed) opened
         // read-write is repaired first, as QEMU's open does (`-r all` semantics); the open
         // then starts over on the repaired image.
         let messages = repair_dirty(storage.clone())?;
-        Self::open_inner(storage, opts, depth, messages, false)?.ok_or_else(|| {
+        Self::open_inner(storage, opts, depth, messages, OpenKind::AfterRepair)?.ok_or_else(|| {
             ImageError::DirtyImage {
                 reason: "the image is still dirty after the repair".into(),
             }
@@ -275,14 +289,15 @@ impl Image {
     }
 
     /// Opens; `Ok(None)` when the image is dirty, opened read-write, `repair_dirty` is set
-    /// and `may_repair` (the caller repairs and retries).
+    /// and `kind` is [`OpenKind::First`] (the caller repairs and retries).
     fn open_inner(
         storage: Arc<dyn Storage>,
         opts: &OpenOptions,
         depth: u32,
         messages: Vec<String>,
-        may_repair: bool,
+        kind: OpenKind,
     ) -> Result<Option<Image>> {
+        let may_repair = kind == OpenKind::First;
         let op = Op::Open;
         let mut head = [0u8; header::V3_HEADER_SIZE];
         storage
@@ -429,6 +444,13 @@ impl Image {
             metadata_prealloc: None,
         };
         img.messages = messages;
+        if img.fc.extensions.stale_bitmaps && depth == 0 && kind != OpenKind::Reopen {
+            // QEMU's warning at every open that finds a bitmaps extension without its
+            // autoclear bit (`qcow2_read_extensions`); the second line has no newline.
+            img.messages.push(crate::bitmaps::stale_extension_warning(
+                img.fc.header.version,
+            ));
+        }
         img.init_overlap(opts)?;
         // QEMU's open loads the bitmaps and refuses an image whose bitmaps break its rules.
         match img.read_bitmap_directory(op) {
@@ -457,12 +479,21 @@ impl Image {
                     },
                 });
             }
-            if img.fc.header.clear_unknown_autoclear() {
-                // Invariant 8: unknown autoclear bits are cleared by a writable open.
+            // Invariant 8: unknown autoclear bits are cleared by a writable open. A bitmaps
+            // extension without its autoclear bit (a program without bitmap support
+            // changed the image) is dropped by the same header rewrite, as QEMU's open
+            // does (`need_update_header` in `qcow2_read_extensions`): left in place it
+            // would name a directory whose clusters `check -r` frees as leaks.
+            // Not on the engine's own reopen after amend: QEMU's amend works on the open
+            // image, so a downgrade keeps the (then stale) bitmaps extension in the v2
+            // header, as QEMU's does, until the next real writable open drops it.
+            let cleared = img.fc.header.clear_unknown_autoclear();
+            if kind != OpenKind::Reopen && (cleared || img.fc.extensions.stale_bitmaps) {
                 if let Err(e) = img.rewrite_header(op) {
                     img.closed = true;
                     return Err(e);
                 }
+                img.fc.extensions.stale_bitmaps = false;
             }
         }
 
@@ -1021,9 +1052,19 @@ impl Image {
         // The data file stays the one already open.
         opts.data_file = self.data.clone().map(crate::DataFileStorage);
         let messages = std::mem::take(&mut self.messages);
-        match Self::open_inner(self.image_file.clone(), &opts, self.depth, messages, false) {
+        match Self::open_inner(
+            self.image_file.clone(),
+            &opts,
+            self.depth,
+            messages,
+            OpenKind::Reopen,
+        ) {
             Ok(Some(mut new)) => {
                 new.opts = self.opts.clone();
+                // QEMU keeps the unknown extensions in the list it read at open and writes
+                // that list (reversed from the file) at every header update; re-reading
+                // them here would flip their order at the next update.
+                new.fc.extensions.unknown = std::mem::take(&mut self.fc.extensions.unknown);
                 new.backing = self.backing.take();
                 new.locked = self.locked.take();
                 self.closed = true;

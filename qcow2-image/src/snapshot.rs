@@ -12,8 +12,7 @@
 //! of the engine is overlap-checked, and the overlap view is refreshed after each
 //! operation) and invariant 7 (a failure whose on-disk outcome is unknown poisons).
 
-use crate::bitmaps::Staleness;
-use crate::error::{ImageError, Op, Result};
+use crate::error::{ImageError, Op, Result, EBUSY};
 use crate::overlap::bits;
 use crate::Image;
 use qcow2_cache::OverlapError;
@@ -167,17 +166,26 @@ impl Image {
     /// becomes the snapshot's `disk_size` (the image is resized first if it differs).
     /// Not found: [`ImageError::Snapshot`] with [`qcow2_snapshot::Error::NotFound`] (errno
     /// ENOENT; qemu-img prints "Could not apply snapshot 'x': Failed to load snapshot: No
-    /// such file or directory").
+    /// such file or directory"). An image with persistent bitmaps is refused first, as
+    /// QEMU refuses it: [`ImageError::Refused`] "Device has active dirty bitmaps" (EBUSY).
     ///
     /// Crash safety: +1 on the snapshot's tree before the active L1 is overwritten (one
     /// synchronous write), -1 on the old tree after; a crash leaks at most.
     pub fn snapshot_apply(&mut self, id_or_name: &str) -> Result<()> {
         let op = Op::SnapshotApply;
         self.check_writable(op)?;
-        // Reverting changes guest content; the lookup first, so that a missing snapshot
-        // leaves the bitmaps alone (a size change also invalidates the rest, in resize).
-        if self.snapshots.find_by_id_or_name(id_or_name).is_some() {
-            self.invalidate_bitmaps(op, Staleness::Content)?;
+        // QEMU refuses to revert a node that has dirty bitmaps (`bdrv_snapshot_goto`),
+        // before looking the snapshot up: a revert changes guest content under every
+        // bitmap, the disabled ones included (a frozen record of changes no longer
+        // describes the disk), so no bitmap could stay both consistent and right. The
+        // bitmaps QEMU loads are those of a valid extension, IN_USE ones included.
+        if self.has_persistent_bitmaps() {
+            return Err(ImageError::Refused {
+                op,
+                message: "Device has active dirty bitmaps".into(),
+                hint: None,
+                errno: EBUSY,
+            });
         }
         self.with_snapshots(op, |snaps, img| snaps.apply(img, id_or_name))?;
         // The active tree changed wholesale: cached decompressed data and the byte

@@ -170,15 +170,17 @@ impl Image {
         Ok(())
     }
 
-    /// An external data file covers the whole disk (QEMU sizes it at creation and resizes
-    /// it with the image); a raw one is exactly the disk, so it also shrinks.
+    /// An external data file is as long as the disk: QEMU sizes it at creation and
+    /// truncates it to the new size with the image (`qcow2_co_truncate` passes the resize
+    /// on to the data file, which a regular file takes exactly), raw or not. Guest data
+    /// past a shrunk end would otherwise stay in the file.
     pub(crate) fn resize_data_file(&mut self, op: Op, new_size: u64) -> Result<()> {
         let Some(data) = self.data.clone() else {
             return Ok(());
         };
         let io = |e| ImageError::io(op, "resize the data file", new_size, e);
         let len = data.len().map_err(io)?;
-        if len < new_size || (self.data_file_raw && len > new_size) {
+        if len != new_size {
             data.set_len(new_size).map_err(io)?;
         }
         Ok(())
