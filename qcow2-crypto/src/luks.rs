@@ -16,7 +16,11 @@
 //! | 168 | 40 | UUID (text) |
 //! | 208 | 8 × 48 | key slots: active, iterations, salt\[32\], key material offset (sectors), stripes |
 
+use crate::cipher::{CipherAlg, CipherMode, CipherSpec, IvGenAlg, SectorCipher};
+use crate::hash::{af_merge, HashAlg};
+use subtle::ConstantTimeEq;
 use thiserror::Error;
+use zeroize::Zeroizing;
 
 /// The LUKS magic.
 pub const LUKS_MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
@@ -30,6 +34,18 @@ pub const LUKS_KEY_SLOT_ENABLED: u32 = 0x00AC_71F3;
 pub const LUKS_KEY_SLOT_DISABLED: u32 = 0x0000_DEAD;
 /// LUKS sectors are 512 bytes.
 pub const LUKS_SECTOR_SIZE: u64 = 512;
+
+/// Most PBKDF2 iterations a slot or the digest may ask for (2^28: minutes of work; QEMU's
+/// default of two seconds stays far below). A crafted header cannot make an open spin for
+/// hours.
+pub const MAX_ITERATIONS: u32 = 1 << 28;
+/// Most anti-forensic stripes a slot may have (LUKS1 uses 4000).
+pub const MAX_STRIPES: u32 = 65536;
+/// The master key digest is 20 bytes.
+pub const LUKS_DIGEST_LEN: usize = 20;
+/// Sectors of the LUKS header before the first key material (QEMU's
+/// `QCRYPTO_BLOCK_LUKS_KEY_SLOT_OFFSET` / 512).
+const HEADER_SECTORS: u64 = 4096 / LUKS_SECTOR_SIZE;
 
 const KEY_SLOTS_OFFSET: usize = 208;
 const KEY_SLOT_SIZE: usize = 48;
@@ -69,6 +85,89 @@ pub enum LuksError {
         /// The header's cipher mode string.
         mode: String,
     },
+    /// A hash this implementation cannot compute (it has sha1, sha256, sha512).
+    #[error("Unsupported hash algorithm '{name}'")]
+    UnknownHash {
+        /// The hash name.
+        name: String,
+    },
+    /// An algorithm QEMU knows but this implementation does not encrypt with yet.
+    #[error("Unsupported cipher '{cipher}' mode '{mode}' for I/O")]
+    UnsupportedCipher {
+        /// The cipher name.
+        cipher: String,
+        /// The cipher mode string.
+        mode: String,
+    },
+    /// ESSIV needs a hash.
+    #[error("Missing IV generator hash specification")]
+    MissingIvHash,
+    /// ESSIV with a hash whose digest is no AES key size.
+    #[error("No AES cipher with key size {digest_len} available")]
+    EssivKeySize {
+        /// The digest length.
+        digest_len: usize,
+    },
+    /// A key slot with no stripes.
+    #[error("Keyslot {slot} is corrupted (stripes == 0)")]
+    SlotNoStripes {
+        /// The slot index.
+        slot: usize,
+    },
+    /// A key slot whose state word is neither enabled nor disabled.
+    #[error("Keyslot {slot} state (active/disable) is corrupted")]
+    SlotState {
+        /// The slot index.
+        slot: usize,
+    },
+    /// A key slot's material reaches into the payload.
+    #[error("Keyslot {slot} is overlapping with the encrypted payload")]
+    SlotOverlapsPayload {
+        /// The slot index.
+        slot: usize,
+    },
+    /// Two key slots share sectors.
+    #[error("Keyslots {a} and {b} are overlapping in the header")]
+    SlotsOverlap {
+        /// The first slot.
+        a: usize,
+        /// The second slot.
+        b: usize,
+    },
+    /// More PBKDF2 iterations or stripes than this implementation accepts.
+    #[error("Keyslot {slot} asks for {what} {value}, more than the limit {limit}")]
+    SlotTooExpensive {
+        /// The slot index (8 for the master key digest).
+        slot: usize,
+        /// `iterations` or `stripes`.
+        what: &'static str,
+        /// The value found.
+        value: u32,
+        /// The limit.
+        limit: u32,
+    },
+    /// The header's key size does not fit its cipher.
+    #[error("Master key length {key_bytes} does not fit cipher '{cipher}' mode '{mode}'")]
+    KeyLength {
+        /// The key size.
+        key_bytes: u32,
+        /// The cipher name.
+        cipher: String,
+        /// The cipher mode string.
+        mode: String,
+    },
+    /// Reading key material failed.
+    #[error("{reason}")]
+    Read {
+        /// What went wrong, with the offset.
+        reason: String,
+    },
+    /// Key material could not be decrypted (cipher error).
+    #[error("Failed to decrypt key material: {0}")]
+    Cipher(#[from] crate::cipher::CipherError),
+    /// No active key slot opens with the passphrase.
+    #[error("Invalid password, cannot unlock any keyslot")]
+    InvalidPassword,
 }
 
 /// One key slot.
@@ -267,6 +366,157 @@ impl LuksHeader {
     }
 }
 
+/// Reads `buf.len()` bytes of the LUKS area at `offset` (relative to the header's start).
+pub type ReadFn<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), LuksError> + 'a;
+
+impl LuksHeader {
+    /// QEMU's `qcrypto_block_luks_check_header`: every slot has stripes and a valid state,
+    /// no slot's material reaches the payload or another slot's.
+    pub fn check(&self) -> Result<(), LuksError> {
+        let len = |s: &LuksKeySlot| -> u64 {
+            let bytes = u64::from(self.key_bytes) * u64::from(s.stripes);
+            bytes.div_ceil(LUKS_SECTOR_SIZE).div_ceil(HEADER_SECTORS) * HEADER_SECTORS
+        };
+        for (i, a) in self.key_slots.iter().enumerate() {
+            if a.stripes == 0 {
+                return Err(LuksError::SlotNoStripes { slot: i });
+            }
+            if a.active != LUKS_KEY_SLOT_ENABLED && a.active != LUKS_KEY_SLOT_DISABLED {
+                return Err(LuksError::SlotState { slot: i });
+            }
+            let (s1, l1) = (u64::from(a.key_offset_sector), len(a));
+            if s1 + l1 > u64::from(self.payload_offset_sector) {
+                return Err(LuksError::SlotOverlapsPayload { slot: i });
+            }
+            for (j, b) in self.key_slots.iter().enumerate().skip(i + 1) {
+                let (s2, l2) = (u64::from(b.key_offset_sector), len(b));
+                if s1 + l1 > s2 && s2 + l2 > s1 {
+                    return Err(LuksError::SlotsOverlap { a: i, b: j });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The hash of the key derivation, the digest and the anti-forensic splitter.
+    pub fn hash_alg(&self) -> Result<HashAlg, LuksError> {
+        HashAlg::from_name(&self.hash_spec).ok_or_else(|| LuksError::UnknownHash {
+            name: self.hash_spec.clone(),
+        })
+    }
+
+    /// How the payload and the key material are encrypted, for the algorithms this crate
+    /// implements (AES in XTS or CBC with plain, plain64 or essiv).
+    pub fn cipher_spec(&self) -> Result<CipherSpec, LuksError> {
+        let info = self.info()?;
+        let unsupported = || LuksError::UnsupportedCipher {
+            cipher: self.cipher_name.clone(),
+            mode: self.cipher_mode.clone(),
+        };
+        let mode = match info.cipher_mode.as_str() {
+            "xts" => CipherMode::Xts,
+            "cbc" => CipherMode::Cbc,
+            _ => return Err(unsupported()),
+        };
+        if self.cipher_name != "aes" {
+            return Err(unsupported());
+        }
+        let per_cipher = match mode {
+            CipherMode::Xts => self.key_bytes / 2,
+            CipherMode::Cbc => self.key_bytes,
+        };
+        let alg = CipherAlg::aes_for_key(per_cipher as usize).ok_or_else(unsupported)?;
+        let ivgen = match info.ivgen_alg.as_str() {
+            "plain" => IvGenAlg::Plain,
+            "plain64" => IvGenAlg::Plain64,
+            _ => {
+                let name = info.ivgen_hash_alg.ok_or(LuksError::MissingIvHash)?;
+                let hash = HashAlg::from_name(&name).ok_or(LuksError::UnknownHash { name })?;
+                if CipherAlg::aes_for_key(hash.digest_len()).is_none() {
+                    return Err(LuksError::EssivKeySize {
+                        digest_len: hash.digest_len(),
+                    });
+                }
+                IvGenAlg::Essiv(hash)
+            }
+        };
+        let spec = CipherSpec { alg, mode, ivgen };
+        if spec.key_len() != self.key_bytes as usize {
+            return Err(LuksError::KeyLength {
+                key_bytes: self.key_bytes,
+                cipher: self.cipher_name.clone(),
+                mode: self.cipher_mode.clone(),
+            });
+        }
+        Ok(spec)
+    }
+
+    /// Recovers the master key with `password` and returns the payload's sector cipher:
+    /// for each active key slot in order, PBKDF2 of the password with the slot's salt and
+    /// iterations keys the decryption of the slot's anti-forensic material (read through
+    /// `read`, sector numbers from 0), the merged stripes are a candidate master key, and
+    /// its PBKDF2 digest (the header's salt and iterations) is compared in constant time
+    /// with the header's. Every intermediate key is zeroized when dropped.
+    ///
+    /// Errors: QEMU's header checks, unsupported algorithms, read failures, and
+    /// [`LuksError::InvalidPassword`] when no slot opens.
+    pub fn unlock(
+        &self,
+        password: &[u8],
+        read: &mut ReadFn<'_>,
+    ) -> Result<Box<dyn SectorCipher>, LuksError> {
+        self.check()?;
+        let spec = self.cipher_spec()?;
+        let hash = self.hash_alg()?;
+        let limit = |slot: usize, what: &'static str, value: u32, limit: u32| {
+            if value > limit {
+                Err(LuksError::SlotTooExpensive {
+                    slot,
+                    what,
+                    value,
+                    limit,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        limit(8, "iterations", self.mk_digest_iterations, MAX_ITERATIONS)?;
+        let key_len = spec.key_len();
+        for (i, slot) in self.key_slots.iter().enumerate() {
+            if !slot.is_active() {
+                continue;
+            }
+            limit(i, "iterations", slot.iterations, MAX_ITERATIONS)?;
+            limit(i, "stripes", slot.stripes, MAX_STRIPES)?;
+            // Bounded: key_len <= 64 and stripes <= MAX_STRIPES.
+            let split_len = key_len * slot.stripes as usize;
+            let mut slot_key = Zeroizing::new(vec![0u8; key_len]);
+            hash.pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
+            let mut split = Zeroizing::new(vec![0u8; split_len]);
+            read(
+                u64::from(slot.key_offset_sector) * LUKS_SECTOR_SIZE,
+                &mut split,
+            )?;
+            spec.new_cipher(&slot_key)?.decrypt(0, &mut split)?;
+            let mut candidate = Zeroizing::new(vec![0u8; key_len]);
+            af_merge(hash, slot.stripes, &split, &mut candidate).map_err(|e| LuksError::Read {
+                reason: e.to_string(),
+            })?;
+            let mut digest = [0u8; LUKS_DIGEST_LEN];
+            hash.pbkdf2(
+                &candidate,
+                &self.mk_digest_salt,
+                self.mk_digest_iterations,
+                &mut digest,
+            );
+            if bool::from(digest.ct_eq(&self.mk_digest)) {
+                return Ok(spec.new_cipher(&candidate)?);
+            }
+        }
+        Err(LuksError::InvalidPassword)
+    }
+}
+
 /// QEMU's name of a LUKS cipher with a key of `key_bytes` bytes (`aes` + 32 → `aes-256`).
 fn cipher_alg_name(name: &str, key_bytes: u32) -> Result<String, LuksError> {
     let sizes: &[u32] = match name {
@@ -373,6 +623,9 @@ mod tests {
             }
             if let Ok(h) = LuksHeader::parse(&b) {
                 let _ = h.info();
+                let _ = h.check();
+                let _ = h.cipher_spec();
+                let _ = h.hash_alg();
             }
             true
         }
