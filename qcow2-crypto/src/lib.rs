@@ -25,3 +25,36 @@ pub use cipher::{CipherError, CipherSpec, SectorCipher};
 pub use hash::HashAlg;
 
 pub use luks::{LuksError, LuksHeader, LuksInfo, LuksKeySlot};
+
+/// A passphrase (QEMU's `secret` object): bytes zeroized when dropped, never shown by
+/// `Debug`.
+#[derive(Clone)]
+pub struct Secret(zeroize::Zeroizing<Vec<u8>>);
+
+impl Secret {
+    /// Takes the bytes (QEMU uses them as given, without a trailing NUL).
+    pub fn new(bytes: Vec<u8>) -> Secret {
+        Secret(zeroize::Zeroizing::new(bytes))
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl PartialEq for Secret {
+    /// Constant-time comparison.
+    fn eq(&self, other: &Secret) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.len() == other.0.len() && bool::from(self.0.ct_eq(&other.0))
+    }
+}
+
+impl Eq for Secret {}

@@ -27,6 +27,7 @@ mod amend;
 mod backing;
 mod bitmaps;
 mod compress;
+mod crypto;
 mod data_file;
 mod error;
 mod image;
@@ -51,6 +52,7 @@ pub use map::{Extent, ExtentKind};
 pub use options::{
     BackingPolicy, CreateOptions, DataFileStorage, OpenOptions, OverlapLevel, Preallocation,
 };
+pub use qcow2_crypto::Secret;
 pub use qcow2_format::features::CompressionType;
 pub use qcow2_format::layout::Compat;
 pub use qcow2_io::{Locking, Perms};

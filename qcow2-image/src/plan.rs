@@ -63,6 +63,12 @@ impl Image {
                 cause: self.poisoned.clone().unwrap_or_default(),
             });
         }
+        if self.crypto.is_some() {
+            // Encrypted data is decrypted under the lock (first increment: simplest
+            // correct).
+            self.read_internal(op, offset, buf)?;
+            return Ok(vec![ReadPiece::Done]);
+        }
         let mut pieces: Vec<ReadPiece> = Vec::new();
         let mut pos = 0u64;
         let len = buf.len() as u64;
@@ -107,6 +113,10 @@ impl Image {
         len: u64,
     ) -> Result<Option<Vec<WritePiece>>> {
         let op = Op::Write;
+        if self.crypto.is_some() {
+            // Encrypted writes take the full path under the lock.
+            return Ok(None);
+        }
         let g = self.geo;
         let cs = g.cluster_size();
         let mut pieces: Vec<WritePiece> = Vec::new();
@@ -160,7 +170,7 @@ impl Image {
         let op = Op::Write;
         let g = self.geo;
         let cs = g.cluster_size();
-        if len == 0 || self.data.is_some() {
+        if len == 0 || self.data.is_some() || self.crypto.is_some() {
             return Ok(None);
         }
         let in_cluster = g.offset_in_cluster(offset);
