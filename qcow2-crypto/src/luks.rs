@@ -613,6 +613,153 @@ mod tests {
         assert_eq!(LuksHeader::parse(&b), Err(LuksError::BadMagic));
     }
 
+    /// A LUKS area (header + one key slot's material) built with this crate's primitives:
+    /// (area bytes, master key).
+    fn luks_area(mode: &str, hash: &str, key_bytes: u32, password: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut b = header(mode, key_bytes);
+        b[72..104].fill(0);
+        b[72..72 + hash.len()].copy_from_slice(hash.as_bytes());
+        let stripes = 10u32;
+        for i in 0..8 {
+            let s = KEY_SLOTS_OFFSET + i * KEY_SLOT_SIZE;
+            b[s + 4..s + 8].copy_from_slice(&50u32.to_be_bytes());
+            b[s + 8..s + 40].fill(i as u8 + 1);
+            b[s + 44..s + 48].copy_from_slice(&stripes.to_be_bytes());
+        }
+        b[164..168].copy_from_slice(&20u32.to_be_bytes());
+        b[132..164].fill(0x77);
+        let h = LuksHeader::parse(&b).unwrap();
+        let spec = h.cipher_spec().unwrap();
+        let alg = h.hash_alg().unwrap();
+        let mk: Vec<u8> = (0..key_bytes).map(|i| (i * 13 + 5) as u8).collect();
+        let mut digest = [0u8; 20];
+        alg.pbkdf2(&mk, &h.mk_digest_salt, 20, &mut digest);
+        b[112..132].copy_from_slice(&digest);
+        let slot = &h.key_slots[0];
+        let mut slot_key = vec![0u8; mk.len()];
+        alg.pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
+        let n = mk.len() * stripes as usize;
+        let random: Vec<u8> = (0..n - mk.len()).map(|i| (i * 7 + 3) as u8).collect();
+        let mut split = vec![0u8; n];
+        crate::hash::af_split(alg, stripes, &mk, &random, &mut split).unwrap();
+        spec.new_cipher(&slot_key).unwrap().encrypt(0, &mut split).unwrap();
+        let at = slot.key_offset_sector as usize * 512;
+        let mut area = vec![0u8; 4040 * 512];
+        area[..b.len()].copy_from_slice(&b);
+        area[at..at + n].copy_from_slice(&split);
+        (area, mk)
+    }
+
+    fn unlock_area(area: &[u8], password: &[u8]) -> Result<Box<dyn SectorCipher>, LuksError> {
+        let h = LuksHeader::parse(area)?;
+        let mut read = |off: u64, buf: &mut [u8]| -> Result<(), LuksError> {
+            let off = off as usize;
+            let src = area.get(off..off + buf.len()).ok_or(LuksError::Read {
+                reason: "outside".into(),
+            })?;
+            buf.copy_from_slice(src);
+            Ok(())
+        };
+        h.unlock(password, &mut read)
+    }
+
+    #[test]
+    fn unlock_every_mode_and_hash() {
+        for (mode, kb) in [
+            ("xts-plain64", 64),
+            ("xts-plain64", 32),
+            ("xts-plain", 48),
+            ("cbc-essiv:sha256", 32),
+            ("cbc-essiv:sha256", 16),
+            ("cbc-plain64", 24),
+        ] {
+            for hash in ["sha1", "sha256", "sha512"] {
+                let (area, mk) = luks_area(mode, hash, kb, b"pw");
+                let c = unlock_area(&area, b"pw").unwrap();
+                // The cipher is keyed with the master key.
+                let h = LuksHeader::parse(&area).unwrap();
+                let want = h.cipher_spec().unwrap().new_cipher(&mk).unwrap();
+                let (mut a, mut b) = (vec![9u8; 1024], vec![9u8; 1024]);
+                c.encrypt(77, &mut a).unwrap();
+                want.encrypt(77, &mut b).unwrap();
+                assert_eq!(a, b, "{mode} {hash}");
+                assert_eq!(
+                    unlock_area(&area, b"pW").err(),
+                    Some(LuksError::InvalidPassword)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_slots_and_headers() {
+        let (area, _) = luks_area("xts-plain64", "sha256", 64, b"pw");
+        // A flipped bit in the key material: no slot opens.
+        let mut bad = area.clone();
+        bad[8 * 512 + 100] ^= 1;
+        assert_eq!(
+            unlock_area(&bad, b"pw").err(),
+            Some(LuksError::InvalidPassword)
+        );
+        // A damaged digest.
+        let mut bad = area.clone();
+        bad[115] ^= 1;
+        assert_eq!(
+            unlock_area(&bad, b"pw").err(),
+            Some(LuksError::InvalidPassword)
+        );
+        // Stripes 0, a bad state word, overlapping slots, material in the payload.
+        let slot0 = KEY_SLOTS_OFFSET;
+        let mut bad = area.clone();
+        bad[slot0 + 44..slot0 + 48].fill(0);
+        assert_eq!(
+            unlock_area(&bad, b"pw").err(),
+            Some(LuksError::SlotNoStripes { slot: 0 })
+        );
+        let mut bad = area.clone();
+        bad[slot0..slot0 + 4].fill(0x11);
+        assert_eq!(
+            unlock_area(&bad, b"pw").err(),
+            Some(LuksError::SlotState { slot: 0 })
+        );
+        let mut bad = area.clone();
+        bad[slot0 + KEY_SLOT_SIZE + 40..slot0 + KEY_SLOT_SIZE + 44]
+            .copy_from_slice(&8u32.to_be_bytes());
+        assert_eq!(
+            unlock_area(&bad, b"pw").err(),
+            Some(LuksError::SlotsOverlap { a: 0, b: 1 })
+        );
+        let mut bad = area.clone();
+        bad[104..108].copy_from_slice(&10u32.to_be_bytes());
+        assert_eq!(
+            unlock_area(&bad, b"pw").err(),
+            Some(LuksError::SlotOverlapsPayload { slot: 0 })
+        );
+        // Absurd costs are refused before any work.
+        let mut bad = area.clone();
+        bad[164..168].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            unlock_area(&bad, b"pw").err(),
+            Some(LuksError::SlotTooExpensive { slot: 8, .. })
+        ));
+        let mut bad = area.clone();
+        bad[slot0 + 4..slot0 + 8].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            unlock_area(&bad, b"pw").err(),
+            Some(LuksError::SlotTooExpensive { slot: 0, .. })
+        ));
+        // Material outside the readable area: a read error, no panic.
+        let short = &area[..600];
+        assert!(matches!(
+            unlock_area(short, b"pw").err(),
+            Some(LuksError::Read { .. })
+        ));
+        // A key size that does not fit the cipher.
+        let mut bad = area.clone();
+        bad[108..112].copy_from_slice(&40u32.to_be_bytes());
+        assert!(unlock_area(&bad, b"pw").is_err());
+    }
+
     quickcheck::quickcheck! {
         fn arbitrary_bytes_never_panic(bytes: Vec<u8>) -> bool {
             let mut b = bytes;
