@@ -642,7 +642,10 @@ mod tests {
         let random: Vec<u8> = (0..n - mk.len()).map(|i| (i * 7 + 3) as u8).collect();
         let mut split = vec![0u8; n];
         crate::hash::af_split(alg, stripes, &mk, &random, &mut split).unwrap();
-        spec.new_cipher(&slot_key).unwrap().encrypt(0, &mut split).unwrap();
+        spec.new_cipher(&slot_key)
+            .unwrap()
+            .encrypt(0, &mut split)
+            .unwrap();
         let at = slot.key_offset_sector as usize * 512;
         let mut area = vec![0u8; 4040 * 512];
         area[..b.len()].copy_from_slice(&b);
