@@ -167,7 +167,7 @@ fn shared_image_threads() {
     let raw = qemu_raw(&path, dir.path());
     for (t, m) in models.iter().enumerate() {
         let at = t * region as usize;
-        assert!(&raw[at..at + m.len()] == &m[..], "thread {t}");
+        assert!(raw[at..at + m.len()] == m[..], "thread {t}");
     }
 }
 
