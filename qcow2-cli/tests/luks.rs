@@ -111,6 +111,7 @@ fn interop_both_ways_every_cipher() {
         ",encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain",
         ",encrypt.ivgen-alg=plain,encrypt.hash-alg=sha1",
         ",encrypt.hash-alg=sha512",
+        ",extended_l2=on",
     ];
     for (i, v) in variants.iter().enumerate() {
         for ours_writes in [false, true] {
