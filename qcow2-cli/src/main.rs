@@ -415,6 +415,8 @@ struct AmendArgs {
     force: bool,
     /// The image file.
     files: Vec<String>,
+    #[command(flatten)]
+    objects: ObjectArgs,
 }
 
 #[derive(Args, Debug)]
@@ -435,6 +437,8 @@ struct ResizeArgs {
     /// -N to shrink.
     #[arg(value_name = "FILE [+-]SIZE")]
     args: Vec<String>,
+    #[command(flatten)]
+    objects: ObjectArgs,
 }
 
 #[derive(Args, Debug)]
@@ -512,6 +516,8 @@ struct BenchArgs {
     force_share: bool,
     /// The image file.
     files: Vec<String>,
+    #[command(flatten)]
+    objects: ObjectArgs,
 }
 
 /// `io` takes qemu-io's command line verbatim; `ioshell` parses it (`qcow2 io -h` lists
@@ -647,22 +653,26 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 files: a.files,
             })
         }
-        Command::Amend(a) => {
+        Command::Amend(mut a) => {
             if a.options.is_empty() {
                 return Err(CliError::usage("amend", "Must specify options (-o)"));
             }
+            let driver = a.objects.apply(&mut a.files)?;
+            let format = format_or_driver(a.format, driver);
             let file = one_file("amend", &a.files)?;
             // --force only matters for LUKS keyslot changes, which this tool does not do.
             let _ = a.force;
             amend::run(amend::AmendRequest {
                 file,
-                format: parse_format(a.format.as_deref())?,
+                format: parse_format(format.as_deref())?,
                 options: a.options,
                 progress: a.progress,
                 quiet: a.quiet,
             })
         }
-        Command::Resize(a) => {
+        Command::Resize(mut a) => {
+            let driver = a.objects.apply(&mut a.args)?;
+            let format = format_or_driver(a.format, driver);
             let (Some(size), [file]) = (size_arg, a.args.as_slice()) else {
                 return Err(CliError::usage(
                     "resize",
@@ -680,13 +690,15 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             }
             resize::run(
                 file,
-                parse_format(a.format.as_deref())?,
+                parse_format(format.as_deref())?,
                 &size,
                 a.shrink,
                 a.quiet,
             )
         }
-        Command::Bench(a) => {
+        Command::Bench(mut a) => {
+            let driver = a.objects.apply(&mut a.files)?;
+            a.format = format_or_driver(a.format, driver);
             let params = bench::BenchParams::from_options(&bench::BenchOptions {
                 count: a.count,
                 depth: a.depth,
