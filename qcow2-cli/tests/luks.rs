@@ -297,3 +297,38 @@ fn map_and_convert_match_qemu_img() {
         assert_eq!(o.code, 0, "{cmd}: {}", o.text());
     }
 }
+
+/// bench, resize and amend take the secret the same way; QEMU reads the result.
+#[test]
+fn bench_resize_amend_with_secret() {
+    if !have_qemu() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    create(dir, "b.qcow2", "", "16M");
+    let ours = |cmd: &[&str], tail: &[&str]| {
+        let mut a: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        a.extend(opts("b.qcow2"));
+        a.extend(tail.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let r = qcow2(dir, &a);
+        assert_eq!(r.code, 0, "{cmd:?}: {}", r.text());
+    };
+    ours(
+        &["bench", "-w", "-c", "500", "-s", "4k", "--pattern=0x5a"],
+        &[],
+    );
+    ours(&["resize"], &["32M"]);
+    ours(&["amend", "-o", "lazy_refcounts=on"], &[]);
+    assert_ok(
+        &run_io(
+            dir,
+            false,
+            "b.qcow2",
+            &["read -P 0x5a 0 2000k", "read -P 0 16M 16M", "length"],
+        ),
+        "qemu reads",
+    );
+    qemu_check_clean(dir, "b.qcow2");
+}
