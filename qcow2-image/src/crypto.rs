@@ -82,6 +82,11 @@ fn cipher_err(e: qcow2_crypto::CipherError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
 }
 
+/// Whether `[offset, offset + len)` starts and ends on sector boundaries.
+pub(crate) fn sector_aligned(offset: u64, len: u64) -> bool {
+    offset % SECTOR == 0 && len % SECTOR == 0
+}
+
 /// Reads `dst.len()` guest bytes stored at `host`: the whole sectors around them are read
 /// and decrypted, `dst` gets its part.
 pub(crate) fn read_decrypted(

@@ -144,9 +144,15 @@ fn shared_image_threads() {
                 let base = t * region;
                 let mut model = vec![0u8; region as usize];
                 let mut rng = Rng(t + 7);
-                for _ in 0..60 {
-                    let off = rng.below(region - 1);
-                    let len = (1 + rng.below(70_000)).min(region - off);
+                for _ in 0..120 {
+                    let mut off = rng.below(region - 1);
+                    let mut len = (1 + rng.below(70_000)).min(region - off);
+                    if rng.chance(60) {
+                        // Whole sectors: the data moves and is encrypted outside the lock.
+                        off = off / 512 * 512;
+                        len = len.div_ceil(512) * 512;
+                        len = len.min(region - off);
+                    }
                     let data = rng.data(len as usize);
                     shared.write(base + off, &data).unwrap();
                     model[off as usize..(off + len) as usize].copy_from_slice(&data);
