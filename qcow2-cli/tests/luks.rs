@@ -332,3 +332,73 @@ fn bench_resize_amend_with_secret() {
     );
     qemu_check_clean(dir, "b.qcow2");
 }
+
+/// Damaged LUKS headers: `io` (with the secret) and `info` (without) fail with QEMU's
+/// messages, and nothing is written.
+#[test]
+fn damaged_headers_as_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    create(dir, "d.qcow2", "", "1M");
+    let good = std::fs::read(dir.join("d.qcow2")).unwrap();
+    let at = good
+        .windows(6)
+        .position(|w| w == b"LUKS\xba\xbe")
+        .expect("LUKS header");
+    let slot0 = at + 208;
+    let damages: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+        ("version", Box::new(move |b| b[at + 7] = 2)),
+        ("magic", Box::new(move |b| b[at] = b'X')),
+        (
+            "stripes",
+            Box::new(move |b| b[slot0 + 44..slot0 + 48].fill(0)),
+        ),
+        ("state", Box::new(move |b| b[slot0..slot0 + 4].fill(0x11))),
+        (
+            "ivgen",
+            Box::new(move |b| {
+                b[at + 40..at + 72].fill(0);
+                b[at + 40..at + 47].copy_from_slice(b"xts-foo");
+            }),
+        ),
+        (
+            "cipher name",
+            Box::new(move |b| b[at + 8..at + 40].fill(b'a')),
+        ),
+        (
+            "digest iterations",
+            Box::new(move |b| b[at + 164..at + 168].fill(0)),
+        ),
+        (
+            "key material",
+            Box::new(move |b| {
+                let off = u32::from_be_bytes(b[slot0 + 40..slot0 + 44].try_into().unwrap());
+                b[at + off as usize * 512 + 7] ^= 0x80;
+            }),
+        ),
+    ];
+    for (what, damage) in damages {
+        let mut b = good.clone();
+        damage(&mut b);
+        std::fs::write(dir.join("d.qcow2"), &b).unwrap();
+        let mut a = vec!["-c".to_string(), "write 0 512".into()];
+        a.extend(opts("d.qcow2"));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let q = qemu_io(dir, &a);
+        let mut oa = vec!["io"];
+        oa.extend(a.iter().copied());
+        let o = qcow2(dir, &oa);
+        assert_eq!(o.text(), q.text(), "io, {what}");
+        assert_eq!(o.code, q.code, "io, {what}");
+        let qi = qemu_img(dir, &["info", "d.qcow2"]);
+        let oi = qcow2(dir, &["info", "d.qcow2"]);
+        assert_eq!(oi.code, qi.code, "info, {what}: {}", oi.text());
+        if qi.code != 0 {
+            assert_eq!(oi.text(), qi.text(), "info, {what}");
+        }
+        assert_eq!(std::fs::read(dir.join("d.qcow2")).unwrap(), b, "{what}");
+    }
+}

@@ -41,6 +41,8 @@ pub const LUKS_SECTOR_SIZE: u64 = 512;
 pub const MAX_ITERATIONS: u32 = 1 << 28;
 /// Most anti-forensic stripes a slot may have (LUKS1 uses 4000).
 pub const MAX_STRIPES: u32 = 65536;
+/// The stripes of every LUKS1 key slot (QEMU 10 refuses others).
+pub const LUKS_STRIPES: u32 = 4000;
 /// The master key digest is 20 bytes.
 pub const LUKS_DIGEST_LEN: usize = 20;
 /// Sectors of the LUKS header before the first key material (QEMU's
@@ -60,7 +62,7 @@ pub enum LuksError {
     #[error("Volume is not in LUKS format")]
     BadMagic,
     /// Not LUKS version 1.
-    #[error("Unsupported LUKS version {version}")]
+    #[error("LUKS version {version} is not supported")]
     UnsupportedVersion {
         /// The version found.
         version: u16,
@@ -85,6 +87,12 @@ pub enum LuksError {
         /// The header's cipher mode string.
         mode: String,
     },
+    /// An IV generator QEMU does not know.
+    #[error("IV generator '{name}' not supported")]
+    UnknownIvGen {
+        /// The generator's name.
+        name: String,
+    },
     /// A hash this implementation cannot compute (it has sha1, sha256, sha512).
     #[error("Unsupported hash algorithm '{name}'")]
     UnknownHash {
@@ -108,9 +116,35 @@ pub enum LuksError {
         /// The digest length.
         digest_len: usize,
     },
-    /// A key slot with no stripes.
-    #[error("Keyslot {slot} is corrupted (stripes == 0)")]
+    /// A key slot whose stripes are not LUKS1's 4000 (QEMU 10 requires them).
+    #[error("Keyslot {slot} is corrupted (stripes {stripes} != 4000)")]
     SlotNoStripes {
+        /// The slot index.
+        slot: usize,
+        /// The stripes found.
+        stripes: u32,
+    },
+    /// A text field of the header without its NUL terminator.
+    #[error("LUKS header {field} is not NUL terminated")]
+    NotTerminated {
+        /// `cipher name`, `cipher mode` or `hash spec`.
+        field: &'static str,
+    },
+    /// The payload starts inside the header.
+    #[error("LUKS payload is overlapping with the header")]
+    PayloadOverlapsHeader,
+    /// The master key digest has no iterations.
+    #[error("LUKS key iteration count is zero")]
+    DigestNoIterations,
+    /// An active key slot has no iterations.
+    #[error("Keyslot {slot} iteration count is zero")]
+    SlotNoIterations {
+        /// The slot index.
+        slot: usize,
+    },
+    /// A key slot's material starts inside the header.
+    #[error("Keyslot {slot} is overlapping with the LUKS header")]
+    SlotOverlapsHeader {
         /// The slot index.
         slot: usize,
     },
@@ -288,6 +322,15 @@ impl LuksHeader {
         if version != 1 {
             return Err(LuksError::UnsupportedVersion { version });
         }
+        for (field, range) in [
+            ("cipher name", 8..40),
+            ("cipher mode", 40..72),
+            ("hash spec", 72..104),
+        ] {
+            if !b[range].contains(&0) {
+                return Err(LuksError::NotTerminated { field });
+            }
+        }
         let key_slots = (0..LUKS_NUM_KEY_SLOTS)
             .map(|i| {
                 let s = &b[KEY_SLOTS_OFFSET + i * KEY_SLOT_SIZE..][..KEY_SLOT_SIZE];
@@ -329,7 +372,9 @@ impl LuksHeader {
             None => (ivgen, None),
         };
         if !matches!(ivgen_alg, "plain" | "plain64" | "essiv") {
-            return Err(unknown_mode());
+            return Err(LuksError::UnknownIvGen {
+                name: ivgen_alg.to_string(),
+            });
         }
         // XTS keys hold two cipher keys of half the size each.
         let key_bytes = if mode == "xts" {
@@ -370,27 +415,44 @@ impl LuksHeader {
 pub type ReadFn<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), LuksError> + 'a;
 
 impl LuksHeader {
-    /// QEMU's `qcrypto_block_luks_check_header`: every slot has stripes and a valid state,
-    /// no slot's material reaches the payload or another slot's.
+    /// QEMU's `qcrypto_block_luks_check_header` (QEMU 10): the payload after the header,
+    /// digest iterations, and every slot with 4000 stripes, a valid state, iterations when
+    /// active, its material after the header, before the payload and apart from the other
+    /// slots'.
     pub fn check(&self) -> Result<(), LuksError> {
+        if u64::from(self.payload_offset_sector) < HEADER_SECTORS {
+            return Err(LuksError::PayloadOverlapsHeader);
+        }
+        if self.mk_digest_iterations == 0 {
+            return Err(LuksError::DigestNoIterations);
+        }
         let len = |s: &LuksKeySlot| -> u64 {
             let bytes = u64::from(self.key_bytes) * u64::from(s.stripes);
             bytes.div_ceil(LUKS_SECTOR_SIZE).div_ceil(HEADER_SECTORS) * HEADER_SECTORS
         };
         for (i, a) in self.key_slots.iter().enumerate() {
-            if a.stripes == 0 {
-                return Err(LuksError::SlotNoStripes { slot: i });
+            if a.stripes != LUKS_STRIPES {
+                return Err(LuksError::SlotNoStripes {
+                    slot: i,
+                    stripes: a.stripes,
+                });
             }
             if a.active != LUKS_KEY_SLOT_ENABLED && a.active != LUKS_KEY_SLOT_DISABLED {
                 return Err(LuksError::SlotState { slot: i });
             }
+            if a.is_active() && a.iterations == 0 {
+                return Err(LuksError::SlotNoIterations { slot: i });
+            }
             let (s1, l1) = (u64::from(a.key_offset_sector), len(a));
+            if s1 < HEADER_SECTORS {
+                return Err(LuksError::SlotOverlapsHeader { slot: i });
+            }
             if s1 + l1 > u64::from(self.payload_offset_sector) {
                 return Err(LuksError::SlotOverlapsPayload { slot: i });
             }
             for (j, b) in self.key_slots.iter().enumerate().skip(i + 1) {
                 let (s2, l2) = (u64::from(b.key_offset_sector), len(b));
-                if s1 + l1 > s2 && s2 + l2 > s1 {
+                if l1 != 0 && l2 != 0 && s1 + l1 > s2 && s2 + l2 > s1 {
                     return Err(LuksError::SlotsOverlap { a: i, b: j });
                 }
             }
@@ -619,7 +681,7 @@ mod tests {
         let mut b = header(mode, key_bytes);
         b[72..104].fill(0);
         b[72..72 + hash.len()].copy_from_slice(hash.as_bytes());
-        let stripes = 10u32;
+        let stripes = LUKS_STRIPES;
         for i in 0..8 {
             let s = KEY_SLOTS_OFFSET + i * KEY_SLOT_SIZE;
             b[s + 4..s + 8].copy_from_slice(&50u32.to_be_bytes());
@@ -717,7 +779,10 @@ mod tests {
         bad[slot0 + 44..slot0 + 48].fill(0);
         assert_eq!(
             unlock_area(&bad, b"pw").err(),
-            Some(LuksError::SlotNoStripes { slot: 0 })
+            Some(LuksError::SlotNoStripes {
+                slot: 0,
+                stripes: 0
+            })
         );
         let mut bad = area.clone();
         bad[slot0..slot0 + 4].fill(0x11);

@@ -45,6 +45,12 @@ pub(crate) fn unlock(
         .extensions
         .crypto_header
         .ok_or_else(|| refused("Missing CRYPTO header for crypt method 2".into()))?;
+    // QEMU's LUKS driver asks for the secret before it reads anything.
+    let Some(secret) = &opts.key_secret else {
+        return Err(refused(
+            "Parameter 'encrypt.key-secret' is required for cipher".into(),
+        ));
+    };
     // QEMU's qcow2_crypto_hdr_read_func: reads stay inside the extension's area.
     let read = |off: u64, buf: &mut [u8]| -> std::result::Result<(), LuksError> {
         let end = off.checked_add(buf.len() as u64);
@@ -53,25 +59,21 @@ pub(crate) fn unlock(
                 reason: "Request for data outside of extension header".into(),
             });
         }
-        storage
-            .read_at(buf, ext.offset + off)
-            .map_err(|e| LuksError::Read {
-                reason: format!(
-                    "Could not read encryption header: {}",
-                    crate::image::strerror(e.raw_os_error().unwrap_or(EIO))
-                ),
-            })
+        let at = ext.offset.checked_add(off).ok_or(LuksError::Read {
+            reason: "Request for data outside of extension header".into(),
+        })?;
+        storage.read_at(buf, at).map_err(|e| LuksError::Read {
+            reason: format!(
+                "Could not read encryption header: {}",
+                crate::image::strerror(e.raw_os_error().unwrap_or(EIO))
+            ),
+        })
     };
     let mut hdr = vec![0u8; LUKS_HEADER_SIZE];
     let mut read = read;
     read(0, &mut hdr).map_err(|e| refused(e.to_string()))?;
     let header = LuksHeader::parse(&hdr).map_err(|e| refused(e.to_string()))?;
     header.check().map_err(|e| refused(e.to_string()))?;
-    let Some(secret) = &opts.key_secret else {
-        return Err(refused(
-            "Parameter 'encrypt.key-secret' is required for cipher".into(),
-        ));
-    };
     let cipher = header
         .unlock(secret.as_bytes(), &mut read)
         .map_err(|e| refused(e.to_string()))?;
