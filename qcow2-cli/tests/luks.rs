@@ -349,7 +349,8 @@ fn damaged_headers_as_qemu() {
         .position(|w| w == b"LUKS\xba\xbe")
         .expect("LUKS header");
     let slot0 = at + 208;
-    let damages: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+    let damages: Vec<(&str, Damage)> = vec![
         ("version", Box::new(move |b| b[at + 7] = 2)),
         ("magic", Box::new(move |b| b[at] = b'X')),
         (
