@@ -296,8 +296,9 @@ fn read_encryption(
             storage
                 .read_at(&mut buf, ext.offset)
                 .map_err(|e| strerror(&e))?;
+            // QEMU's open checks the header even when it opens without the secret.
             let info = qcow2_crypto::LuksHeader::parse(&buf)
-                .and_then(|h| h.info())
+                .and_then(|h| h.check().and_then(|()| h.info()))
                 .map_err(|e| e.to_string())?;
             Ok(Some(Encryption::Luks(info)))
         }

@@ -235,7 +235,7 @@ fn parse_discard(mode: &str) -> Option<bool> {
 
 /// Splits a QemuOpts list ("a=b,c=d", ",," escaping a comma). A bare word is `implied`'s
 /// value when given (`--object secret,...`), else `word=on`.
-fn split_opts(list: &str, implied: Option<&str>) -> Vec<(String, String)> {
+pub(crate) fn split_opts(list: &str, implied: Option<&str>) -> Vec<(String, String)> {
     let mut parts = Vec::new();
     let mut cur = String::new();
     let mut chars = list.chars().peekable();
@@ -269,7 +269,7 @@ fn split_opts(list: &str, implied: Option<&str>) -> Vec<(String, String)> {
 }
 
 /// Parses `--object TYPE,id=ID,...`.
-fn parse_object(def: &str) -> Result<ObjectDef, String> {
+pub(crate) fn parse_object(def: &str) -> Result<ObjectDef, String> {
     let mut qom_type = None;
     let mut id = None;
     let mut props = Vec::new();
@@ -1043,6 +1043,12 @@ pub fn main(args: &[String]) -> u8 {
         Parse::Run(o) => o,
         Parse::Exit(code) => return code,
     };
+    for obj in &opts.objects {
+        if let Err(e) = crate::secrets::define(&obj.id, &obj.props) {
+            eprintln!("{}{e}", prog::prefix());
+            return 1;
+        }
+    }
     let mut session = Session {
         dev: None,
         image_opts: opts.image_opts,

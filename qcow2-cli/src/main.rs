@@ -25,6 +25,7 @@ mod progress;
 mod qcowdev;
 mod rawdev;
 mod resize;
+mod secrets;
 mod serve;
 mod size;
 mod snapshot;
@@ -323,6 +324,43 @@ struct CreateArgs {
     extra: Vec<String>,
 }
 
+/// qemu-img's `--object` and `--image-opts` (secrets for encrypted images).
+#[derive(Args, Debug)]
+struct ObjectArgs {
+    /// Define an object: `secret,id=ID,data=PASSPHRASE` or
+    /// `secret,id=ID,file=FILE[,format=raw|base64]` (repeatable).
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
+    /// The image argument is an option list:
+    /// `driver=qcow2,file.filename=FILE,encrypt.key-secret=ID`.
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+}
+
+impl ObjectArgs {
+    /// Defines the objects; with `--image-opts`, turns the option lists in `files` into
+    /// file names (the key secret becomes the command's) and returns the driver named.
+    fn apply(&self, files: &mut [String]) -> Result<Option<String>, CliError> {
+        for def in &self.object {
+            secrets::define_object(def).map_err(CliError::new)?;
+        }
+        let mut driver = None;
+        if self.image_opts {
+            for f in files.iter_mut() {
+                let (file, d) = secrets::image_opts(f).map_err(CliError::new)?;
+                *f = file;
+                driver = driver.or(d);
+            }
+        }
+        Ok(driver)
+    }
+}
+
+/// `-f`, or the driver an option list named.
+fn format_or_driver(f: Option<String>, driver: Option<String>) -> Option<String> {
+    f.or(driver)
+}
+
 #[derive(Args, Debug)]
 struct InfoArgs {
     /// Image format (probed when absent).
@@ -340,6 +378,8 @@ struct InfoArgs {
     force_share: bool,
     /// The image file.
     files: Vec<String>,
+    #[command(flatten)]
+    objects: ObjectArgs,
 }
 
 #[derive(Args, Debug)]
@@ -368,6 +408,8 @@ struct CheckArgs {
     force_share: bool,
     /// The image file.
     files: Vec<String>,
+    #[command(flatten)]
+    objects: ObjectArgs,
 }
 
 #[derive(Args, Debug)]
@@ -396,6 +438,8 @@ struct SnapshotArgs {
     force_share: bool,
     /// The image file.
     files: Vec<String>,
+    #[command(flatten)]
+    objects: ObjectArgs,
 }
 
 #[derive(Args, Debug)]
@@ -418,6 +462,8 @@ struct MapArgs {
     force_share: bool,
     /// The image file.
     files: Vec<String>,
+    #[command(flatten)]
+    objects: ObjectArgs,
 }
 
 #[derive(Args, Debug)]
@@ -446,6 +492,8 @@ struct ConvertArgs {
     force_share: bool,
     /// Source file(s) and the target file.
     files: Vec<String>,
+    #[command(flatten)]
+    objects: ObjectArgs,
 }
 
 #[derive(Args, Debug)]
@@ -467,6 +515,8 @@ struct AmendArgs {
     force: bool,
     /// The image file.
     files: Vec<String>,
+    #[command(flatten)]
+    objects: ObjectArgs,
 }
 
 #[derive(Args, Debug)]
@@ -487,6 +537,8 @@ struct ResizeArgs {
     /// -N to shrink.
     #[arg(value_name = "FILE [+-]SIZE")]
     args: Vec<String>,
+    #[command(flatten)]
+    objects: ObjectArgs,
 }
 
 #[derive(Args, Debug)]
@@ -564,6 +616,8 @@ struct BenchArgs {
     force_share: bool,
     /// The image file.
     files: Vec<String>,
+    #[command(flatten)]
+    objects: ObjectArgs,
 }
 
 /// `io` takes qemu-io's command line verbatim; `ioshell` parses it (`qcow2 io -h` lists
@@ -615,24 +669,28 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 size: a.size,
             })
         }
-        Command::Info(a) => {
+        Command::Info(mut a) => {
             let output = OutputFormat::parse(a.output.as_deref())?;
+            let driver = a.objects.apply(&mut a.files)?;
+            let format = format_or_driver(a.format, driver);
             let file = one_file("info", &a.files)?;
             if a.backing_chain {
                 return Err(CliError::new("info: --backing-chain is not available yet"));
             }
             image::set_force_share(a.force_share);
-            info::run(&file, parse_format(a.format.as_deref())?, output)
+            info::run(&file, parse_format(format.as_deref())?, output)
         }
-        Command::Check(a) => {
+        Command::Check(mut a) => {
             let output = OutputFormat::parse(a.output.as_deref())?;
             let repair = check::parse_repair(a.repair.as_deref())?;
+            let driver = a.objects.apply(&mut a.files)?;
+            let format = format_or_driver(a.format, driver);
             let file = one_file("check", &a.files)?;
             let _ = a.cache;
             image::set_force_share(a.force_share);
             check::run(check::CheckRequest {
                 file,
-                format: parse_format(a.format.as_deref())?,
+                format: parse_format(format.as_deref())?,
                 repair,
                 output,
                 quiet: a.quiet,
@@ -649,10 +707,12 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     "Cannot mix '-l', '-a', '-c', '-d'",
                 ));
             }
-            let file = one_file("snapshot", &a.files)?;
+            let mut files = a.files;
+            let driver = a.objects.apply(&mut files)?;
+            let file = one_file("snapshot", &files)?;
             let _ = a.quiet;
             image::set_force_share(a.force_share);
-            let format = parse_format(a.format.as_deref())?;
+            let format = parse_format(format_or_driver(a.format, driver).as_deref())?;
             let op = if let Some(n) = a.create.into_iter().next() {
                 snapshot::SnapshotOp::Create(n)
             } else if let Some(n) = a.apply.into_iter().next() {
@@ -664,20 +724,24 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             };
             snapshot::run(&file, format, &op)
         }
-        Command::Map(a) => {
+        Command::Map(mut a) => {
             let output = OutputFormat::parse(a.output.as_deref())?;
+            let driver = a.objects.apply(&mut a.files)?;
             let file = one_file("map", &a.files)?;
             image::set_force_share(a.force_share);
             map::run(
                 &file,
-                parse_format(a.format.as_deref())?,
+                parse_format(format_or_driver(a.format, driver).as_deref())?,
                 output,
                 a.start_offset.as_deref(),
                 a.max_length.as_deref(),
             )
         }
-        Command::Convert(a) => {
-            let source_format = parse_format(a.format.as_deref())?;
+        Command::Convert(mut a) => {
+            // --image-opts describes the sources; the target (last) is a file name.
+            let n = a.files.len().saturating_sub(1);
+            let driver = a.objects.apply(&mut a.files[..n])?;
+            let source_format = parse_format(format_or_driver(a.format, driver).as_deref())?;
             image::set_force_share(a.force_share);
             convert::run(convert::ConvertRequest {
                 source_format,
@@ -689,22 +753,26 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 files: a.files,
             })
         }
-        Command::Amend(a) => {
+        Command::Amend(mut a) => {
             if a.options.is_empty() {
                 return Err(CliError::usage("amend", "Must specify options (-o)"));
             }
+            let driver = a.objects.apply(&mut a.files)?;
+            let format = format_or_driver(a.format, driver);
             let file = one_file("amend", &a.files)?;
             // --force only matters for LUKS keyslot changes, which this tool does not do.
             let _ = a.force;
             amend::run(amend::AmendRequest {
                 file,
-                format: parse_format(a.format.as_deref())?,
+                format: parse_format(format.as_deref())?,
                 options: a.options,
                 progress: a.progress,
                 quiet: a.quiet,
             })
         }
-        Command::Resize(a) => {
+        Command::Resize(mut a) => {
+            let driver = a.objects.apply(&mut a.args)?;
+            let format = format_or_driver(a.format, driver);
             let (Some(size), [file]) = (size_arg, a.args.as_slice()) else {
                 return Err(CliError::usage(
                     "resize",
@@ -722,13 +790,15 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             }
             resize::run(
                 file,
-                parse_format(a.format.as_deref())?,
+                parse_format(format.as_deref())?,
                 &size,
                 a.shrink,
                 a.quiet,
             )
         }
-        Command::Bench(a) => {
+        Command::Bench(mut a) => {
+            let driver = a.objects.apply(&mut a.files)?;
+            a.format = format_or_driver(a.format, driver);
             let params = bench::BenchParams::from_options(&bench::BenchOptions {
                 count: a.count,
                 depth: a.depth,

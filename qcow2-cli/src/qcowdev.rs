@@ -68,6 +68,7 @@ pub fn apply_runtime_option(
     };
     match key {
         "lazy-refcounts" => opts.lazy_refcounts = Some(bool_opt()?),
+        "encrypt.key-secret" => opts.key_secret = Some(crate::secrets::lookup(value)?),
         "l2-cache-size" => opts.l2_cache_size = Some(size_opt()?),
         "l2-cache-entry-size" => opts.l2_cache_entry_size = Some(size_opt()?),
         "refcount-cache-size" => opts.refcount_cache_size = Some(size_opt()?),
@@ -145,6 +146,7 @@ pub fn open_image_full(
             allowed_dirs: vec![std::path::PathBuf::from("/")],
         },
         pass_discard_request: unmap,
+        key_secret: crate::secrets::command_secret(),
         ..OpenOptions::default()
     };
     let mut opts = opts;

@@ -205,6 +205,16 @@ impl Image {
                 errno: crate::error::ENOTSUP,
             });
         }
+        if self.crypto.is_some() {
+            // QEMU 10 stores compressed clusters of encrypted images unencrypted; we never
+            // write guest data in the clear.
+            return Err(ImageError::Refused {
+                op,
+                message: "Compression is not supported with encrypted images".into(),
+                hint: None,
+                errno: crate::error::ENOTSUP,
+            });
+        }
         let cs = self.geo.cluster_size();
         let at_end = offset.checked_add(len) == Some(self.virtual_size());
         if !self.geo.is_cluster_aligned(offset) || !(len == cs || (at_end && len < cs)) {

@@ -113,6 +113,10 @@ pub struct Image {
     /// heuristic, decided at the first block-status query and kept for the open, as QEMU
     /// does): only then does block status ask the host storage where its holes are.
     pub(crate) metadata_prealloc: Option<bool>,
+    /// The payload cipher of an encrypted (LUKS) image: guest data in data clusters is
+    /// encrypted per 512-byte sector with the host offset / 512 as the IV's sector number
+    /// (QEMU's `crypt_physical_offset`).
+    pub(crate) crypto: Option<Arc<dyn qcow2_crypto::SectorCipher>>,
 }
 
 impl std::fmt::Debug for Image {
@@ -320,12 +324,16 @@ impl Image {
         )?;
         let h = fc.header.clone();
         let h = &h;
-        if h.crypt_method != header::CRYPT_NONE {
-            return Err(ImageError::Unsupported {
-                op,
-                what: format!("encrypted images (crypt_method {})", h.crypt_method),
-            });
-        }
+        let crypto = match h.crypt_method {
+            header::CRYPT_NONE => None,
+            header::CRYPT_LUKS => Some(crate::crypto::unlock(storage.as_ref(), &fc, opts)?),
+            m => {
+                return Err(ImageError::Unsupported {
+                    op,
+                    what: format!("encrypted images (crypt_method {m})"),
+                })
+            }
+        };
         // External data file: guest data goes there; the image file's storage is wrapped
         // so that its flushes make the data durable first.
         let image_file = storage.clone();
@@ -442,6 +450,7 @@ impl Image {
             bitmap_dir: None,
             locked: None,
             metadata_prealloc: None,
+            crypto,
         };
         img.messages = messages;
         if img.fc.extensions.stale_bitmaps && depth == 0 && kind != OpenKind::Reopen {
@@ -522,6 +531,12 @@ impl Image {
                 .bitmaps
                 .filter(|_| h.autoclear_features & 1 != 0)
                 .map(|b| (b.directory_offset, b.directory_size)),
+            crypto_header: self
+                .fc
+                .extensions
+                .crypto_header
+                .filter(|c| c.length != 0)
+                .map(|c| (c.offset, c.length)),
             ..OverlapState::default()
         };
         self.overlap.with(|s| *s = state);
@@ -1318,6 +1333,22 @@ impl Image {
         self.read_internal(Op::Read, offset, buf)
     }
 
+    /// Whether guest data is encrypted (a LUKS image opened with its secret).
+    pub fn is_encrypted(&self) -> bool {
+        self.crypto.is_some()
+    }
+
+    /// Reads guest data stored at `host` in the data storage, decrypting it when the image
+    /// is encrypted (whole sectors are read and decrypted, `dst` gets its part).
+    pub(crate) fn read_data(&self, op: Op, host: u64, dst: &mut [u8]) -> Result<()> {
+        let io = |e| ImageError::io(op, "read guest data", host, e);
+        let Some(c) = &self.crypto else {
+            return self.data_storage().read_at(dst, host).map_err(io);
+        };
+        crate::crypto::read_decrypted(self.data_storage().as_ref(), c.as_ref(), host, dst)
+            .map_err(io)
+    }
+
     /// Reads with bytes beyond the virtual size as zeros (backing-file reads).
     pub(crate) fn read_clamped(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let size = self.virtual_size();
@@ -1341,9 +1372,7 @@ impl Image {
             match chunk.kind {
                 MapKind::Data(host) => {
                     self.storage.event(Event::ReadAio);
-                    self.data_storage()
-                        .read_at(dst, host)
-                        .map_err(|e| ImageError::io(op, "read guest data", host, e))?;
+                    self.read_data(op, host, dst)?;
                 }
                 MapKind::Zero(_) => dst.fill(0),
                 MapKind::Unallocated(_) => {

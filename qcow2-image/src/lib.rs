@@ -28,6 +28,7 @@ mod backing;
 mod bitmaps;
 mod compare;
 mod compress;
+mod crypto;
 mod data_file;
 mod dd;
 mod error;
@@ -56,6 +57,7 @@ pub use map::{Extent, ExtentKind};
 pub use options::{
     BackingPolicy, CreateOptions, DataFileStorage, OpenOptions, OverlapLevel, Preallocation,
 };
+pub use qcow2_crypto::Secret;
 pub use qcow2_format::features::CompressionType;
 pub use qcow2_format::layout::Compat;
 pub use qcow2_io::{Locking, Perms};

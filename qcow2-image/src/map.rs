@@ -112,8 +112,23 @@ impl Image {
     /// (QEMU's precise block status): the metadata mapping of [`Image::map_metadata`], with
     /// data clusters whose host range is a hole reported as [`ExtentKind::DataHole`] when
     /// the image looks preallocated with `preallocation=metadata` (see the module docs).
+    /// On encrypted images no extent has a host offset (QEMU's block status sets no
+    /// `OFFSET_VALID` with encryption), so neighbours of equal kind merge.
     pub fn map(&mut self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.map_precise(offset, len, usize::MAX)
+        let v = self.map_precise(offset, len, usize::MAX)?;
+        Ok(self.without_offsets_if_encrypted(v))
+    }
+
+    fn without_offsets_if_encrypted(&self, v: Vec<Extent>) -> Vec<Extent> {
+        if self.crypto.is_none() {
+            return v;
+        }
+        let mut out: Vec<Extent> = Vec::with_capacity(v.len());
+        for mut x in v {
+            x.host_offset = None;
+            push_merged(&mut out, x);
+        }
+        out
     }
 
     /// Maps guest `[offset, offset + len)` to extents from the metadata alone (no host
@@ -275,6 +290,7 @@ impl Image {
     pub fn block_status(&mut self, offset: u64, len: u64) -> Result<Extent> {
         let len = len.min(self.virtual_size().saturating_sub(offset));
         let ext = self.map_precise(offset, len, 1)?;
+        let ext = self.without_offsets_if_encrypted(ext);
         Ok(ext.into_iter().next().unwrap_or(Extent {
             offset,
             length: 0,

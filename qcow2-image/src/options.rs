@@ -167,6 +167,12 @@ pub struct OpenOptions {
     /// elsewhere may change the image under this open). Read-only opens only; a writable
     /// open with it is refused with QEMU's message. Inherited by backing and data files.
     pub force_share: bool,
+    /// The passphrase of an encrypted (LUKS, `crypt_method` 2) image: QEMU's
+    /// `encrypt.key-secret`. Opening an encrypted image without it fails with QEMU's
+    /// "Parameter 'encrypt.key-secret' is required for cipher"; with a wrong one with
+    /// "Invalid password, cannot unlock any keyslot"; nothing is written either way.
+    /// Backing files are opened with the same secret.
+    pub key_secret: Option<qcow2_crypto::Secret>,
 }
 
 /// Caller-supplied storage of an external data file (see [`OpenOptions::data_file`]).
@@ -197,6 +203,7 @@ impl Default for OpenOptions {
             data_file: None,
             locking: qcow2_io::Locking::Auto,
             force_share: false,
+            key_secret: None,
         }
     }
 }

@@ -61,6 +61,9 @@ pub(crate) struct OverlapState {
     pub inactive_l1: Vec<(u64, u64)>,
     pub inactive_l2: HashSet<u64>,
     pub bitmap_dir: Option<(u64, u64)>,
+    /// The LUKS header and key material of an encrypted image (no QEMU bit of its own:
+    /// guarded as part of the image header).
+    pub crypto_header: Option<(u64, u64)>,
 }
 
 pub(crate) fn level_mask(level: OverlapLevel) -> u32 {
@@ -127,7 +130,12 @@ impl OverlapState {
         };
         let found = |bit: u32| -> bool {
             match bit {
-                bits::MAIN_HEADER => start < cs,
+                bits::MAIN_HEADER => {
+                    start < cs
+                        || self
+                            .crypto_header
+                            .is_some_and(|(o, l)| ranges_overlap(start, size, o, l))
+                }
                 bits::ACTIVE_L1 => ranges_overlap(start, size, self.l1.0, self.l1.1),
                 bits::ACTIVE_L2 => hit_set(&self.active_l2),
                 bits::REFCOUNT_TABLE => {

@@ -63,6 +63,13 @@ impl Image {
                 cause: self.poisoned.clone().unwrap_or_default(),
             });
         }
+        if self.crypto.is_some() && !crate::crypto::sector_aligned(offset, buf.len() as u64) {
+            // Partial sectors of encrypted data are read and decrypted under the lock;
+            // whole sectors are planned as usual and decrypted by the caller (host
+            // pieces then start and end on sector boundaries too).
+            self.read_internal(op, offset, buf)?;
+            return Ok(vec![ReadPiece::Done]);
+        }
         let mut pieces: Vec<ReadPiece> = Vec::new();
         let mut pos = 0u64;
         let len = buf.len() as u64;
@@ -107,6 +114,11 @@ impl Image {
         len: u64,
     ) -> Result<Option<Vec<WritePiece>>> {
         let op = Op::Write;
+        if self.crypto.is_some() && !crate::crypto::sector_aligned(offset, len) {
+            // Partial sectors of encrypted data need a read-modify-write: full path.
+            // Whole sectors are planned as usual and encrypted by the caller.
+            return Ok(None);
+        }
         let g = self.geo;
         let cs = g.cluster_size();
         let mut pieces: Vec<WritePiece> = Vec::new();
@@ -160,7 +172,7 @@ impl Image {
         let op = Op::Write;
         let g = self.geo;
         let cs = g.cluster_size();
-        if len == 0 || self.data.is_some() {
+        if len == 0 || self.data.is_some() || self.crypto.is_some() {
             return Ok(None);
         }
         let in_cluster = g.offset_in_cluster(offset);
@@ -253,6 +265,11 @@ impl Image {
     }
 
     /// The storage guest data lives in (the external data file, or the image file).
+    /// The payload cipher of an encrypted image, for data moved without the lock.
+    pub(crate) fn crypto_arc(&self) -> Option<Arc<dyn qcow2_crypto::SectorCipher>> {
+        self.crypto.clone()
+    }
+
     pub(crate) fn data_storage_arc(&self) -> Arc<dyn Storage> {
         self.data_storage().clone()
     }

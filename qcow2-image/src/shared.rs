@@ -238,15 +238,20 @@ impl SharedImage {
             return Ok(());
         }
         let storage = core.data_storage_arc();
+        let cipher = core.crypto_arc();
         let (start, end) = self.clusters(offset, buf.len() as u64);
         let _moving = self.in_flight.register(start, end, Moving::Data);
         drop(core);
         for p in pieces {
             if let ReadPiece::Host { at, len, host } = p {
                 let dst = &mut buf[at as usize..(at + len) as usize];
-                storage
-                    .read_at(dst, host)
-                    .map_err(|e| ImageError::io(op, "read guest data", host, e))?;
+                let io = |e| ImageError::io(op, "read guest data", host, e);
+                match &cipher {
+                    // Planned pieces of encrypted images are whole sectors.
+                    Some(c) => crate::crypto::read_decrypted(&*storage, c.as_ref(), host, dst),
+                    None => storage.read_at(dst, host),
+                }
+                .map_err(io)?;
             }
         }
         Ok(())
@@ -267,13 +272,20 @@ impl SharedImage {
         core.invalidate_bitmaps(op, crate::bitmaps::Staleness::Content)?;
         if let Some(pieces) = core.plan_rewrite(offset, len)? {
             let storage = core.data_storage_arc();
+            let cipher = core.crypto_arc();
             let _moving = self.in_flight.register(start, end, Moving::Data);
             drop(core);
             for p in pieces {
                 let src = &buf[p.at as usize..(p.at + p.len) as usize];
-                storage
-                    .write_at(src, p.host)
-                    .map_err(|e| ImageError::io(op, "write guest data", p.host, e))?;
+                let io = |e| ImageError::io(op, "write guest data", p.host, e);
+                match &cipher {
+                    Some(c) => {
+                        let enc = crate::crypto::encrypted(c.as_ref(), p.host, src).map_err(io)?;
+                        storage.write_at(&enc, p.host)
+                    }
+                    None => storage.write_at(src, p.host),
+                }
+                .map_err(io)?;
             }
             return Ok(());
         }

@@ -62,6 +62,27 @@ impl Image {
     }
 
     pub(crate) fn write_internal(&mut self, op: Op, offset: u64, buf: &[u8]) -> Result<()> {
+        const S: u64 = crate::crypto::SECTOR;
+        let end = offset + buf.len() as u64;
+        if self.crypto.is_some() && (offset % S != 0 || end % S != 0) && !buf.is_empty() {
+            // Encrypted sectors change whole: the partial head and tail sectors are read
+            // (decrypted) and merged, and the aligned range is written.
+            let start = offset / S * S;
+            let aligned_end = end.div_ceil(S) * S;
+            if aligned_end > self.virtual_size() {
+                return Err(ImageError::InvalidArgument {
+                    op,
+                    reason: "encrypted write past the last whole sector of the image".into(),
+                });
+            }
+            let mut whole = vec![0u8; (aligned_end - start) as usize];
+            self.read_internal(op, start, &mut whole[..S as usize])?;
+            let last = whole.len() - S as usize;
+            self.read_internal(op, aligned_end - S, &mut whole[last..])?;
+            let at = (offset - start) as usize;
+            whole[at..at + buf.len()].copy_from_slice(buf);
+            return self.write_internal(op, start, &whole);
+        }
         let mut pos = 0usize;
         while pos < buf.len() {
             let n = self.write_chunk(op, offset + pos as u64, &buf[pos..])?;
@@ -600,9 +621,14 @@ impl Image {
             self.storage.event(Event::CowWrite);
         }
         self.storage.event(Event::WriteAio);
-        self.data_storage()
-            .write_at(data, host)
-            .map_err(|e| ImageError::io(op, "write guest data", host, e))
+        let io = |e| ImageError::io(op, "write guest data", host, e);
+        match &self.crypto {
+            Some(c) => {
+                let enc = crate::crypto::encrypted(c.as_ref(), host, data).map_err(io)?;
+                self.data_storage().write_at(&enc, host).map_err(io)
+            }
+            None => self.data_storage().write_at(data, host).map_err(io),
+        }
     }
 
     /// Builds the buffer for `[cluster_guest + start, cluster_guest + end)` with `data` at
@@ -755,7 +781,10 @@ impl Image {
                 let tail_end = cluster_guest + (run - 1) * cs + cow.end;
                 let tail = (tail_at, tail_end.saturating_sub(tail_at));
                 let has_cow = head.1 > 0 || tail.1 > 0;
+                // Zeroed host clusters do not decrypt to zeros: encrypted images write
+                // their COW areas.
                 let zero_cow = has_cow
+                    && self.crypto.is_none()
                     && self.reads_as_zero(op, head.0, head.1)?
                     && self.reads_as_zero(op, tail.0, tail.1)?;
                 let direct = zero_cow.then_some((in_cluster, &data[..n as usize]));

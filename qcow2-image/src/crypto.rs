@@ -1,0 +1,135 @@
+//! Encrypted images (LUKS inside qcow2, `crypt_method` 2): unlocking at open and moving
+//! encrypted guest data.
+//!
+//! The LUKS header and key material live at the full-disk-encryption header extension's
+//! offset (refcounted clusters; the checker counts them, the overlap check guards them as
+//! part of the image header). Guest data in data clusters is encrypted per 512-byte sector
+//! with the sector number `host offset / 512` (QEMU's `crypt_physical_offset`), so data
+//! that moves to another host cluster (copy-on-write) is decrypted and re-encrypted.
+//! Zero and unallocated clusters read as zeros without decryption. Compressed clusters are
+//! stored unencrypted by QEMU (it writes them so); they are read as QEMU reads them, and
+//! compressed writes to encrypted images are refused here.
+
+use crate::error::{ImageError, Op, Result};
+use crate::options::OpenOptions;
+use qcow2_crypto::luks::{LuksError, LuksHeader, LUKS_HEADER_SIZE};
+use qcow2_crypto::SectorCipher;
+use qcow2_format::extensions::FirstCluster;
+use qcow2_io::errno::{EINVAL, EIO};
+use qcow2_io::Storage;
+use std::io;
+use std::sync::Arc;
+
+/// Bytes of one encryption sector.
+pub(crate) const SECTOR: u64 = 512;
+
+fn refused(message: String) -> ImageError {
+    ImageError::Refused {
+        op: Op::Open,
+        message,
+        hint: None,
+        errno: EINVAL,
+    }
+}
+
+/// Reads the LUKS header named by the crypto header extension and recovers the master key
+/// with [`OpenOptions::key_secret`]; QEMU's messages when the secret is missing or wrong.
+/// Reads only.
+pub(crate) fn unlock(
+    storage: &dyn Storage,
+    fc: &FirstCluster,
+    opts: &OpenOptions,
+) -> Result<Arc<dyn SectorCipher>> {
+    // `open_first_cluster` refuses crypt_method 2 without the extension; be safe anyway.
+    let ext = fc
+        .extensions
+        .crypto_header
+        .ok_or_else(|| refused("Missing CRYPTO header for crypt method 2".into()))?;
+    // QEMU's LUKS driver asks for the secret before it reads anything.
+    let Some(secret) = &opts.key_secret else {
+        return Err(refused(
+            "Parameter 'encrypt.key-secret' is required for cipher".into(),
+        ));
+    };
+    // QEMU's qcow2_crypto_hdr_read_func: reads stay inside the extension's area.
+    let read = |off: u64, buf: &mut [u8]| -> std::result::Result<(), LuksError> {
+        let end = off.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > ext.length) {
+            return Err(LuksError::Read {
+                reason: "Request for data outside of extension header".into(),
+            });
+        }
+        let at = ext.offset.checked_add(off).ok_or(LuksError::Read {
+            reason: "Request for data outside of extension header".into(),
+        })?;
+        storage.read_at(buf, at).map_err(|e| LuksError::Read {
+            reason: format!(
+                "Could not read encryption header: {}",
+                crate::image::strerror(e.raw_os_error().unwrap_or(EIO))
+            ),
+        })
+    };
+    let mut hdr = vec![0u8; LUKS_HEADER_SIZE];
+    let mut read = read;
+    read(0, &mut hdr).map_err(|e| refused(e.to_string()))?;
+    let header = LuksHeader::parse(&hdr).map_err(|e| refused(e.to_string()))?;
+    header.check().map_err(|e| refused(e.to_string()))?;
+    let cipher = header
+        .unlock(secret.as_bytes(), &mut read)
+        .map_err(|e| refused(e.to_string()))?;
+    Ok(Arc::from(cipher))
+}
+
+fn cipher_err(e: qcow2_crypto::CipherError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+}
+
+/// Whether `[offset, offset + len)` starts and ends on sector boundaries.
+pub(crate) fn sector_aligned(offset: u64, len: u64) -> bool {
+    offset % SECTOR == 0 && len % SECTOR == 0
+}
+
+/// Reads `dst.len()` guest bytes stored at `host`: the whole sectors around them are read
+/// and decrypted, `dst` gets its part.
+pub(crate) fn read_decrypted(
+    storage: &dyn Storage,
+    cipher: &dyn SectorCipher,
+    host: u64,
+    dst: &mut [u8],
+) -> io::Result<()> {
+    if dst.is_empty() {
+        return Ok(());
+    }
+    let start = host / SECTOR * SECTOR;
+    let end = (host + dst.len() as u64).div_ceil(SECTOR) * SECTOR;
+    if start == host && end == host + dst.len() as u64 {
+        storage.read_at(dst, host)?;
+        return cipher.decrypt(host / SECTOR, dst).map_err(cipher_err);
+    }
+    let mut buf = vec![0u8; (end - start) as usize];
+    storage.read_at(&mut buf, start)?;
+    cipher
+        .decrypt(start / SECTOR, &mut buf)
+        .map_err(cipher_err)?;
+    let at = (host - start) as usize;
+    dst.copy_from_slice(&buf[at..at + dst.len()]);
+    Ok(())
+}
+
+/// `data` encrypted for host offset `host` (both whole sectors).
+pub(crate) fn encrypted(cipher: &dyn SectorCipher, host: u64, data: &[u8]) -> io::Result<Vec<u8>> {
+    if host % SECTOR != 0 || data.len() as u64 % SECTOR != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "encrypted write of {} bytes at {host:#x} is not sector aligned",
+                data.len()
+            ),
+        ));
+    }
+    let mut buf = data.to_vec();
+    cipher
+        .encrypt(host / SECTOR, &mut buf)
+        .map_err(cipher_err)?;
+    Ok(buf)
+}
