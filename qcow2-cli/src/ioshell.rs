@@ -236,27 +236,8 @@ fn parse_discard(mode: &str) -> Option<bool> {
 /// Splits a QemuOpts list ("a=b,c=d", ",," escaping a comma). A bare word is `implied`'s
 /// value when given (`--object secret,...`), else `word=on`.
 pub(crate) fn split_opts(list: &str, implied: Option<&str>) -> Vec<(String, String)> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = list.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
     let mut out = Vec::new();
-    for (i, part) in parts.into_iter().enumerate() {
-        if part.is_empty() {
-            continue;
-        }
+    for (i, part) in crate::opts::split_items(list).into_iter().enumerate() {
         match part.split_once('=') {
             Some((k, v)) => out.push((k.to_string(), v.to_string())),
             None => match implied {

@@ -53,8 +53,9 @@ impl OptList {
     }
 }
 
-/// Splits at single commas; `,,` stands for a comma.
-fn split_items(list: &str) -> Vec<String> {
+/// Splits at single commas; `,,` stands for a comma (QemuOpts' escaping); empty items are
+/// dropped.
+pub fn split_items(list: &str) -> Vec<String> {
     let mut items = Vec::new();
     let mut cur = String::new();
     let mut chars = list.chars().peekable();
