@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{have_qemu, qcow2, qemu_img, qemu_io, Run};
+use common::{have_qemu, ok, qcow2, qemu_img, qemu_io};
 use std::path::Path;
 use std::process::Command;
 
@@ -80,10 +80,6 @@ fn covers(extents: &[(u64, u64)], start: u64, len: u64) -> bool {
     pos >= start + len
 }
 
-fn ok(r: &Run) {
-    assert_eq!(r.code, 0, "{r:?}");
-}
-
 /// Bitmaps of `img` as `qemu-img info` lists them: (name, flags).
 fn qemu_bitmaps(dir: &Path, img: &str) -> Vec<(String, Vec<String>)> {
     let info = qemu_img(dir, &["info", "--output=json", img]);
@@ -117,7 +113,7 @@ fn writes_never_leave_a_consistent_bitmap_stale() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         let img = "img.qcow2";
-        ok(&qemu_img(
+        ok(qemu_img(
             d,
             &[
                 "create",
@@ -136,20 +132,20 @@ fn writes_never_leave_a_consistent_bitmap_stale() {
                 args.extend_from_slice(&["-g", g]);
             }
             args.extend_from_slice(&[img, name]);
-            ok(&qemu_img(d, &args));
+            ok(qemu_img(d, &args));
         }
         // QEMU records a write in both, then the second is frozen.
-        ok(&qemu_io(d, &["-c", "write -P 1 1M 64k", img]));
-        ok(&qemu_img(d, &["bitmap", "--disable", img, "disabled"]));
+        ok(qemu_io(d, &["-c", "write -P 1 1M 64k", img]));
+        ok(qemu_img(d, &["bitmap", "--disable", img, "disabled"]));
         let frozen = dirty_extents(d, img, "disabled").expect("export disabled bitmap");
         assert!(covers(&frozen, 1 << 20, 64 << 10), "{frozen:?}");
 
         // Read-only use changes nothing at all.
         let before = std::fs::read(d.join(img)).expect("read");
-        ok(&qcow2(d, &["info", img]));
-        ok(&qcow2(d, &["check", img]));
-        ok(&qcow2(d, &["io", "-r", "-c", "read 0 64k", img]));
-        ok(&qcow2(d, &["map", img]));
+        ok(qcow2(d, &["info", img]));
+        ok(qcow2(d, &["check", img]));
+        ok(qcow2(d, &["io", "-r", "-c", "read 0 64k", img]));
+        ok(qcow2(d, &["map", img]));
         assert!(std::fs::read(d.join(img)).expect("read") == before);
 
         // Our engine writes, zero-writes and discards.
@@ -158,7 +154,7 @@ fn writes_never_leave_a_consistent_bitmap_stale() {
             (5 << 20, 64 << 10),
             (1 << 20, 64 << 10),
         ];
-        ok(&qcow2(
+        ok(qcow2(
             d,
             &[
                 "io",
@@ -194,8 +190,8 @@ fn writes_never_leave_a_consistent_bitmap_stale() {
         }
 
         // QEMU can remove the invalidated bitmap and add it again: the image stays usable.
-        ok(&qemu_img(d, &["bitmap", "--remove", img, "enabled"]));
-        ok(&qemu_img(d, &["bitmap", "--add", img, "enabled"]));
+        ok(qemu_img(d, &["bitmap", "--remove", img, "enabled"]));
+        ok(qemu_img(d, &["bitmap", "--add", img, "enabled"]));
         let check = qemu_img(d, &["check", img]);
         ok(&check);
     }
@@ -209,15 +205,15 @@ fn resize_invalidates_bitmaps_and_revert_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let img = "img.qcow2";
-    ok(&qemu_img(d, &["create", "-q", "-f", "qcow2", img, "8M"]));
-    ok(&qemu_img(d, &["bitmap", "--add", img, "enabled"]));
-    ok(&qemu_img(
+    ok(qemu_img(d, &["create", "-q", "-f", "qcow2", img, "8M"]));
+    ok(qemu_img(d, &["bitmap", "--add", img, "enabled"]));
+    ok(qemu_img(
         d,
         &["bitmap", "--add", "--disable", img, "disabled"],
     ));
 
     // A snapshot create changes no guest content: bitmaps stay consistent.
-    ok(&qcow2(d, &["snapshot", "-c", "s1", img]));
+    ok(qcow2(d, &["snapshot", "-c", "s1", img]));
     assert!(qemu_bitmaps(d, img)
         .iter()
         .all(|(_, f)| !f.contains(&"in-use".into())));
@@ -240,13 +236,13 @@ fn resize_invalidates_bitmaps_and_revert_is_refused() {
     );
     // A size change makes every bitmap's table the wrong size: all in use, and QEMU can
     // still open the image (a consistent bitmap of the wrong size would make it refuse).
-    ok(&qcow2(d, &["resize", img, "1G"]));
+    ok(qcow2(d, &["resize", img, "1G"]));
     let b = qemu_bitmaps(d, img);
     assert!(
         b.iter().all(|(_, f)| f.contains(&"in-use".to_string())),
         "{b:?}"
     );
-    ok(&qemu_io(d, &["-c", "read 0 4k", img]));
+    ok(qemu_io(d, &["-c", "read 0 4k", img]));
     let check = qemu_img(d, &["check", img]);
     ok(&check);
     assert!(check.stdout.contains("No errors were found"), "{check:?}");
@@ -260,7 +256,7 @@ fn info_lists_bitmaps_as_qemu_img() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let img = "img.qcow2";
-    ok(&qemu_img(
+    ok(qemu_img(
         d,
         &[
             "create",
@@ -273,17 +269,17 @@ fn info_lists_bitmaps_as_qemu_img() {
             "64M",
         ],
     ));
-    ok(&qemu_img(
+    ok(qemu_img(
         d,
         &["bitmap", "--add", "-g", "128k", img, "first"],
     ));
-    ok(&qemu_img(
+    ok(qemu_img(
         d,
         &["bitmap", "--add", "--disable", img, "a-longer-bitmap-name"],
     ));
-    ok(&qemu_img(d, &["bitmap", "--add", img, "third"]));
+    ok(qemu_img(d, &["bitmap", "--add", img, "third"]));
     // The first one in use, as a crashed writer leaves it.
-    ok(&qcow2(d, &["io", "-c", "write 0 4k", img]));
+    ok(qcow2(d, &["io", "-c", "write 0 4k", img]));
     for args in [&["info", img][..], &["info", "--output=json", img][..]] {
         let ours = qcow2(d, args);
         let qemu = qemu_img(d, args);
@@ -299,8 +295,8 @@ fn broken_directory_is_refused_as_qemu_refuses_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let img = "img.qcow2";
-    ok(&qemu_img(d, &["create", "-q", "-f", "qcow2", img, "8M"]));
-    ok(&qemu_img(d, &["bitmap", "--add", img, "b0"]));
+    ok(qemu_img(d, &["create", "-q", "-f", "qcow2", img, "8M"]));
+    ok(qemu_img(d, &["bitmap", "--add", img, "b0"]));
     // Set a reserved flag bit in the (only) directory entry: QEMU's loader refuses it.
     let mut bytes = std::fs::read(d.join(img)).expect("read");
     let ext = find_bitmaps_ext(&bytes).expect("bitmaps extension");

@@ -4,12 +4,8 @@
 
 mod common;
 
-use common::{have_qemu, qcow2, qemu_img, qemu_io, Run};
+use common::{backing_chain_fixture, have_qemu, ok, qcow2, qemu_img, qemu_io};
 use std::path::Path;
-
-fn ok(r: Run) {
-    assert_eq!(r.code, 0, "{r:?}");
-}
 
 /// More images: a raw backing file, a missing backing file, backing files shorter and
 /// longer than their overlays, extended L2 clusters allocated for one subcluster.
@@ -52,57 +48,7 @@ fn chain_fixtures(d: &Path) {
 
 /// The images both tools compare.
 fn fixtures(d: &Path) {
-    ok(qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "base.qcow2",
-            "64M",
-        ],
-    ));
-    ok(qemu_io(
-        d,
-        &[
-            "-c",
-            "write -P 1 0 100k",
-            "-c",
-            "write -z 1M 64k",
-            "-c",
-            "write -c -P 3 2M 64k",
-            "-c",
-            "write -P 5 40M 3000",
-            "base.qcow2",
-        ],
-    ));
-    ok(qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    ));
-    ok(qemu_io(
-        d,
-        &[
-            "-c",
-            "write -P 7 10M 1M",
-            "-c",
-            "write -z 0 4k",
-            "top.qcow2",
-        ],
-    ));
+    backing_chain_fixture(d);
     ok(qemu_img(
         d,
         &["convert", "-O", "qcow2", "top.qcow2", "flat.qcow2"],

@@ -4,11 +4,7 @@
 
 mod common;
 
-use common::{have_qemu, qcow2, qemu_img, qemu_io, Run};
-
-fn ok(r: Run) {
-    assert_eq!(r.code, 0, "{r:?}");
-}
+use common::{have_qemu, ok, qcow2, qemu_img, qemu_io};
 
 #[test]
 fn dd_equals_qemu_img_dd() {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{have_qemu, qcow2, qemu_img, qemu_io};
+use common::{have_qemu, ok, qcow2, qemu_img, qemu_io};
 
 #[test]
 fn map_equals_qemu_img_map() {
@@ -125,10 +125,6 @@ fn assert_maps_equal(d: &std::path::Path, images: &[&str]) {
             assert_eq!(ours.stderr, qemu.stderr.replace("qemu-img: ", "qcow2: "));
         }
     }
-}
-
-fn ok(r: common::Run) {
-    assert_eq!(r.code, 0, "{r:?}");
 }
 
 /// Data clusters whose host range is a hole: QEMU detects `preallocation=metadata` images

@@ -5,12 +5,8 @@
 
 mod common;
 
-use common::{have_qemu, qcow2, qemu_img, qemu_io, Run};
+use common::{backing_chain_fixture, have_qemu, ok, qcow2, qemu_img, qemu_io};
 use std::path::Path;
-
-fn ok(r: Run) {
-    assert_eq!(r.code, 0, "{r:?}");
-}
 
 fn same(d: &Path, args: &[&str]) {
     let mut full = vec!["measure"];
@@ -82,57 +78,7 @@ fn measure_files_equals_qemu_img() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    ok(qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "base.qcow2",
-            "64M",
-        ],
-    ));
-    ok(qemu_io(
-        d,
-        &[
-            "-c",
-            "write -P 1 0 100k",
-            "-c",
-            "write -z 1M 64k",
-            "-c",
-            "write -c -P 3 2M 64k",
-            "-c",
-            "write -P 5 40M 3000",
-            "base.qcow2",
-        ],
-    ));
-    ok(qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    ));
-    ok(qemu_io(
-        d,
-        &[
-            "-c",
-            "write -P 7 10M 1M",
-            "-c",
-            "write -z 0 4k",
-            "top.qcow2",
-        ],
-    ));
+    backing_chain_fixture(d);
     ok(qemu_img(
         d,
         &["create", "-q", "-f", "raw", "sparse.raw", "50M"],

@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{have_qemu, qcow2, qemu_img, qemu_io, Run};
+use common::{have_qemu, ok, qcow2, qemu_img, qemu_io, Run};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -288,10 +288,6 @@ fn run_qemu(dir: &Path, program: &str, args: &[&str]) -> Run {
     }
 }
 
-fn ok(r: &Run) {
-    assert_eq!(r.code, 0, "{r:?}");
-}
-
 /// `qemu-img info --output=json`'s bitmaps: (name, flags).
 fn qemu_bitmaps(dir: &Path) -> Vec<(String, Vec<String>)> {
     let r = qemu_img(dir, &["info", "-U", "--output=json", IMG]);
@@ -435,12 +431,12 @@ fn create(dir: &Path, opts: &str, size: &str) {
         args.extend(["-o", opts]);
     }
     args.extend([IMG, size]);
-    ok(&qemu_img(dir, &args));
+    ok(qemu_img(dir, &args));
 }
 
 fn plain(dir: &Path) {
     create(dir, "", "64M");
-    ok(&qemu_io(dir, &["-c", "write -P 1 0 128k", IMG]));
+    ok(qemu_io(dir, &["-c", "write -P 1 0 128k", IMG]));
 }
 
 // ------------------------------------------------------------------ header fields
@@ -469,7 +465,7 @@ fn row_version_2_image() {
     run_row(&Row {
         setup: |d| {
             create(d, "compat=0.10", "64M");
-            ok(&qemu_io(d, &["-c", "write -P 1 0 128k", IMG]));
+            ok(qemu_io(d, &["-c", "write -P 1 0 128k", IMG]));
         },
         state: |h| format!("v{} exts {:?}", h.version, h.exts),
         extra: no_extra,
@@ -497,7 +493,7 @@ fn row_l1_refcount_table_and_snapshot_table_locations() {
     run_row(&Row {
         setup: |d| {
             plain(d);
-            ok(&qemu_img(d, &["snapshot", "-c", "base-snap", IMG]));
+            ok(qemu_img(d, &["snapshot", "-c", "base-snap", IMG]));
         },
         state: |h| format!("nb_snapshots {}", be32(&h.raw, 60)),
         extra: |_, q, o| {
@@ -571,11 +567,11 @@ fn row_additional_header_fields() {
 }
 
 fn backing_setup(d: &Path) {
-    ok(&qemu_img(
+    ok(qemu_img(
         d,
         &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
     ));
-    ok(&qemu_img(
+    ok(qemu_img(
         d,
         &[
             "create",
@@ -694,7 +690,7 @@ fn data_file_setup(d: &Path, raw: bool) {
         if raw { "on" } else { "off" }
     );
     create(d, &opts, "4M");
-    ok(&qemu_io(d, &["-c", "write -P 1 0 1M", IMG]));
+    ok(qemu_io(d, &["-c", "write -P 1 0 1M", IMG]));
 }
 
 fn data_file_extra(op: &str, q: &Outcome, o: &Outcome) {
@@ -733,11 +729,11 @@ fn row_external_data_file_name_extension() {
         extra: |op, _, o| {
             if op == "rw open + write" {
                 // Renaming through amend rewrites the extension, as QEMU's amend does.
-                ok(&qcow2(&o.dir, &["amend", "-o", "data_file=new.raw", IMG]));
+                ok(qcow2(&o.dir, &["amend", "-o", "data_file=new.raw", IMG]));
                 std::fs::rename(o.dir.join("data.raw"), o.dir.join("new.raw")).expect("mv");
                 let h = Hdr::read(&o.dir.join(IMG));
                 assert_eq!(h.ext(EXT_DATA_FILE), Some(&b"new.raw"[..]));
-                ok(&qemu_img(&o.dir, &["check", IMG]));
+                ok(qemu_img(&o.dir, &["check", IMG]));
             }
         },
         ours_may_succeed: &[],
@@ -786,7 +782,7 @@ fn row_incompat_extended_l2() {
     run_row(&Row {
         setup: |d| {
             create(d, "extended_l2=on,cluster_size=128k", "64M");
-            ok(&qemu_io(d, &["-c", "write -P 1 4k 4k", IMG]));
+            ok(qemu_io(d, &["-c", "write -P 1 4k 4k", IMG]));
         },
         state: |h| format!("incompat {:#x}", h.u64_at(OFF_INCOMPAT)),
         extra: no_extra,
@@ -908,8 +904,8 @@ fn row_feature_name_table() {
 
 fn bitmaps_setup(d: &Path) {
     plain(d);
-    ok(&qemu_img(d, &["bitmap", "--add", IMG, "enabled"]));
-    ok(&qemu_img(
+    ok(qemu_img(d, &["bitmap", "--add", IMG, "enabled"]));
+    ok(qemu_img(
         d,
         &["bitmap", "--add", "--disable", IMG, "disabled"],
     ));
@@ -990,7 +986,7 @@ fn row_full_disk_encryption_header_pointer() {
     // operations that need no key and the read-only open must leave it alone.
     run_row(&Row {
         setup: |d| {
-            ok(&qemu_img(
+            ok(qemu_img(
                 d,
                 &[
                     "create",
@@ -1021,7 +1017,7 @@ fn row_legacy_aes_encryption() {
     // in QEMU, none at all in ours; nothing written either way.
     run_row(&Row {
         setup: |d| {
-            ok(&qemu_img(
+            ok(qemu_img(
                 d,
                 &[
                     "create",
@@ -1056,8 +1052,8 @@ fn snapshot_apply_with_bitmaps_is_refused_as_qemu_does() {
     let base = root.path().join("base");
     std::fs::create_dir(&base).expect("mkdir");
     plain(&base);
-    ok(&qemu_img(&base, &["snapshot", "-c", "s1", IMG]));
-    ok(&qemu_img(
+    ok(qemu_img(&base, &["snapshot", "-c", "s1", IMG]));
+    ok(qemu_img(
         &base,
         &["bitmap", "--add", "--disable", IMG, "disabled"],
     ));
@@ -1085,7 +1081,7 @@ fn row_snapshot_table_after_repair() {
     std::fs::create_dir(&base).expect("mkdir");
     plain(&base);
     for s in ["a", "b", "c"] {
-        ok(&qemu_img(&base, &["snapshot", "-c", s, IMG]));
+        ok(qemu_img(&base, &["snapshot", "-c", s, IMG]));
     }
     let path = base.join(IMG);
     let mut bytes = std::fs::read(&path).expect("read");

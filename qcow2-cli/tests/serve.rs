@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{have_qemu, qemu_img, qemu_io, Run};
+use common::{have_qemu, ok, qemu_img, qemu_io};
 
 /// A running `qcow2 serve`; killed and reaped when dropped.
 struct Served {
@@ -82,10 +82,6 @@ fn uri(sock: &Path, name: &str) -> String {
     format!("nbd+unix:///{name}?socket={}", sock.display())
 }
 
-fn ok(r: &Run) {
-    assert_eq!(r.code, 0, "{}", r.text());
-}
-
 /// `qemu-img check` finds no error and the dirty bit is clear.
 fn clean(dir: &Path, image: &str) {
     let r = qemu_img(dir, &["check", image]);
@@ -124,7 +120,7 @@ const SCRIPT: &[&str] = &[
 ];
 
 fn image(dir: &Path, name: &str, size: &str) {
-    ok(&qemu_img(dir, &["create", "-q", "-f", "qcow2", name, size]));
+    ok(qemu_img(dir, &["create", "-q", "-f", "qcow2", name, size]));
 }
 
 #[test]
@@ -162,12 +158,12 @@ fn qemu_io_script_over_nbd_matches_a_local_run() {
     );
     let mut args = vec!["-f", "qcow2", "local.qcow2"];
     args.extend(io_args(SCRIPT));
-    ok(&qemu_io(dir, &args));
+    ok(qemu_io(dir, &args));
     // Without --persistent the server leaves with its only client, image closed.
     assert_eq!(server.wait(), 0);
     assert!(!sock.exists(), "socket removed at exit");
     clean(dir, "served.qcow2");
-    ok(&qemu_img(dir, &["compare", "served.qcow2", "local.qcow2"]));
+    ok(qemu_img(dir, &["compare", "served.qcow2", "local.qcow2"]));
 }
 
 /// (start, length, data, zero) runs of `qemu-img map --output=json`, merged.
@@ -201,8 +197,8 @@ fn map_convert_and_info_over_nbd() {
         "write -P 0xa3 9m 1m",
     ];
     args.extend(io_args(&cmds));
-    ok(&qemu_io(dir, &args));
-    ok(&qemu_img(
+    ok(qemu_io(dir, &args));
+    ok(qemu_img(
         dir,
         &["create", "-q", "-f", "qcow2", "target.qcow2", "16M"],
     ));
@@ -239,7 +235,7 @@ fn map_convert_and_info_over_nbd() {
     );
     let nbd_map = qemu_img(dir, &["map", "--output=json", "-f", "raw", &tcp]);
     ok(&nbd_map);
-    ok(&qemu_img(
+    ok(qemu_img(
         dir,
         &["convert", "-f", "raw", "-O", "raw", &tcp, "out.raw"],
     ));
@@ -248,7 +244,7 @@ fn map_convert_and_info_over_nbd() {
     let img_map = qemu_img(dir, &["map", "--output=json", "img.qcow2"]);
     ok(&img_map);
     assert_eq!(runs(&nbd_map.stdout), runs(&img_map.stdout));
-    ok(&qemu_img(
+    ok(qemu_img(
         dir,
         &[
             "compare",
@@ -275,7 +271,7 @@ fn map_convert_and_info_over_nbd() {
             "target.qcow2",
         ],
     );
-    ok(&qemu_img(
+    ok(qemu_img(
         dir,
         &[
             "convert",
@@ -290,7 +286,7 @@ fn map_convert_and_info_over_nbd() {
     ));
     assert_eq!(dst.wait(), 0);
     clean(dir, "target.qcow2");
-    ok(&qemu_img(dir, &["compare", "img.qcow2", "target.qcow2"]));
+    ok(qemu_img(dir, &["compare", "img.qcow2", "target.qcow2"]));
 }
 
 /// A qemu-io process driven line by line on stdin.
@@ -398,7 +394,7 @@ fn read_only_export_refuses_writes_and_nbdinfo_describes_it() {
     image(dir, "img.qcow2", "4M");
     let mut args = vec!["-f", "qcow2", "img.qcow2"];
     args.extend(io_args(&["write -P 0x5a 1m 64k"]));
-    ok(&qemu_io(dir, &args));
+    ok(qemu_io(dir, &args));
     std::fs::copy(dir.join("img.qcow2"), dir.join("orig.qcow2")).unwrap();
     let sock = dir.join("s.sock");
     let mut server = Served::start(
@@ -457,7 +453,7 @@ fn read_only_export_refuses_writes_and_nbdinfo_describes_it() {
         eprintln!("nbdinfo not installed: skipping the libnbd checks");
     }
     assert_eq!(server.terminate(), 0);
-    ok(&qemu_img(dir, &["compare", "img.qcow2", "orig.qcow2"]));
+    ok(qemu_img(dir, &["compare", "img.qcow2", "orig.qcow2"]));
     clean(dir, "img.qcow2");
 }
 
@@ -477,8 +473,8 @@ fn nbdcopy_from_and_to_an_export() {
     image(dir, "img.qcow2", "8M");
     let mut args = vec!["-f", "qcow2", "img.qcow2"];
     args.extend(io_args(&["write -P 0x3c 0 1m", "write -P 0x3d 6m 100k"]));
-    ok(&qemu_io(dir, &args));
-    ok(&qemu_img(
+    ok(qemu_io(dir, &args));
+    ok(qemu_img(
         dir,
         &["create", "-q", "-f", "qcow2", "copy.qcow2", "8M"],
     ));
@@ -506,7 +502,7 @@ fn nbdcopy_from_and_to_an_export() {
     );
     nbdcopy(&[&u, "out.raw"]);
     assert_eq!(server.terminate(), 0);
-    ok(&qemu_img(
+    ok(qemu_img(
         dir,
         &[
             "compare",
@@ -532,7 +528,7 @@ fn nbdcopy_from_and_to_an_export() {
     nbdcopy(&["out.raw", &u]);
     assert_eq!(server.terminate(), 0);
     clean(dir, "copy.qcow2");
-    ok(&qemu_img(dir, &["compare", "img.qcow2", "copy.qcow2"]));
+    ok(qemu_img(dir, &["compare", "img.qcow2", "copy.qcow2"]));
 }
 
 #[test]
@@ -569,9 +565,9 @@ fn raw_export_matches_a_local_run_and_its_map() {
     );
     let mut args = vec!["-f", "raw", "local.raw"];
     args.extend(io_args(SCRIPT));
-    ok(&qemu_io(dir, &args));
+    ok(qemu_io(dir, &args));
     assert_eq!(server.wait(), 0);
-    ok(&qemu_img(
+    ok(qemu_img(
         dir,
         &[
             "compare",

@@ -108,3 +108,66 @@ impl Pair {
         std::fs::copy(self.qemu().join(name), self.ours().join(name)).expect("copy");
     }
 }
+
+/// Asserts that a command succeeded (exit status 0), showing what it printed otherwise.
+pub fn ok(r: impl std::borrow::Borrow<Run>) {
+    let r = r.borrow();
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
+/// A two-image qcow2 chain made by QEMU in `d`: `base.qcow2` (4 KiB clusters, 64 MiB; data,
+/// a zero range, a compressed cluster and a short write far out) under `top.qcow2` (data
+/// and a zero write over the base).
+pub fn backing_chain_fixture(d: &Path) {
+    ok(qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "base.qcow2",
+            "64M",
+        ],
+    ));
+    ok(qemu_io(
+        d,
+        &[
+            "-c",
+            "write -P 1 0 100k",
+            "-c",
+            "write -z 1M 64k",
+            "-c",
+            "write -c -P 3 2M 64k",
+            "-c",
+            "write -P 5 40M 3000",
+            "base.qcow2",
+        ],
+    ));
+    ok(qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    ));
+    ok(qemu_io(
+        d,
+        &[
+            "-c",
+            "write -P 7 10M 1M",
+            "-c",
+            "write -z 0 4k",
+            "top.qcow2",
+        ],
+    ));
+}
