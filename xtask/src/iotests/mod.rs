@@ -39,7 +39,7 @@ options:
 
 TEST...           run only these tests (names as in QEMU's tree: 001, qemu-img-bitmaps)
 
-Failures leave QEMU's output and a diff in <cache>/run-ours (or run-reference)/NAME.diff.
+Failures leave the test's output and a diff in <target>/iotests/ours (or reference)/NAME.diff.
 ";
 
 /// The list of tests expected to pass with our binary, relative to the workspace root.
@@ -176,7 +176,7 @@ fn run(opts: &Options) -> Result<bool, String> {
     }
 
     let label = if opts.reference { "reference" } else { "ours" };
-    let run_dir = cache.join(format!("run-{label}"));
+    let run_dir = run_dir(&root, label)?;
     if run_dir.exists() {
         fs::remove_dir_all(&run_dir)
             .map_err(|e| format!("cannot clean {}: {e}", run_dir.display()))?;
@@ -228,6 +228,39 @@ fn run(opts: &Options) -> Result<bool, String> {
         &run_dir,
         elapsed,
     ))
+}
+
+/// Where a run's programs, scratch files and diffs go: `<target>/iotests/<label>`. Some tests
+/// refuse to run in a directory whose path has characters other than letters, digits, `-`,
+/// `_` and `/` (197 and 215 test names with such characters and want a clean base), so a
+/// target path with a dot (or worse) falls back to `/tmp/qcow2-iotests-<uid>/<label>`.
+fn run_dir(root: &Path, label: &str) -> Result<PathBuf, String> {
+    let target = crate::util::default_binary(root, true)
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| root.join("target"));
+    let clean = |p: &Path| {
+        p.to_str().is_some_and(|s| {
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'/'))
+        })
+    };
+    let dir = target.join("iotests").join(label);
+    if clean(&dir) {
+        return Ok(dir);
+    }
+    let user = std::env::var("USER").unwrap_or_default();
+    let user: String = user.chars().filter(char::is_ascii_alphanumeric).collect();
+    let dir = PathBuf::from(format!("/tmp/qcow2-iotests-{user}")).join(label);
+    if clean(&dir) {
+        Ok(dir)
+    } else {
+        Err(format!(
+            "no run directory without special characters ({})",
+            dir.display()
+        ))
+    }
 }
 
 /// The tests expected to pass: one name per line, `#` starts a comment.
