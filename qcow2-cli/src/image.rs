@@ -165,7 +165,7 @@ pub fn probe(path: &str) -> Result<Format, CliError> {
 /// open the image afterwards report the lock conflict of *that* open, as qemu-img does.
 pub fn probe_detail(path: &str) -> Result<Format, String> {
     let fail = |e: std::io::Error| format!("Could not open '{path}': {}", strerror(&e));
-    let storage = FileStorage::open(path, false).map_err(fail)?;
+    let storage = FileStorage::open(crate::blkdebug::file_of(path), false).map_err(fail)?;
     let mut head = [0u8; 8];
     storage.read_at(&mut head, 0).map_err(fail)?;
     Ok(if probe_qcow2(&head) {
@@ -185,7 +185,9 @@ pub fn open(path: &str, format: Option<Format>, writable: bool) -> Result<Opened
 /// errors, the driver's message ("Image is not in qcow2 format") otherwise.
 pub fn open_detail(path: &str, format: Option<Format>, writable: bool) -> Result<Opened, String> {
     let io_err = |e: std::io::Error| format!("Could not open '{path}': {}", strerror(&e));
-    let storage = FileStorage::open(path, writable).map_err(io_err)?;
+    // A blkdebug node's header reads go to its file: no rule is armed before the engine
+    // reports an event.
+    let storage = FileStorage::open(crate::blkdebug::file_of(path), writable).map_err(io_err)?;
     let meta = storage.file().metadata().map_err(io_err)?;
     let file_len = storage.len().map_err(io_err)?;
     let allocated = meta.blocks() * 512;

@@ -12,13 +12,14 @@
 //! the command line cannot be opened (no command runs then) or if any command failed,
 //! else 0.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, Write};
 
 use crate::image::Format;
 use crate::io::{self, BlockDev, Exit, Fail, Outcome, Parsed, Shell, Stream};
 use crate::prog;
 use crate::qcowdev::QcowDev;
 use crate::rawdev::RawDev;
+use crate::stdio::Stdout;
 
 /// A host cache mode (`-t`, `--cache`, `reopen -c`), as QEMU's `bdrv_parse_cache_mode`
 /// reads it.
@@ -589,17 +590,77 @@ fn probes_as_other_format(sector: &[u8; 512]) -> bool {
 
 /// The generic block options of `-o`/`--image-opts` lists applied to `params`; returns the
 /// file name and the driver's own options (qcow2's runtime options).
-fn apply_options(
-    path: Option<&str>,
-    params: &mut OpenParams,
-) -> Result<(String, Vec<(String, String)>), String> {
+fn apply_options(path: Option<&str>, params: &mut OpenParams) -> Result<Applied, String> {
     let mut file = path.map(str::to_string);
     let mut driver_opts = Vec::new();
-    for (k, v) in params.options.clone() {
+    let mut debug = DebugNode::None;
+    let mut options = params.options.clone();
+    if options
+        .iter()
+        .any(|(k, v)| k == "driver" && v == "blkdebug")
+    {
+        // blkdebug above the format driver: its own keys bare, the format's under
+        // `image.`; a `blkdebug:` name belongs to this node.
+        let mut node = match path {
+            Some(p) => crate::blkdebug::Blkdebug::from_filename(p)?.unwrap_or_else(|| {
+                crate::blkdebug::Blkdebug {
+                    image: Some(p.to_string()),
+                    ..Default::default()
+                }
+            }),
+            None => crate::blkdebug::Blkdebug::default(),
+        };
+        let mut pending = Vec::new();
+        let mut below = Vec::new();
+        for (k, v) in options {
+            if k == "driver" {
+                continue;
+            }
+            if let Some(ik) = k.strip_prefix("image.") {
+                match ik {
+                    "driver" => below.push(("driver".to_string(), v)),
+                    "file.filename" | "filename" => node.image = Some(v),
+                    _ => below.push((ik.to_string(), v)),
+                }
+            } else if !node.apply_option(&k, &v, &mut pending)? {
+                return Err(format!(
+                    "Block format 'blkdebug' does not support the option '{k}'"
+                ));
+            }
+        }
+        node.finish_options(pending)?;
+        file = node.image.clone();
+        if !below.iter().any(|(k, _)| k == "driver") {
+            params.format = None;
+        }
+        options = below;
+        debug = DebugNode::Format(node);
+    } else if let Some(p) = path {
+        if let Some(node) = crate::blkdebug::Blkdebug::from_filename(p)? {
+            debug = DebugNode::File(node);
+        }
+    }
+    let mut pending = Vec::new();
+    for (k, v) in options {
+        if let DebugNode::File(node) = &mut debug {
+            if let Some(fk) = k.strip_prefix("file.") {
+                if node.apply_option(fk, &v, &mut pending)? {
+                    continue;
+                }
+            }
+        }
         match k.as_str() {
             "driver" => params.format = Some(v),
             "file" | "file.filename" | "filename" => file = Some(v),
             "file.driver" if v == "file" => {}
+            "file.driver" if v == "blkdebug" => {
+                if !matches!(debug, DebugNode::File(_)) {
+                    debug = DebugNode::File(crate::blkdebug::Blkdebug {
+                        image: file.clone(),
+                        ..Default::default()
+                    });
+                }
+            }
             "file.driver" => return Err(format!("Unknown protocol driver '{v}'")),
             "read-only" => params.read_only = matches!(v.as_str(), "on" | "true" | "yes"),
             "force-share" => params.force_share = matches!(v.as_str(), "on" | "true" | "yes"),
@@ -622,15 +683,58 @@ fn apply_options(
             _ => driver_opts.push((k, v)),
         }
     }
+    if let DebugNode::File(node) = &mut debug {
+        node.finish_options(pending)?;
+        if node.image.is_none() {
+            node.image = file.clone();
+        }
+        if file.is_none() {
+            file = node.image.clone();
+        }
+    }
     let file = file.ok_or_else(|| "Must specify either driver or file".to_string())?;
-    Ok((file, driver_opts))
+    Ok((file, driver_opts, debug))
+}
+
+/// What [`apply_options`] gives: the file name, the format driver's own options, and where
+/// a blkdebug node sits.
+type Applied = (String, Vec<(String, String)>, DebugNode);
+
+/// Where a blkdebug node sits in an open.
+#[derive(Debug)]
+enum DebugNode {
+    /// None.
+    None,
+    /// Between the format driver and its file (`blkdebug:CONFIG:FILE`, `file.driver=
+    /// blkdebug`): its rules run on the engine's I/O, armed by the engine's events.
+    File(crate::blkdebug::Blkdebug),
+    /// Above the format driver (`driver=blkdebug,image.driver=...`): it sees guest
+    /// requests only, and no engine reports events to it, so its rules are checked but
+    /// never armed (as QEMU's, apart from the copy-on-read and write-request events QEMU's
+    /// generic block layer reports there).
+    Format(crate::blkdebug::Blkdebug),
+}
+
+impl DebugNode {
+    /// The file the image's bytes are in, for opens that bypass the node.
+    fn file_path(&self, name: &str) -> String {
+        match self {
+            DebugNode::File(n) | DebugNode::Format(n) => n
+                .image
+                .clone()
+                .unwrap_or_else(|| crate::blkdebug::file_of(name).to_string()),
+            DebugNode::None => name.to_string(),
+        }
+    }
 }
 
 /// Opens a device as qemu-io's `openfile` does; the error is the text after
 /// "can't open device NAME: " ("can't open: " without a name).
 fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String> {
     let mut params = params.clone();
-    let (path, driver_opts) = apply_options(name, &mut params)?;
+    let (name_path, driver_opts, debug) = apply_options(name, &mut params)?;
+    // Messages name the device as given; the bytes are in the node's file.
+    let path = debug.file_path(&name_path);
     if params.aio == AioMode::Native && !params.cache.direct {
         return Err(
             "aio=native was specified, but it requires cache.direct=on, which was not \
@@ -706,13 +810,18 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
                 } else {
                     qcow2_io::CacheMode::Writeback
                 };
-                let image = crate::qcowdev::open_image_full(
-                    &path,
+                let node = match &debug {
+                    DebugNode::File(n) => Some(n),
+                    _ => None,
+                };
+                let image = crate::qcowdev::open_image_node(
+                    if node.is_some() { &name_path } else { &path },
                     ro,
                     params.discard_unmap,
                     cache,
                     locking,
                     &driver_opts,
+                    node,
                 )?;
                 let mut dev = QcowDev::from_image(image, ro);
                 dev.set_copy_on_read(params.copy_on_read);
@@ -737,63 +846,6 @@ fn strip_device(path: &str, e: &str) -> String {
     e.strip_prefix(&format!("can't open device {path}: "))
         .unwrap_or(e)
         .to_string()
-}
-
-/// C stdio's buffering of standard output.
-struct Stdout {
-    buf: Vec<u8>,
-    line_buffered: bool,
-}
-
-/// glibc's buffer size for pipes and files (`st_blksize`).
-const STDIO_BUF: usize = 4096;
-
-impl Stdout {
-    fn new() -> Self {
-        Stdout {
-            buf: Vec::new(),
-            line_buffered: std::io::stdout().is_terminal(),
-        }
-    }
-
-    fn emit(bytes: &[u8]) {
-        let mut out = std::io::stdout().lock();
-        // qemu-io ignores SIGPIPE and write errors; so does this.
-        let _ = out.write_all(bytes).and_then(|_| out.flush());
-    }
-
-    fn write(&mut self, s: &str) {
-        let data = s.as_bytes();
-        if self.line_buffered {
-            self.buf.extend_from_slice(data);
-            if data.contains(&b'\n') {
-                self.flush();
-            }
-            return;
-        }
-        let space = STDIO_BUF - self.buf.len();
-        if data.len() <= space {
-            self.buf.extend_from_slice(data);
-            return;
-        }
-        // As glibc's fwrite: fill the buffer, write it, write whole blocks directly,
-        // keep the rest.
-        self.buf.extend_from_slice(&data[..space]);
-        self.flush();
-        let rest = &data[space..];
-        let whole = rest.len() - rest.len() % STDIO_BUF;
-        if whole > 0 {
-            Self::emit(&rest[..whole]);
-        }
-        self.buf.extend_from_slice(&rest[whole..]);
-    }
-
-    fn flush(&mut self) {
-        if !self.buf.is_empty() {
-            Self::emit(&self.buf);
-            self.buf.clear();
-        }
-    }
 }
 
 /// The session: the open device and the standard output buffer.

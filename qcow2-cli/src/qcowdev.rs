@@ -128,8 +128,40 @@ pub fn open_image_full(
     locking: Locking,
     runtime: &[(String, String)],
 ) -> Result<Image, String> {
-    let storage = FileStorage::open_cached(path, !read_only, cache)
+    let node = crate::blkdebug::Blkdebug::from_filename(path)?;
+    open_image_node(
+        path,
+        read_only,
+        unmap,
+        cache,
+        locking,
+        runtime,
+        node.as_ref(),
+    )
+}
+
+/// [`open_image_full`] with the image file below a blkdebug node (`blkdebug`: its rules
+/// run on the engine's I/O to the file; `path` is then the node's name in messages and
+/// the file is the node's image).
+pub fn open_image_node(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    blkdebug: Option<&crate::blkdebug::Blkdebug>,
+) -> Result<Image, String> {
+    let file_path = match blkdebug {
+        Some(node) => node
+            .image
+            .as_deref()
+            .ok_or_else(|| "Could not open blkdebug: no image file given".to_string())?,
+        None => path,
+    };
+    let storage = FileStorage::open_cached(file_path, !read_only, cache)
         .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
+    let path = file_path;
     let base_dir = std::path::Path::new(path)
         .parent()
         .map(|p| p.to_path_buf())
@@ -157,8 +189,14 @@ pub fn open_image_full(
             ));
         }
     }
-    let image =
-        Image::open_file(storage, std::path::Path::new(path), &opts).map_err(|e| match e {
+    let wrap = |f: std::sync::Arc<FileStorage>| -> std::sync::Arc<dyn qcow2_io::Storage> {
+        match blkdebug {
+            Some(node) => node.wrap(f),
+            None => f,
+        }
+    };
+    let image = Image::open_file_wrapped(storage, std::path::Path::new(path), &opts, wrap)
+        .map_err(|e| match e {
             // QEMU's message for a bad option has no operation in front.
             ImageError::InvalidArgument { reason, .. } => reason,
             ImageError::Backing { ref name, .. } => {

@@ -23,7 +23,7 @@ mod sparse;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod crash;
-#[cfg(any(test, feature = "test-utils"))]
+#[cfg(any(test, feature = "fault"))]
 pub mod fault;
 
 pub use event::{Event, UnknownEvent};

@@ -1,6 +1,8 @@
 //! Helpers for running `qcow2` and its peers `qemu-img` / `qemu-io` side by side.
 #![allow(dead_code)]
 
+pub mod qemu_io_setup;
+
 use std::path::Path;
 use std::process::Command;
 

@@ -1,0 +1,192 @@
+//! Behaviours QEMU's own iotests depend on (`cargo xtask iotests`), each checked here
+//! against QEMU's tools on a small case: blkdebug error injection on the image file
+//! (`blkdebug:CONFIG:FILE`, `file.driver=blkdebug` option lists, blkdebug above the format),
+//! and qemu-img's standard output buffered as C stdio buffers it (errors first in a merged
+//! stream).
+
+mod common;
+
+use std::path::Path;
+
+use common::have_qemu;
+use common::qemu_io_setup::{c_args, Setup};
+
+/// A blkdebug configuration failing the first request after the event, with `errno`.
+fn conf(event: &str, errno: u32, once: bool) -> String {
+    format!(
+        "[inject-error]\nevent = \"{event}\"\nerrno = \"{errno}\"\nonce = \"{}\"\n",
+        if once { "on" } else { "off" }
+    )
+}
+
+#[test]
+fn blkdebug_filenames_inject_errors_at_engine_events() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    // An allocating write reports cluster_alloc, refblock_load and write_aio; each fails
+    // the next request after it. (Failures of the L1/L2 updates themselves, and rules
+    // left armed for the close, end differently: the engine leaks the new clusters and
+    // reports the close, where QEMU frees them and prints its cache flushes.)
+    for (event, errno) in [
+        ("cluster_alloc", 5),
+        ("write_aio", 28),
+        ("refblock_load", 5),
+    ] {
+        s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "1M"]);
+        s.file_both("b.conf", conf(event, errno, true).as_bytes());
+        let out = s.same(
+            &c_args(&["write -P 7 0 64k"], &["blkdebug:b.conf:t.qcow2"]),
+            None,
+        );
+        assert!(
+            out.merged.contains("write failed"),
+            "{event}: {}",
+            out.merged
+        );
+        // What the failed write left behind reads the same under both tools.
+        s.same(&c_args(&["read -P 0 64k 64k"], &["t.qcow2"]), None);
+    }
+    // A read error after read_aio, on data written before.
+    s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "1M"]);
+    s.same(&c_args(&["write -P 9 0 4k"], &["t.qcow2"]), None);
+    s.file_both("r.conf", conf("read_aio", 5, true).as_bytes());
+    let out = s.same(
+        &c_args(
+            &["read -P 9 0 4k", "read -P 9 0 4k"],
+            &["blkdebug:r.conf:t.qcow2"],
+        ),
+        None,
+    );
+    assert!(out.merged.contains("read failed: Input/output error"));
+    assert!(out.merged.contains("read 4096/4096 bytes"));
+}
+
+#[test]
+fn blkdebug_option_lists_and_empty_configs() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "1M"]);
+    // inject-error.N.* options on the file node.
+    s.same(
+        &[
+            "-c",
+            "open -o driver=qcow2,file.driver=blkdebug,file.image.filename=t.qcow2,file.inject-error.0.event=write_aio,file.inject-error.0.errno=28,file.inject-error.0.once=on",
+            "-c",
+            "write 0 4k",
+        ],
+        None,
+    );
+    // An empty configuration with alignment constraints changes no byte.
+    s.same(
+        &c_args(
+            &[
+                "open -o driver=qcow2,file.align=4k blkdebug::t.qcow2",
+                "write -P 3 1000 8k",
+                "read -P 3 1000 8k",
+            ],
+            &[],
+        ),
+        None,
+    );
+    // blkdebug above the format driver.
+    s.same(
+        &c_args(
+            &[
+                "open -o driver=blkdebug,image.driver=qcow2,align=4k,max-transfer=64k blkdebug::t.qcow2",
+                "write -P 4 0 128k",
+                "read -P 4 0 128k",
+            ],
+            &[],
+        ),
+        None,
+    );
+    s.same_file("t.qcow2");
+}
+
+#[test]
+fn blkdebug_bad_configurations_are_refused() {
+    let s = Setup::new();
+    let run = |args: &[&str]| s.run(&s.ours_bin("qemu-io"), "ours", args, None);
+    std::fs::write(s.dir("ours").join("t.qcow2"), []).expect("write");
+    for (name, text) in [
+        (
+            "unknown-event.conf",
+            "[inject-error]\nevent = \"no_such_event\"\n",
+        ),
+        ("no-event.conf", "[inject-error]\nerrno = \"5\"\n"),
+        ("unquoted.conf", "[inject-error]\nevent = l2_load\n"),
+        (
+            "set-state.conf",
+            "[set-state]\nevent = \"l2_load\"\nstate = \"1\"\nnew_state = \"2\"\n",
+        ),
+        (
+            "other-state.conf",
+            "[inject-error]\nevent = \"l2_load\"\nstate = \"2\"\n",
+        ),
+    ] {
+        std::fs::write(s.dir("ours").join(name), text).expect("write");
+        let file = format!("blkdebug:{name}:t.qcow2");
+        let out = run(&["-f", "qcow2", "-c", "read 0 512", &file]);
+        assert_eq!(out.code, 1, "{name}: {}", out.merged);
+        assert!(
+            out.merged.starts_with("qemu-io: can't open device"),
+            "{name}: {}",
+            out.merged
+        );
+    }
+    let out = run(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "read 0 512",
+        "blkdebug:missing.conf:t.qcow2",
+    ]);
+    assert!(
+        out.merged.contains("Could not read blkdebug config file"),
+        "{}",
+        out.merged
+    );
+}
+
+#[test]
+fn qemu_img_stdout_is_buffered_behind_stderr() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    s.qemu_img_both(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "a.qcow2",
+        "1G",
+    ]);
+    s.qemu_img_both(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "b.qcow2",
+        "0",
+    ]);
+    s.same(&c_args(&["write -P 1 512 512"], &["a.qcow2"]), None);
+    s.file_both("r.conf", conf("read_aio", 5, false).as_bytes());
+    // compare prints on stdout before it fails reading (QEMU's test 074): on a pipe
+    // QEMU's stdout reaches the file after the error.
+    let args = ["compare", "blkdebug:r.conf:a.qcow2", "b.qcow2"];
+    let ours = s.run(&s.ours_bin("qemu-img"), "ours", &args, None);
+    let qemu = s.run(Path::new("qemu-img"), "qemu", &args, None);
+    assert_eq!(ours, qemu);
+    assert!(
+        qemu.merged.find("Input/output error") < qemu.merged.find("Warning"),
+        "{}",
+        qemu.merged
+    );
+}
