@@ -318,7 +318,10 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
                 .map(Format::parse)
                 .transpose()
                 .map_err(in_file)?;
-            let (bsize, _) = image::backing_size(&full, want).map_err(in_file)?;
+            // QEMU appends a hint line (no program prefix) to any failure to open the
+            // backing file.
+            let (bsize, _) = image::backing_size(&full, want)
+                .map_err(|e| in_file(format!("{e}\nCould not open backing image.")))?;
             if backing_fmt.is_none() {
                 return Err(in_file(
                     "Backing file specified without backing format".into(),

@@ -352,7 +352,14 @@ fn read_snapshots(
         h.size,
     )
     .map(|t| t.entries().to_vec())
-    .map_err(|e| e.to_string())
+    .map_err(|e| {
+        // The engine's open words these failures as QEMU's, with QEMU's hint line.
+        let e = qcow2_image::snapshot_open_error(e);
+        match e.hint() {
+            Some(h) => format!("{e}\n{h}"),
+            None => e.to_string(),
+        }
+    })
 }
 
 /// QEMU's `path_combine`: `name` relative to the directory of `base`.

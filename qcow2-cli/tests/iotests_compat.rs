@@ -190,3 +190,73 @@ fn qemu_img_stdout_is_buffered_behind_stderr() {
         qemu.merged
     );
 }
+
+/// Runs `qemu-img ARGS` as ours (the symlink) and QEMU's in their directories and asserts
+/// the same merged output and exit status; returns QEMU's run.
+fn same_img(s: &Setup, args: &[&str]) -> common::qemu_io_setup::Out {
+    let ours = s.run(&s.ours_bin("qemu-img"), "ours", args, None);
+    let qemu = s.run(Path::new("qemu-img"), "qemu", args, None);
+    assert_eq!(ours, qemu, "qemu-img {args:?}");
+    qemu
+}
+
+#[test]
+fn missing_backing_file_hint_on_create() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    // QEMU's test 111: the open failure, then a hint line without the program prefix.
+    let out = same_img(
+        &s,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "t.qcow2.inexistent",
+            "-F",
+            "qcow2",
+            "t.qcow2",
+        ],
+    );
+    assert!(
+        out.merged.ends_with("\nCould not open backing image."),
+        "{}",
+        out.merged
+    );
+    same_img(
+        &s,
+        &[
+            "create", "-f", "qcow2", "-b", "nope", "-F", "raw", "t.qcow2", "1M",
+        ],
+    );
+}
+
+#[test]
+fn snapshot_table_errors_name_the_repair() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "1M"]);
+    s.qemu_img_both(&["snapshot", "-c", "a", "t.qcow2"]);
+    for side in ["ours", "qemu"] {
+        let path = s.dir(side).join("t.qcow2");
+        let mut bytes = std::fs::read(&path).expect("read");
+        let table = u64::from_be_bytes(bytes[64..72].try_into().expect("8 bytes"));
+        let table = usize::try_from(table).expect("offset");
+        // The first entry's extra_data_size, past QEMU's 1 KiB limit (test 261).
+        bytes[table + 36..table + 40].copy_from_slice(&65536u32.to_be_bytes());
+        std::fs::write(&path, bytes).expect("write");
+    }
+    for args in [&["info", "t.qcow2"][..], &["snapshot", "-l", "t.qcow2"]] {
+        let out = same_img(&s, args);
+        assert!(
+            out.merged
+                .contains("You can force-remove this extra metadata with qemu-img check -r all"),
+            "{}",
+            out.merged
+        );
+    }
+}

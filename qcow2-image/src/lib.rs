@@ -63,6 +63,7 @@ pub use qcow2_format::layout::Compat;
 pub use qcow2_io::{Locking, Perms};
 pub use qcow2_snapshot::{NewSnapshot, SnapshotEntry};
 pub use shared::SharedImage;
+pub use snapshot::open_error as snapshot_open_error;
 pub use status::{BlockStatus, RawDisk};
 
 #[cfg(test)]
