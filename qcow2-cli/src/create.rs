@@ -354,6 +354,8 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
         }
         line.push('\n');
         out(&line);
+        // QEMU flushes the line before creating: its errors come after it.
+        crate::stdio::flush();
     }
 
     match fmt {

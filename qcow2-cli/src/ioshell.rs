@@ -700,6 +700,34 @@ fn apply_options(path: Option<&str>, params: &mut OpenParams) -> Result<Applied,
 /// a blkdebug node sits.
 type Applied = (String, Vec<(String, String)>, DebugNode);
 
+/// The checks of QEMU's `file`, `host_device` and `host_cdrom` protocol drivers, in their
+/// order: the open (`O_RDWR` fails on a directory), then the file type (`file` wants a
+/// regular file, the host drivers a character or block device).
+fn check_protocol_file(driver: &str, path: &str, read_only: bool) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
+    let ft = f
+        .metadata()
+        .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?
+        .file_type();
+    if driver == "file" {
+        if !ft.is_file() {
+            return Err(format!(
+                "'file' driver requires '{path}' to be a regular file"
+            ));
+        }
+    } else if !ft.is_char_device() && !ft.is_block_device() {
+        return Err(format!(
+            "'{driver}' driver requires '{path}' to be either a character or block device"
+        ));
+    }
+    Ok(())
+}
+
 /// Where a blkdebug node sits in an open.
 #[derive(Debug)]
 enum DebugNode {
@@ -755,6 +783,11 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         return Err("Can't use copy-on-read on read-only device".into());
     }
     let format = match params.format.as_deref() {
+        Some(p @ ("file" | "host_device" | "host_cdrom")) => {
+            // A protocol driver opened as the device: the bytes of the file, as raw.
+            check_protocol_file(p, &path, ro)?;
+            Format::Raw
+        }
         Some(f) => Format::parse(f).map_err(|_| format!("Unknown driver '{f}'"))?,
         None => {
             // Probe only: the lock that matters (and its message) is the device's open.

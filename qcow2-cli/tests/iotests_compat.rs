@@ -260,3 +260,38 @@ fn snapshot_table_errors_name_the_repair() {
         );
     }
 }
+
+#[test]
+fn protocol_drivers_as_the_device() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    for side in ["ours", "qemu"] {
+        std::fs::create_dir(s.dir(side).join("d.img")).expect("mkdir");
+    }
+    s.file_both("r.img", &[5u8; 4096]);
+    // QEMU's test 226: a directory and a character device under each protocol driver,
+    // read-only and read-write (a device opened without writes closes without a flush).
+    for driver in ["file", "host_device", "host_cdrom"] {
+        for ro in ["-r ", ""] {
+            for file in ["d.img", "/dev/null,locking=off", "r.img"] {
+                let cmd = format!("open {ro}-o driver={driver},filename={file}");
+                s.same(&c_args(&[&cmd], &[]), None);
+            }
+        }
+    }
+    // The file driver reads and writes the bytes of a regular file.
+    s.same(
+        &c_args(
+            &[
+                "open -o driver=file,filename=r.img",
+                "read -P 5 0 4k",
+                "write -P 6 512 512",
+            ],
+            &[],
+        ),
+        None,
+    );
+    s.same_file("r.img");
+}
