@@ -99,6 +99,37 @@ pub fn apply_runtime_option(
     Ok(true)
 }
 
+/// QEMU's rules between `cache-size` and the two caches it is split into (checked before
+/// the entry size): not all three at once, and neither part above the total.
+pub fn check_cache_sizes(runtime: &[(String, String)]) -> Result<(), String> {
+    // The last value of a repeated key wins, as in QEMU's option lists.
+    let get = |k: &str| {
+        runtime
+            .iter()
+            .rev()
+            .find(|(key, _)| key == k)
+            .and_then(|(_, v)| crate::size::parse_size(v).ok())
+    };
+    let (total, l2, refcount) = (
+        get("cache-size"),
+        get("l2-cache-size"),
+        get("refcount-cache-size"),
+    );
+    match (total, l2, refcount) {
+        (Some(_), Some(_), Some(_)) => Err(
+            "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
+                .to_string(),
+        ),
+        (Some(t), Some(l), _) if l > t => {
+            Err("l2-cache-size may not exceed cache-size".to_string())
+        }
+        (Some(t), _, Some(r)) if r > t => {
+            Err("refcount-cache-size may not exceed cache-size".to_string())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// [`open_image_with`] with qcow2 runtime options (see [`apply_runtime_option`]); the
 /// error is the text after "can't open device FILE: ".
 pub fn open_image_tuned(
@@ -189,6 +220,7 @@ pub fn open_image_node(
             ));
         }
     }
+    check_cache_sizes(runtime)?;
     let wrap = |f: std::sync::Arc<FileStorage>| -> std::sync::Arc<dyn qcow2_io::Storage> {
         match blkdebug {
             Some(node) => node.wrap(f),

@@ -295,3 +295,26 @@ fn protocol_drivers_as_the_device() {
     );
     s.same_file("r.img");
 }
+
+#[test]
+fn qcow2_cache_size_combinations() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "64k"]);
+    // QEMU's test 103: the total against its two parts, then the entry size.
+    for o in [
+        "cache-size=1.25M,l2-cache-size=1M,refcount-cache-size=0.25M",
+        "cache-size=1M,l2-cache-size=2M",
+        "cache-size=1M,refcount-cache-size=2M",
+        "cache-size=0,l2-cache-size=0,refcount-cache-size=0",
+        "cache-size=1M,l2-cache-size=2M,l2-cache-entry-size=3",
+        "cache-size=2M,l2-cache-size=1M",
+        "cache-size=2M,refcount-cache-size=1M",
+        "l2-cache-size=1M,refcount-cache-size=0.25M",
+    ] {
+        let open = format!("open -o {o} t.qcow2");
+        s.same(&c_args(&[&open, "read 0 64k"], &[]), None);
+    }
+}
