@@ -130,10 +130,25 @@ pub struct OpenParams {
     /// `file.locking=on|off|auto` of an option list, as given (for the locking code;
     /// `None`: QEMU's default, `auto`).
     pub locking: Option<String>,
+    /// `detect-zeroes=off|on|unmap`: writes of all-zero buffers become zero writes
+    /// (`unmap`: allowed to deallocate, with `discard=unmap`).
+    pub detect_zeroes: DetectZeroes,
     /// `-f`, or `driver=` of an option list.
     pub format: Option<String>,
     /// Block driver options (`-o`, `--image-opts`), in order.
     pub options: Vec<(String, String)>,
+}
+
+/// The generic block option `detect-zeroes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Writes are written as given (the default).
+    #[default]
+    Off,
+    /// All-zero writes are zero writes.
+    On,
+    /// All-zero writes are zero writes that may deallocate (with `discard=unmap`).
+    Unmap,
 }
 
 /// qemu-io's command line.
@@ -443,6 +458,8 @@ struct Device {
     discard_unmap: bool,
     /// Copy-on-read is on (then the device cannot become read-only).
     copy_on_read: bool,
+    /// `detect-zeroes`.
+    detect_zeroes: DetectZeroes,
     /// A raw image whose format was probed: writes that would make its first sector look
     /// like another format are refused (EPERM), as QEMU's raw driver refuses them.
     probed_raw: bool,
@@ -502,7 +519,17 @@ impl BlockDev for Device {
     fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
         self.writable()?;
         self.probe_guard(offset, buf)?;
-        let r = self.inner.write(offset, buf);
+        // As QEMU's block layer: with detect-zeroes, a buffer of zeros is written as a
+        // zero write (unmapping only when both detect-zeroes=unmap and discard=unmap).
+        let r = if self.detect_zeroes != DetectZeroes::Off
+            && !buf.is_empty()
+            && buf.iter().all(|&b| b == 0)
+        {
+            let unmap = self.detect_zeroes == DetectZeroes::Unmap && self.discard_unmap;
+            self.inner.write_zeroes(offset, buf.len() as u64, unmap)
+        } else {
+            self.inner.write(offset, buf)
+        };
         self.after_write(r)
     }
     fn write_compressed(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
@@ -667,6 +694,14 @@ fn apply_options(path: Option<&str>, params: &mut OpenParams) -> Result<Applied,
             "discard" => {
                 params.discard_unmap =
                     parse_discard(&v).ok_or_else(|| format!("Invalid discard option: {v}"))?
+            }
+            "detect-zeroes" => {
+                params.detect_zeroes = match v.as_str() {
+                    "off" => DetectZeroes::Off,
+                    "on" => DetectZeroes::On,
+                    "unmap" => DetectZeroes::Unmap,
+                    _ => return Err(format!("invalid parameter value: {v}")),
+                }
             }
             "cache.direct" => params.cache.direct = matches!(v.as_str(), "on" | "true"),
             "cache.no-flush" => params.cache.no_flush = matches!(v.as_str(), "on" | "true"),
@@ -869,6 +904,7 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         read_only: ro,
         discard_unmap: params.discard_unmap,
         copy_on_read: params.copy_on_read,
+        detect_zeroes: params.detect_zeroes,
         probed_raw: probed_raw && !params.snapshot,
         params: reopen,
     })

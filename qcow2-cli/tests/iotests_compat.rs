@@ -318,3 +318,42 @@ fn qcow2_cache_size_combinations() {
         s.same(&c_args(&[&open, "read 0 64k"], &[]), None);
     }
 }
+
+#[test]
+fn detect_zeroes_turns_zero_buffers_into_zero_writes() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    for (spec, pre) in [
+        ("detect-zeroes=on", false),
+        ("detect-zeroes=unmap,discard=unmap", true),
+        ("detect-zeroes=unmap", true),
+        ("detect-zeroes=off", false),
+    ] {
+        s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "1M"]);
+        if pre {
+            s.same(&c_args(&["write -P 1 0 128k"], &["t.qcow2"]), None);
+        }
+        let opts = format!("driver=qcow2,file.filename=t.qcow2,{spec}");
+        s.same(
+            &c_args(
+                &["write -P 0 0 64k", "write -P 0 100000 4k", "map"],
+                &["--image-opts", &opts],
+            ),
+            None,
+        );
+        same_img(&s, &["map", "--output=json", "t.qcow2"]);
+    }
+    // A bad value is refused at open.
+    s.same(
+        &c_args(
+            &["write -P 0 0 4k"],
+            &[
+                "--image-opts",
+                "driver=qcow2,file.filename=t.qcow2,detect-zeroes=foo",
+            ],
+        ),
+        None,
+    );
+}
