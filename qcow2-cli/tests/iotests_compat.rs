@@ -357,3 +357,26 @@ fn detect_zeroes_turns_zero_buffers_into_zero_writes() {
         None,
     );
 }
+
+#[test]
+fn qemu_img_image_opts_with_blkdebug_above_the_format() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "1M"]);
+    s.same(&c_args(&["write -P 2 64k 64k"], &["t.qcow2"]), None);
+    // QEMU's test 204 maps through blkdebug's option list.
+    let opts = "driver=blkdebug,image.driver=qcow2,image.file.driver=file,\
+                image.file.filename=t.qcow2,align=4k";
+    same_img(&s, &["map", "--image-opts", opts]);
+    same_img(&s, &["map", "--output=json", "--image-opts", opts]);
+    let bad = "driver=blkdebug,image.driver=qcow2,image.file.filename=t.qcow2,bogus=1";
+    let out = s.run(
+        &s.ours_bin("qemu-img"),
+        "ours",
+        &["map", "--image-opts", bad],
+        None,
+    );
+    assert_eq!(out.code, 1, "{}", out.merged);
+}
