@@ -510,6 +510,15 @@ impl BlockDev for Device {
     fn format_name(&self) -> &'static str {
         self.inner.format_name()
     }
+    fn protocol_name(&self) -> Option<&'static str> {
+        self.inner.protocol_name()
+    }
+    fn has_info(&self) -> bool {
+        self.inner.has_info()
+    }
+    fn backing_driver(&self) -> Option<String> {
+        self.inner.backing_driver()
+    }
     fn length(&mut self) -> Result<u64, i32> {
         self.inner.length()
     }
@@ -622,6 +631,15 @@ fn apply_options(path: Option<&str>, params: &mut OpenParams) -> Result<Applied,
     let mut driver_opts = Vec::new();
     let mut debug = DebugNode::None;
     let mut options = params.options.clone();
+    let mut path = path;
+    if let Some(json) = path.and_then(crate::jsonname::options) {
+        // The options of a json: name come first; -o options given beside it follow.
+        let mut all = json?;
+        all.extend(options);
+        options = all;
+        file = None;
+        path = None;
+    }
     if options
         .iter()
         .any(|(k, v)| k == "driver" && v == "blkdebug")
@@ -694,6 +712,16 @@ fn apply_options(path: Option<&str>, params: &mut OpenParams) -> Result<Applied,
             "discard" => {
                 params.discard_unmap =
                     parse_discard(&v).ok_or_else(|| format!("Invalid discard option: {v}"))?
+            }
+            "node-name" | "file.node-name" | "backing.node-name" => {
+                // Node names only name; kept in the options for reopen's comparison.
+                let ok = v.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+                    && v.len() < 32;
+                if !ok {
+                    return Err(format!("Invalid node-name: '{v}'"));
+                }
             }
             "detect-zeroes" => {
                 params.detect_zeroes = match v.as_str() {
@@ -795,6 +823,9 @@ impl DebugNode {
 /// "can't open device NAME: " ("can't open: " without a name).
 fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String> {
     let mut params = params.clone();
+    if let Some(dev) = open_null(name, &mut params)? {
+        return Ok(dev);
+    }
     let (name_path, driver_opts, debug) = apply_options(name, &mut params)?;
     // Messages name the device as given; the bytes are in the node's file.
     let path = debug.file_path(&name_path);
@@ -908,6 +939,37 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         probed_raw: probed_raw && !params.snapshot,
         params: reopen,
     })
+}
+
+/// Opens a `null-co` device when the driver (`-f`, `driver=`, or a `json:` name's) is
+/// `null-co`; `None` for every other driver. The device has no file.
+fn open_null(name: Option<&str>, params: &mut OpenParams) -> Result<Option<Device>, String> {
+    let mut options = match name.and_then(crate::jsonname::options) {
+        Some(json) => json?,
+        None => Vec::new(),
+    };
+    options.extend(params.options.iter().cloned());
+    let driver = options
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "driver")
+        .map(|(_, v)| v.as_str())
+        .or(params.format.as_deref());
+    if driver != Some("null-co") {
+        return Ok(None);
+    }
+    let own: Vec<(String, String)> = options.into_iter().filter(|(k, _)| k != "driver").collect();
+    let dev = crate::nulldev::NullDev::open(&own, params.read_only)?;
+    Ok(Some(Device {
+        inner: Box::new(dev),
+        cache: params.cache,
+        read_only: params.read_only,
+        discard_unmap: params.discard_unmap,
+        copy_on_read: params.copy_on_read,
+        detect_zeroes: params.detect_zeroes,
+        probed_raw: false,
+        params: None,
+    }))
 }
 
 /// Drops the "can't open device PATH: " that [`RawDev::open`] puts in front.
@@ -1025,7 +1087,8 @@ impl Shell for Session {
     fn reopen(&mut self, p: &Parsed, o: &mut Outcome) -> Result<(), Fail> {
         let mut read_only: Option<bool> = None;
         let mut cache: Option<CacheMode> = None;
-        let mut runtime: Vec<(String, String)> = Vec::new();
+        let runtime: Vec<(String, String)>;
+        let mut items: Vec<(String, String)> = Vec::new();
         for (c, v) in p.flags() {
             let v = v.clone().unwrap_or_default();
             match c {
@@ -1036,22 +1099,7 @@ impl Shell for Session {
                         return Err(Fail::Done);
                     }
                 },
-                'o' => {
-                    for (k, val) in split_opts(&v, None) {
-                        let mut probe = qcow2_image::OpenOptions::default();
-                        match crate::qcowdev::apply_runtime_option(&mut probe, &k, &val) {
-                            Ok(true) => runtime.push((k, val)),
-                            Ok(false) => {
-                                o.error_report(format!("Cannot change the option '{k}'"));
-                                return Err(Fail::Done);
-                            }
-                            Err(m) => {
-                                o.error_report(m);
-                                return Err(Fail::Done);
-                            }
-                        }
-                    }
-                }
+                'o' => items.extend(split_opts(&v, None)),
                 'r' | 'w' => {
                     if read_only.is_some() {
                         o.error_report("Only one -r/-w option may be given");
@@ -1068,6 +1116,26 @@ impl Shell for Session {
         let Some(dev) = self.dev.as_mut() else {
             return Err(Fail::Done);
         };
+        match reopen_options(dev, &items, read_only.is_some(), cache.is_some()) {
+            Ok(r) => {
+                runtime = r.runtime;
+                read_only = read_only.or(r.read_only);
+                if let Some(d) = r.cache_direct {
+                    let mut c = cache.unwrap_or(dev.cache);
+                    c.direct = d;
+                    cache = Some(c);
+                }
+                if let Some(n) = r.cache_no_flush {
+                    let mut c = cache.unwrap_or(dev.cache);
+                    c.no_flush = n;
+                    cache = Some(c);
+                }
+            }
+            Err(m) => {
+                o.error_report(m);
+                return Err(Fail::Done);
+            }
+        }
         if let Some(c) = cache {
             dev.cache = c;
         }
@@ -1120,6 +1188,90 @@ impl Shell for Session {
             }
         }
     }
+}
+
+/// What a `reopen -o` list asks for, once checked.
+#[derive(Debug, Default)]
+struct ReopenOptions {
+    /// qcow2 runtime options to open again with.
+    runtime: Vec<(String, String)>,
+    /// `read-only=`.
+    read_only: Option<bool>,
+    /// `cache.direct=`.
+    cache_direct: Option<bool>,
+    /// `cache.no-flush=`.
+    cache_no_flush: Option<bool>,
+}
+
+/// Checks a `reopen -o` list as QEMU's reopen does: `read-only` and the cache options
+/// not beside `-r`/`-w` and `-c`, booleans as booleans, node names and drivers unchanged
+/// (QEMU names the option without its child's prefix), and the rest qcow2 runtime options.
+fn reopen_options(
+    dev: &Device,
+    items: &[(String, String)],
+    has_rw: bool,
+    has_cache: bool,
+) -> Result<ReopenOptions, String> {
+    let mut r = ReopenOptions::default();
+    let has = |k: &str| items.iter().any(|(key, _)| key == k);
+    if has("read-only") && has_rw {
+        return Err("Cannot set both -r/-w and 'read-only'".into());
+    }
+    if (has("cache.direct") || has("cache.no-flush")) && has_cache {
+        return Err("Cannot set both -c and the cache options".into());
+    }
+    let boolean = |k: &str, v: &str| match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("Parameter '{k}' expects 'on' or 'off'")),
+    };
+    let opened = dev
+        .params
+        .as_ref()
+        .map(|(_, p)| p.options.as_slice())
+        .unwrap_or(&[]);
+    for (k, v) in items {
+        match k.as_str() {
+            "read-only" => {
+                let ro = boolean(k, v)?;
+                // qemu-io's own user of the device keeps its write permission unless -r
+                // asks to drop it: QEMU refuses the read-only node.
+                if ro && !dev.read_only {
+                    return Err("Read-only block node cannot support read-write users".into());
+                }
+                r.read_only = Some(ro);
+            }
+            "cache.direct" => r.cache_direct = Some(boolean(k, v)?),
+            "cache.no-flush" => r.cache_no_flush = Some(boolean(k, v)?),
+            "auto-read-only" => {
+                boolean(k, v)?;
+            }
+            "node-name" | "file.node-name" | "backing.node-name" => {
+                let current = opened.iter().rev().find(|(o, _)| o == k).map(|(_, v)| v);
+                if current != Some(v) {
+                    return Err("Cannot change the option 'node-name'".into());
+                }
+            }
+            "driver" | "file.driver" | "backing.driver" => {
+                let current = match k.as_str() {
+                    "driver" => Some(dev.format_name().to_string()),
+                    "file.driver" => Some("file".to_string()),
+                    _ => dev.backing_driver(),
+                };
+                if current.as_deref() != Some(v.as_str()) {
+                    return Err("Cannot change the option 'driver'".into());
+                }
+            }
+            _ => {
+                let mut probe = qcow2_image::OpenOptions::default();
+                if !crate::qcowdev::apply_runtime_option(&mut probe, k, v)? {
+                    return Err(format!("Cannot change the option '{k}'"));
+                }
+                r.runtime.push((k.clone(), v.clone()));
+            }
+        }
+    }
+    Ok(r)
 }
 
 /// qemu-io's "can't open device NAME: REASON" ("can't open: REASON" without a name).

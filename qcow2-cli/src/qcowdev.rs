@@ -456,6 +456,12 @@ impl BlockDev for QcowDev {
     fn format_name(&self) -> &'static str {
         "qcow2"
     }
+    fn backing_driver(&self) -> Option<String> {
+        // The stored backing format (an image without one, whose backing file QEMU
+        // probes, answers None: reopen then refuses any backing.driver).
+        let image = self.image.as_ref().filter(|i| i.has_backing())?;
+        image.backing_format()
+    }
     fn length(&mut self) -> Result<u64, i32> {
         self.guard(Ops::length)
     }

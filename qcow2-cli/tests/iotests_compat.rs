@@ -380,3 +380,90 @@ fn qemu_img_image_opts_with_blkdebug_above_the_format() {
     );
     assert_eq!(out.code, 1, "{}", out.merged);
 }
+
+#[test]
+fn reopen_option_rules() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    s.qemu_img_both(&["create", "-f", "qcow2", "b.qcow2", "1M"]);
+    s.qemu_img_both(&[
+        "create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2",
+    ]);
+    // QEMU's test 133: node names and drivers cannot change, the -r/-w and -c flags do
+    // not mix with their options, booleans are booleans.
+    for c in [
+        "reopen -o node-name=foo",
+        "reopen -o file.node-name=foo",
+        "reopen -o backing.node-name=foo",
+        "reopen -o driver=raw",
+        "reopen -o file.driver=qcow2",
+        "reopen -o backing.driver=file",
+        "reopen -o driver=qcow2",
+        "reopen -o file.driver=file",
+        "reopen -o backing.driver=qcow2",
+        "reopen -r -o read-only=on",
+        "reopen -w -o read-only=on",
+        "reopen -c none -o cache.direct=on",
+        "reopen -c directsync -o cache.no-flush=on",
+        "reopen -o read-only=foo",
+        "reopen -o cache.no-flush=bar",
+        "reopen -o cache.direct=baz",
+        "reopen -o auto-read-only=qux",
+        "reopen -o read-only=off",
+    ] {
+        s.same(
+            &c_args(&[c, "write -P 3 0 512", "read -P 3 0 512"], &["t.qcow2"]),
+            None,
+        );
+    }
+    for name in ["node-name", "file.node-name", "backing.node-name"] {
+        let open = format!("open -o {name}=foo t.qcow2");
+        for r in [
+            format!("reopen -o {name}=foo"),
+            "reopen".into(),
+            format!("reopen -o {name}=bar"),
+        ] {
+            s.same(&c_args(&[&open, &r], &[]), None);
+        }
+    }
+    s.same(&c_args(&["open -o node-name=9lives t.qcow2"], &[]), None);
+}
+
+#[test]
+fn json_filenames_and_the_null_driver() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "1M"]);
+    let json = "json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 't.qcow2'}}";
+    s.same(
+        &c_args(&["write -P 8 0 4k", "read -P 8 0 4k"], &[json]),
+        None,
+    );
+    s.same(
+        &c_args(
+            &[
+                "open -o driver=qcow2 json:{'file': {'filename': 't.qcow2'}}",
+                "read -P 8 0 4k",
+            ],
+            &[],
+        ),
+        None,
+    );
+    s.same_file("t.qcow2");
+    // null-co: protocol driver names print twice and info fails (QEMU's test 133).
+    let null = "json:{'driver': 'null-co', 'size': 65536}";
+    s.same(&["-f", "null-co", "-c", "reopen", "-c", "info", null], None);
+    s.same(&c_args(&["length", "write 0 4k"], &[null]), None);
+    s.same(
+        &c_args(
+            &["read -P 0 0 4k"],
+            &["json:{'driver': 'null-co', 'size': 4096, 'read-zeroes': true}"],
+        ),
+        None,
+    );
+    s.same(&c_args(&["info"], &["json:{'driver': 'qcow2'"]), None);
+}
