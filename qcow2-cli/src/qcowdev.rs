@@ -190,8 +190,9 @@ pub fn open_image_node(
             .ok_or_else(|| "Could not open blkdebug: no image file given".to_string())?,
         None => path,
     };
-    let storage = FileStorage::open_cached(file_path, !read_only, cache)
-        .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
+    let storage =
+        FileStorage::open_cached(crate::image::file_name(file_path), !read_only, cache)
+            .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
     let path = file_path;
     let base_dir = std::path::Path::new(path)
         .parent()

@@ -28,12 +28,13 @@ pub struct RawDev {
 impl RawDev {
     /// Opens `path` (read-only with `read_only`); errors are qemu-io's open messages.
     pub fn open(path: &str, read_only: bool) -> Result<Self, String> {
-        let storage = FileStorage::open(path, !read_only).map_err(|e| {
-            format!(
-                "can't open device {path}: Could not open '{path}': {}",
-                crate::image::strerror(&e)
-            )
-        })?;
+        let storage =
+            FileStorage::open(crate::image::file_name(path), !read_only).map_err(|e| {
+                format!(
+                    "can't open device {path}: Could not open '{path}': {}",
+                    crate::image::strerror(&e)
+                )
+            })?;
         crate::image::lock(
             &storage,
             path,

@@ -467,3 +467,37 @@ fn json_filenames_and_the_null_driver() {
     );
     s.same(&c_args(&["info"], &["json:{'driver': 'qcow2'"]), None);
 }
+
+#[test]
+fn file_protocol_prefix() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    // QEMU's test 126: `file:` is stripped; a rest whose colon comes before any slash is
+    // named with ./ in front, and backing files resolve next to it.
+    same_img(&s, &["create", "-f", "qcow2", "file:a:b.qcow2", "1M"]);
+    // (A bare "a:b.qcow2" is QEMU's unknown protocol "a"; this tool opens the file.)
+    same_img(&s, &["info", "./a:b.qcow2"]);
+    same_img(&s, &["create", "-f", "qcow2", "base.qcow2", "1M"]);
+    same_img(
+        &s,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "file:image:top.qcow2",
+        ],
+    );
+    same_img(&s, &["info", "file:image:top.qcow2"]);
+    s.same(
+        &c_args(&["write -P 4 0 4k"], &["file:image:top.qcow2"]),
+        None,
+    );
+    same_img(&s, &["map", "file:image:top.qcow2"]);
+    same_img(&s, &["check", "file:image:top.qcow2"]);
+}
