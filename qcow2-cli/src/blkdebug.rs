@@ -9,10 +9,12 @@
 //! than the initial one (refused with a message, never ignored), and blkdebug's request
 //! suspension (`break`/`resume`).
 //!
-//! blkdebug's geometry options (`align`, `max-transfer`, `opt-write-zero`, ...) only change
-//! how QEMU's block layer splits requests above blkdebug; the bytes read and written are
-//! the same. They are checked (numbers, powers of two where QEMU wants them) and kept in
-//! [`Blkdebug::limits`], and change nothing else.
+//! blkdebug's geometry options (`align`, `max-transfer`, `opt-write-zero`, ...) shape how
+//! QEMU's block layer splits requests above blkdebug. The bytes read and written are the
+//! same, but a zero write or discard split at those boundaries can leave partial clusters
+//! written as data where an unsplit request makes zero clusters (QEMU's test 204). They
+//! are checked (numbers, powers of two where QEMU wants them) and kept in
+//! [`Blkdebug::limits`]; this tool does not split requests by them.
 
 use std::sync::Arc;
 

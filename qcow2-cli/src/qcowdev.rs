@@ -509,6 +509,12 @@ impl BlockDev for QcowDev {
     fn usable(&self) -> bool {
         !self.unusable
     }
+    fn load_vmstate(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        self.guard(|d| Ops::load_vmstate(d, offset, buf))
+    }
+    fn save_vmstate(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        self.guard(|d| Ops::save_vmstate(d, offset, buf))
+    }
 }
 
 /// The engine side of each [`BlockDev`] operation, before [`QcowDev::guard`].
@@ -525,6 +531,8 @@ trait Ops {
     fn is_allocated(&mut self, offset: u64, len: u64) -> Result<(bool, u64), i32>;
     fn info(&mut self) -> (u64, u64);
     fn specific_info(&mut self) -> Vec<String>;
+    fn load_vmstate(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), i32>;
+    fn save_vmstate(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32>;
 }
 
 impl Ops for QcowDev {
@@ -618,13 +626,15 @@ impl Ops for QcowDev {
     }
     fn info(&mut self) -> (u64, u64) {
         match self.img() {
-            Ok(img) => {
-                let g = *img.geometry();
-                let l1 = g.l1_entries_for(img.virtual_size());
-                (g.cluster_size(), l1.saturating_mul(g.l2_coverage()))
-            }
+            Ok(img) => (img.geometry().cluster_size(), img.vm_state_offset()),
             Err(_) => (0, 0),
         }
+    }
+    fn load_vmstate(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        self.img()?.load_vmstate(offset, buf).map_err(errno)
+    }
+    fn save_vmstate(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        self.writable()?.save_vmstate(offset, buf).map_err(errno)
     }
     fn specific_info(&mut self) -> Vec<String> {
         match self.img() {

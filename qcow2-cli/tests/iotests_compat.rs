@@ -501,3 +501,38 @@ fn file_protocol_prefix() {
     same_img(&s, &["map", "file:image:top.qcow2"]);
     same_img(&s, &["check", "file:image:top.qcow2"]);
 }
+
+#[test]
+fn vm_state_area_reads_and_writes() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "1M"]);
+    // QEMU's tests 022 and 029: read -b / write -b reach the VM state area past the disk.
+    let cmds = [
+        "write -b -P 0x11 0 4k",
+        "read -b -P 0x11 0 4k",
+        "read -b -P 0 4k 4k",
+        "write -b -P 3 1T 4k",
+        "read -b -P 3 1T 4k",
+        "read -P 0 0 1M",
+    ];
+    s.same(&c_args(&cmds, &["t.qcow2"]), None);
+    // QEMU reads what we wrote, and finds the image clean.
+    let qemu_io = |args: &[&str]| s.run(Path::new("qemu-io"), "ours", args, None);
+    let out = qemu_io(&c_args(
+        &["read -b -P 0x11 0 4k", "read -b -P 3 1T 4k"],
+        &["t.qcow2"],
+    ));
+    assert_eq!(out.code, 0, "{}", out.merged);
+    assert!(
+        !out.merged.contains("Pattern verification failed"),
+        "{}",
+        out.merged
+    );
+    let check = s.run(Path::new("qemu-img"), "ours", &["check", "t.qcow2"], None);
+    assert_eq!(check.code, 0, "{}", check.merged);
+    // A read-only open refuses the write.
+    s.same(&c_args(&["write -b 0 512"], &["-r", "t.qcow2"]), None);
+}

@@ -42,6 +42,7 @@ mod shared;
 mod shrink;
 mod snapshot;
 mod status;
+mod vmstate;
 mod write;
 mod zero;
 
