@@ -104,6 +104,13 @@ impl SnapshotHost for Image {
         self.fc.header.snapshots_offset = snapshots_offset;
     }
 
+    fn free_failed(&mut self, errno: i32) {
+        self.messages.push(format!(
+            "qcow2_free_clusters failed: {}",
+            crate::image::strerror(errno)
+        ));
+    }
+
     fn resize(&mut self, new_size: u64) -> Result<(), HostError> {
         self.resize_as(Op::SnapshotApply, new_size)
             .map_err(|e| Box::new(e) as HostError)
