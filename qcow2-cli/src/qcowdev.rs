@@ -214,6 +214,10 @@ pub fn open_image_node(
         ..OpenOptions::default()
     };
     let mut opts = opts;
+    // A qemu-img --image-opts list's runtime options first; the caller's override them.
+    let mut all = crate::secrets::command_runtime();
+    all.extend(runtime.iter().cloned());
+    let runtime = &all[..];
     for (k, v) in runtime {
         if !apply_runtime_option(&mut opts, k, v)? {
             return Err(format!(

@@ -595,3 +595,49 @@ fn blkdebug_states() {
         None,
     );
 }
+
+#[test]
+fn qemu_img_image_opts_take_qcow2_runtime_options() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "1M"]);
+    // QEMU's test 061 amends through an option list with a cache option.
+    same_img(
+        &s,
+        &[
+            "amend",
+            "-o",
+            "compat=0.10",
+            "--image-opts",
+            "driver=qcow2,file.filename=t.qcow2,l2-cache-entry-size=4096",
+        ],
+    );
+    same_img(&s, &["info", "t.qcow2"]);
+    // A bad value fails the open (QEMU names the option list, this tool the file).
+    for side in ["ours", "qemu"] {
+        let prog = if side == "ours" {
+            s.ours_bin("qemu-img")
+        } else {
+            "qemu-img".into()
+        };
+        let out = s.run(
+            &prog,
+            side,
+            &[
+                "amend",
+                "-o",
+                "compat=1.1",
+                "--image-opts",
+                "driver=qcow2,file.filename=t.qcow2,l2-cache-entry-size=100",
+            ],
+            None,
+        );
+        assert_eq!(out.code, 1, "{side}: {}", out.merged);
+        assert!(out
+            .merged
+            .contains("L2 cache entry size must be a power of two"));
+    }
+    same_img(&s, &["info", "t.qcow2"]);
+}
