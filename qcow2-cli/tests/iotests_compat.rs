@@ -641,3 +641,65 @@ fn qemu_img_image_opts_take_qcow2_runtime_options() {
     }
     same_img(&s, &["info", "t.qcow2"]);
 }
+
+#[test]
+fn compress_filter_writes_whole_compressed_clusters() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    // QEMU's test 214: through the compress filter, writes are widened to clusters and
+    // each goes down compressed.
+    s.qemu_img_both(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=64k",
+        "t.qcow2",
+        "2M",
+    ]);
+    s.same(
+        &c_args(
+            &["write -P 0xbb 0 229376"],
+            &[
+                "--image-opts",
+                "driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename=t.qcow2",
+            ],
+        ),
+        None,
+    );
+    let json = "json:{'driver': 'compress', 'file': {'driver': 'qcow2', \
+                'file': {'driver': 'file', 'filename': 't.qcow2'}}}";
+    s.same(&c_args(&["write -P 0xcc 278528 229376"], &[json]), None);
+    s.same(
+        &c_args(
+            &[
+                "read -P 0xbb 0 229376",
+                "read -P 0 229376 49152",
+                "read -P 0xcc 278528 229376",
+            ],
+            &["t.qcow2"],
+        ),
+        None,
+    );
+    let out = same_img(&s, &["check", "--output=json", "t.qcow2"]);
+    assert!(
+        out.merged.contains("\"compressed-clusters\": 8"),
+        "{}",
+        out.merged
+    );
+    same_img(&s, &["map", "--output=json", "t.qcow2"]);
+    // Not over raw.
+    s.file_both("r.img", &[0u8; 65536]);
+    s.same(
+        &c_args(
+            &["write 0 4k"],
+            &[
+                "--image-opts",
+                "driver=compress,file.driver=raw,file.file.filename=r.img",
+            ],
+        ),
+        None,
+    );
+}
