@@ -24,6 +24,7 @@ mod prog;
 mod progress;
 mod qcowdev;
 mod rawdev;
+mod rebase;
 mod resize;
 mod secrets;
 mod serve;
@@ -225,6 +226,13 @@ Examples:
   qcow2 serve -f qcow2 -p 10809 -e 4 -t --discard=unmap disk.qcow2
   qemu-io -f raw 'nbd+unix:///disk?socket=/tmp/disk.sock' -c 'read 0 64k'")]
     Serve(serve::ServeArgs),
+    /// Change the backing file of an image (copying what differs unless -u).
+    #[command(after_help = "\
+Examples:
+  qcow2 rebase -b new-base.qcow2 -F qcow2 overlay.qcow2
+  qcow2 rebase -u -b renamed-base.qcow2 -F qcow2 overlay.qcow2
+  qcow2 rebase -b '' overlay.qcow2")]
+    Rebase(rebase::RebaseArgs),
 }
 
 #[derive(Args, Debug)]
@@ -850,6 +858,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             }
         }
         Command::Serve(a) => serve::run(a),
+        Command::Rebase(a) => rebase::run(a),
         Command::Compare(a) => {
             image::set_force_share(a.force_share);
             compare::run(compare::CompareRequest {
@@ -936,10 +945,10 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
 }
 
 impl Cli {
-    fn command_names() -> [&'static str; 14] {
+    fn command_names() -> [&'static str; 15] {
         [
             "create", "info", "check", "snapshot", "map", "convert", "amend", "resize", "bench",
-            "io", "compare", "measure", "dd", "serve",
+            "io", "compare", "measure", "dd", "serve", "rebase",
         ]
     }
 }

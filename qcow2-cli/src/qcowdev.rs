@@ -128,6 +128,20 @@ pub fn open_image_full(
     locking: Locking,
     runtime: &[(String, String)],
 ) -> Result<Image, String> {
+    open_image_chain(path, read_only, unmap, cache, locking, runtime, true)
+}
+
+/// [`open_image_full`]; without `backing` the backing file is not opened (QEMU's
+/// `BDRV_O_NO_BACKING`, as `rebase -u` opens the overlay).
+pub fn open_image_chain(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    backing: bool,
+) -> Result<Image, String> {
     let storage = FileStorage::open_cached(path, !read_only, cache)
         .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
     let base_dir = std::path::Path::new(path)
@@ -138,12 +152,16 @@ pub fn open_image_full(
         read_only,
         force_share: crate::image::force_share(),
         locking,
-        backing: BackingPolicy::Open {
-            base_dir,
-            max_depth: 16,
-            // qemu-img follows backing file names anywhere; so does this command-line tool
-            // (the restriction is for services that open untrusted images).
-            allowed_dirs: vec![std::path::PathBuf::from("/")],
+        backing: if backing {
+            BackingPolicy::Open {
+                base_dir,
+                max_depth: 16,
+                // qemu-img follows backing file names anywhere; so does this command-line
+                // tool (the restriction is for services that open untrusted images).
+                allowed_dirs: vec![std::path::PathBuf::from("/")],
+            }
+        } else {
+            BackingPolicy::Ignore
         },
         pass_discard_request: unmap,
         key_secret: crate::secrets::command_secret(),

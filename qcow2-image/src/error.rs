@@ -40,6 +40,10 @@ pub enum Op {
     SnapshotDelete,
     /// Changing image options in place (`qemu-img amend`).
     Amend,
+    /// Changing the backing file, copying what differs first (`qemu-img rebase`).
+    Rebase,
+    /// Writing an overlay's data into an image below it (`qemu-img commit`).
+    Commit,
 }
 
 impl std::fmt::Display for Op {
@@ -60,6 +64,8 @@ impl std::fmt::Display for Op {
             Op::SnapshotApply => "snapshot apply",
             Op::SnapshotDelete => "snapshot delete",
             Op::Amend => "amend",
+            Op::Rebase => "rebase",
+            Op::Commit => "commit",
         })
     }
 }

@@ -38,6 +38,7 @@ mod map;
 mod options;
 mod overlap;
 mod plan;
+mod rebase;
 mod shared;
 mod shrink;
 mod snapshot;
@@ -46,7 +47,7 @@ mod write;
 mod zero;
 
 pub use amend::AmendOptions;
-pub use backing::{BackingImage, BackingOpener, RawBacking};
+pub use backing::{BackingImage, BackingOpener, Held, RawBacking};
 pub use bitmaps::{stale_extension_warning, BitmapInfo};
 pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, CompareReport, Side};
 pub use compress::compress_cluster;
@@ -62,6 +63,7 @@ pub use qcow2_format::features::CompressionType;
 pub use qcow2_format::layout::Compat;
 pub use qcow2_io::{Locking, Perms};
 pub use qcow2_snapshot::{NewSnapshot, SnapshotEntry};
+pub use rebase::{RebaseError, RebaseOptions};
 pub use shared::SharedImage;
 pub use status::{BlockStatus, RawDisk};
 
