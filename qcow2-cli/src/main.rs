@@ -8,6 +8,7 @@
 mod amend;
 mod bench;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -233,6 +234,13 @@ Examples:
   qcow2 rebase -u -b renamed-base.qcow2 -F qcow2 overlay.qcow2
   qcow2 rebase -b '' overlay.qcow2")]
     Rebase(rebase::RebaseArgs),
+    /// Write an image's data into its backing file (then empty it unless -d or -b).
+    #[command(after_help = "\
+Examples:
+  qcow2 commit overlay.qcow2
+  qcow2 commit -d -p overlay.qcow2
+  qcow2 commit -b base.qcow2 top.qcow2")]
+    Commit(commit::CommitArgs),
 }
 
 #[derive(Args, Debug)]
@@ -859,6 +867,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
         }
         Command::Serve(a) => serve::run(a),
         Command::Rebase(a) => rebase::run(a),
+        Command::Commit(a) => commit::run(a),
         Command::Compare(a) => {
             image::set_force_share(a.force_share);
             compare::run(compare::CompareRequest {
@@ -945,10 +954,10 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
 }
 
 impl Cli {
-    fn command_names() -> [&'static str; 15] {
+    fn command_names() -> [&'static str; 16] {
         [
             "create", "info", "check", "snapshot", "map", "convert", "amend", "resize", "bench",
-            "io", "compare", "measure", "dd", "serve", "rebase",
+            "io", "compare", "measure", "dd", "serve", "rebase", "commit",
         ]
     }
 }

@@ -717,6 +717,11 @@ impl Image {
         self.fc.backing_file_str()
     }
 
+    /// The backing file format stored in the image (backing-format extension), if any.
+    pub fn backing_format(&self) -> Option<String> {
+        self.fc.backing_format_str()
+    }
+
     /// Whether a backing image is attached.
     pub fn has_backing(&self) -> bool {
         self.backing.is_some()

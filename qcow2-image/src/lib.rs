@@ -26,6 +26,7 @@
 mod amend;
 mod backing;
 mod bitmaps;
+mod commit;
 mod compare;
 mod compress;
 mod crypto;
@@ -49,6 +50,7 @@ mod zero;
 pub use amend::AmendOptions;
 pub use backing::{BackingImage, BackingOpener, Held, RawBacking};
 pub use bitmaps::{stale_extension_warning, BitmapInfo};
+pub use commit::{CommitError, CommitOptions, CommitTarget, RawTarget, SharedTarget};
 pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, CompareReport, Side};
 pub use compress::compress_cluster;
 pub use dd::{dd_copy, DdError, DdParams, DdPlan, DdWrite};
