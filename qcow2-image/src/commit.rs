@@ -13,9 +13,10 @@
 //! safe through the normal free path, invariants 1 and 2), then, on a v3 image without
 //! snapshots, bitmaps, encryption or data file, QEMU's `make_completely_empty` layout:
 //! header, a one-cluster refcount table, one refcount block, an empty L1 table, and the
-//! file truncated after it. That rewrite runs under the dirty bit as QEMU's does; by then
-//! the overlay's guest view is already empty, so a crash in it loses nothing the base does
-//! not hold.
+//! file truncated after it. Where the tables already sit at those places the rewrite goes
+//! in steps that each leave a consistent image (leaks at worst); elsewhere it runs under
+//! the dirty bit as QEMU's does. Either way the overlay's guest view is already empty by
+//! then, so a crash in it loses nothing the base does not hold.
 
 use crate::backing::{BackingImage, Held};
 use crate::error::{ImageError, Op, Result};
@@ -336,13 +337,18 @@ impl Image {
     }
 
     /// QEMU's `make_completely_empty` on an image whose guest view is already empty and
-    /// whose caches are clean: the fresh layout is written under the dirty bit, then the
-    /// image is opened again from disk.
+    /// whose caches are clean, then the image is opened again from disk. When the refcount
+    /// table, the first refcount block and the L1 table already sit where the empty layout
+    /// puts them (every image QEMU or this library created does), the layout is reached in
+    /// steps that each leave a consistent image, at worst with leaks: the L1 table is
+    /// zeroed (the empty L2 tables leak), the refcount table keeps only its first entry
+    /// (the clusters other blocks counted are referenced by nothing any more), the first
+    /// block is rewritten to count only the layout's clusters, and the file is truncated.
+    /// Otherwise QEMU's own sequence runs under the dirty bit.
     fn empty_completely(&mut self, l1_clusters: u64) -> Result<()> {
         let op = Op::Commit;
         let cs = self.geo.cluster_size();
         let n = 3 + l1_clusters;
-        self.mark_dirty(op)?;
         let file = self.image_file.clone();
         let step = |this: &mut Image, what: &'static str, r: std::io::Result<()>| {
             r.map_err(|e| {
@@ -350,23 +356,14 @@ impl Image {
                 ImageError::io(op, what, 0, e)
             })
         };
-        let l1_offset = self.fc.header.l1_table_offset;
-        let r = file.write_zeroes(l1_offset, l1_clusters * cs);
-        step(self, "zero the L1 table", r)?;
-        let r = file.write_zeroes(cs, (2 + l1_clusters) * cs);
-        step(self, "zero the new metadata area", r)?;
-        let mut fields = Vec::with_capacity(20);
-        fields.extend_from_slice(&(3 * cs).to_be_bytes());
-        fields.extend_from_slice(&cs.to_be_bytes());
-        fields.extend_from_slice(&1u32.to_be_bytes());
-        let r = file
-            .write_at(&fields, HDR_L1_OFFSET)
-            .and_then(|()| file.flush());
-        step(self, "switch the header to the empty layout", r)?;
-        let r = file
-            .write_at(&(2 * cs).to_be_bytes(), cs)
-            .and_then(|()| file.flush());
-        step(self, "write the refcount table", r)?;
+        let mut first = [0u8; 8];
+        let r = file.read_at(&mut first, cs);
+        step(self, "read the refcount table", r)?;
+        let h_now = &self.fc.header;
+        let in_place = h_now.refcount_table_offset == cs
+            && h_now.refcount_table_clusters == 1
+            && h_now.l1_table_offset == 3 * cs
+            && u64::from_be_bytes(first) == 2 * cs;
         let codec = RefcountCodec::for_geometry(&self.geo);
         let mut block = vec![0u8; cs as usize];
         for i in 0..n {
@@ -377,17 +374,48 @@ impl Image {
                     reason: e.to_string(),
                 })?;
         }
-        let r = file.write_at(&block, 2 * cs).and_then(|()| file.flush());
-        step(self, "write the refcount block", r)?;
-        let clean = self.fc.header.incompatible_features & !INCOMPAT_DIRTY;
-        let r = file
-            .write_at(&clean.to_be_bytes(), HDR_INCOMPAT)
-            .and_then(|()| file.flush());
-        step(self, "clear the dirty bit", r)?;
-        self.fc.header.incompatible_features = clean;
-        self.fc.header.l1_table_offset = 3 * cs;
-        self.fc.header.refcount_table_offset = cs;
-        self.fc.header.refcount_table_clusters = 1;
+        if in_place {
+            let r = file
+                .write_zeroes(3 * cs, l1_clusters * cs)
+                .and_then(|()| file.flush());
+            step(self, "zero the L1 table", r)?;
+            let r = file
+                .write_zeroes(cs + 8, cs - 8)
+                .and_then(|()| file.flush());
+            step(self, "drop the other refcount blocks", r)?;
+            let r = file.write_at(&block, 2 * cs).and_then(|()| file.flush());
+            step(self, "write the refcount block", r)?;
+        } else {
+            self.mark_dirty(op)?;
+            let l1_offset = self.fc.header.l1_table_offset;
+            let r = file.write_zeroes(l1_offset, l1_clusters * cs);
+            step(self, "zero the L1 table", r)?;
+            let r = file.write_zeroes(cs, (2 + l1_clusters) * cs);
+            step(self, "zero the new metadata area", r)?;
+            let mut fields = Vec::with_capacity(20);
+            fields.extend_from_slice(&(3 * cs).to_be_bytes());
+            fields.extend_from_slice(&cs.to_be_bytes());
+            fields.extend_from_slice(&1u32.to_be_bytes());
+            let r = file
+                .write_at(&fields, HDR_L1_OFFSET)
+                .and_then(|()| file.flush());
+            step(self, "switch the header to the empty layout", r)?;
+            let r = file
+                .write_at(&(2 * cs).to_be_bytes(), cs)
+                .and_then(|()| file.flush());
+            step(self, "write the refcount table", r)?;
+            let r = file.write_at(&block, 2 * cs).and_then(|()| file.flush());
+            step(self, "write the refcount block", r)?;
+            let clean = self.fc.header.incompatible_features & !INCOMPAT_DIRTY;
+            let r = file
+                .write_at(&clean.to_be_bytes(), HDR_INCOMPAT)
+                .and_then(|()| file.flush());
+            step(self, "clear the dirty bit", r)?;
+            self.fc.header.incompatible_features = clean;
+            self.fc.header.l1_table_offset = 3 * cs;
+            self.fc.header.refcount_table_offset = cs;
+            self.fc.header.refcount_table_clusters = 1;
+        }
         let r = file.set_len(n * cs);
         step(self, "truncate the image", r)?;
         self.reopen(op)
