@@ -1,12 +1,15 @@
 //! `qemu-img commit`: writing an overlay's data into an image below it, then emptying the
 //! overlay.
 //!
-//! What moves (QEMU's commit job): every run that one of the images above the base
-//! allocates, as that image holds it: data (normal or compressed clusters) is read through
-//! the overlay and written to the base as plain data; zero clusters become zero writes that
-//! may unmap (`BDRV_REQ_MAY_UNMAP`), so the base gets zero clusters where the overlay had
-//! them; unallocated runs are not touched. A base smaller than the overlay is grown first.
-//! The base is flushed at the end.
+//! What moves (QEMU's commit job, a mirror of the overlay into the base): the base's
+//! blocks (its cluster size, at least 4 KiB; 64 KiB for a raw base) that one of the images
+//! above the base touches are rewritten from what the overlay reads there. Within them a
+//! run that reads as data is copied as plain data, in whole blocks (a partly held block is
+//! copied whole, its other bytes read through the chain); a run of whole blocks that
+//! reads as zeros becomes a zero write that may unmap (`BDRV_REQ_MAY_UNMAP`), so the base
+//! gets zero clusters where the overlay had them. Blocks nothing above the base touches
+//! are not touched. A base smaller than the overlay is grown first; the base is flushed
+//! at the end.
 //!
 //! Emptying the overlay (QEMU's `qcow2_make_empty`) happens unless the overlay is kept: a
 //! full discard of every cluster (entries unallocated, so the base shows through; crash
@@ -29,9 +32,6 @@ use qcow2_io::Storage;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Bytes copied per step at most (one request of the copy).
-const COMMIT_BUFFER_SIZE: u64 = 2 << 20;
-
 /// Header offset of `l1_table_offset` (be64), followed by `refcount_table_offset` (be64)
 /// and `refcount_table_clusters` (be32).
 const HDR_L1_OFFSET: u64 = 40;
@@ -48,7 +48,19 @@ pub trait CommitTarget: BackingImage {
     fn flush_target(&mut self) -> Result<()>;
     /// Flushes and closes.
     fn close_target(self: Box<Self>) -> Result<()>;
+    /// The block size the commit copies in (QEMU's default bitmap granularity of the
+    /// target: its cluster size, at least 4 KiB, or 64 KiB when it has none).
+    fn granularity(&self) -> u64 {
+        DEFAULT_GRANULARITY
+    }
 }
+
+/// QEMU's mirror granularity for targets without a cluster size.
+const DEFAULT_GRANULARITY: u64 = 64 << 10;
+
+/// The most a data copy moves in one request (QEMU's mirror: its 16 MiB buffer over 16
+/// requests in flight).
+const MAX_IO_BYTES: u64 = 1 << 20;
 
 impl CommitTarget for Image {
     fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
@@ -69,6 +81,10 @@ impl CommitTarget for Image {
 
     fn close_target(self: Box<Self>) -> Result<()> {
         (*self).close()
+    }
+
+    fn granularity(&self) -> u64 {
+        self.cluster_size().max(4096)
     }
 }
 
@@ -147,10 +163,29 @@ impl CommitTarget for RawTarget {
             .map_err(|e| ImageError::io(Op::Commit, "write to raw image", offset, e))
     }
 
+    /// Zeros stay allocated in a raw file (`FALLOC_FL_ZERO_RANGE`, else written), as
+    /// QEMU's commit leaves them: the file's block status keeps reporting data there.
     fn write_zeroes_unmap(&mut self, offset: u64, len: u64) -> Result<()> {
-        self.storage
-            .write_zeroes(offset, len)
-            .map_err(|e| ImageError::io(Op::Commit, "zero raw image", offset, e))
+        let io = |e| ImageError::io(Op::Commit, "zero raw image", offset, e);
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io(std::io::Error::from_raw_os_error(qcow2_io::errno::EINVAL)))?;
+        if end > self.file_len()? {
+            self.storage.set_len(end).map_err(io)?;
+        }
+        if self.storage.zero_fast(offset, len).map_err(io)? {
+            return Ok(());
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.storage
+                .write_at(&zeros[..n], offset + done)
+                .map_err(io)?;
+            done += n as u64;
+        }
+        Ok(())
     }
 
     fn grow(&mut self, size: u64) -> Result<()> {
@@ -275,39 +310,98 @@ impl Image {
             base.with(|t| t.grow(size)).map_err(CommitError::Resize)?;
         }
         progress(0, size);
+        let g = base
+            .with(|t| Ok(t.granularity()))
+            .map_err(CommitError::Write)?;
         let started = Instant::now();
         let mut copied = 0u64;
         let mut buf = Vec::new();
         let mut offset = 0u64;
         while offset < size {
-            let want = COMMIT_BUFFER_SIZE.min(size - offset);
-            let (held, n) = self
-                .held_above(offset, want, base_depth)
-                .map_err(CommitError::Read)?;
-            let n = n.clamp(1, want);
-            match held {
-                Held::No => {}
-                Held::Zero => base
-                    .with(|t| t.write_zeroes_unmap(offset, n))
-                    .map_err(CommitError::Write)?,
-                Held::Data => {
-                    buf.resize(n as usize, 0);
-                    self.read(offset, &mut buf).map_err(CommitError::Read)?;
-                    base.with(|t| t.write_data(offset, &buf))
+            // The next run of granularity blocks that something above the base touches
+            // (QEMU's dirty bitmap of the commit job).
+            let Some((start, end)) = self
+                .dirty_run(offset, size, g, base_depth)
+                .map_err(CommitError::Read)?
+            else {
+                break;
+            };
+            let mut at = start;
+            while at < end {
+                let st = self.chain_status(at, end - at).map_err(CommitError::Read)?;
+                // QEMU's mirror_iteration: a data run is copied in whole blocks (a run
+                // shorter than a block is copied as one block, whatever it holds); a
+                // zero run of whole blocks becomes a zero write.
+                let mut io = if st.data {
+                    st.length.min(MAX_IO_BYTES)
+                } else {
+                    st.length
+                };
+                io -= io % g;
+                let copy = if io < g {
+                    io = g;
+                    true
+                } else {
+                    st.data || !st.zero
+                };
+                let io = io.min(end - at).min(size - at);
+                if copy {
+                    buf.resize(io as usize, 0);
+                    self.read(at, &mut buf).map_err(CommitError::Read)?;
+                    base.with(|t| t.write_data(at, &buf))
                         .map_err(CommitError::Write)?;
-                    copied += n;
+                    copied += io;
                     throttle(opts.rate_limit, started, copied);
+                } else {
+                    base.with(|t| t.write_zeroes_unmap(at, io))
+                        .map_err(CommitError::Write)?;
                 }
+                at += io;
+                progress(at, size);
             }
-            offset += n;
-            progress(offset, size);
+            offset = end;
         }
+        progress(size, size);
         base.with(|t| t.flush_target())
             .map_err(CommitError::Write)?;
         if !opts.keep_overlay {
             self.make_empty().map_err(CommitError::Empty)?;
         }
         Ok(())
+    }
+
+    /// The first run of `g`-sized blocks at or after `from` in which one of the top
+    /// `levels` layers holds something, as `(start, end)` (end clipped to `size`).
+    fn dirty_run(
+        &mut self,
+        from: u64,
+        size: u64,
+        g: u64,
+        levels: u32,
+    ) -> Result<Option<(u64, u64)>> {
+        let mut at = from;
+        let mut start = None;
+        while at < size {
+            let block_end = (at - at % g + g).min(size);
+            let mut dirty = false;
+            let mut pos = at;
+            while pos < block_end {
+                let (held, n) = self.held_above(pos, block_end - pos, levels)?;
+                if held != Held::No {
+                    dirty = true;
+                    break;
+                }
+                pos += n.max(1);
+            }
+            match (dirty, start) {
+                (true, None) => start = Some(at),
+                (false, Some(s)) => return Ok(Some((s, at))),
+                _ => {}
+            }
+            // A clean stretch can be skipped in one step when a single answer covers it.
+            at = block_end;
+        }
+        Ok(start.map(|s| (s, size)))
     }
 
     /// Empties the image as QEMU's `qcow2_make_empty` does (see the module documentation):

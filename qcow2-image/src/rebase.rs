@@ -206,8 +206,10 @@ impl Image {
         };
         let old_size = self.backing.as_ref().map_or(0, |b| b.size());
         let new_size = new_backing.as_ref().map_or(0, |b| b.size());
-        let mut buf_old = vec![0u8; IO_BUF_SIZE as usize];
-        let mut buf_new = vec![0u8; IO_BUF_SIZE as usize];
+        // A step grows by at most one alignment unit at each end.
+        let cap = (IO_BUF_SIZE + 2 * align) as usize;
+        let mut buf_old = vec![0u8; cap];
+        let mut buf_new = vec![0u8; cap];
         // qemu-img's step: 100 divided by the (integer) number of buffer-sized steps.
         let step = if size == 0 {
             0.0
@@ -240,8 +242,24 @@ impl Image {
                 n = if m == 0 { want } else { m };
             }
             // Whole (sub)clusters, so that no copy needs copy-on-write in the overlay.
-            let start = offset - offset % align;
-            let end = (offset + n).next_multiple_of(align).min(size);
+            let mut align = align;
+            let mut compress = opts.compress;
+            let mut start = offset - offset % align;
+            let mut end = (offset + n).next_multiple_of(align).min(size);
+            if compress
+                && self
+                    .allocates_any(start, end)
+                    .map_err(RebaseError::Metadata)?
+            {
+                // A whole cluster would cover subclusters the overlay allocates (extended
+                // L2): copying them from the old chain would overwrite the overlay's own
+                // data (qemu-img aborts on an assertion here). Copy this step by
+                // subclusters, uncompressed.
+                align = self.geo.subcluster_size();
+                compress = false;
+                start = offset - offset % align;
+                end = (offset + n).next_multiple_of(align).min(size);
+            }
             offset = start;
             n = end - start;
             let len = n as usize;
@@ -269,7 +287,7 @@ impl Image {
                     if old_eof {
                         self.write_zeroes(at, run as u64, false)
                     } else {
-                        self.write_copy(at, &buf_old[done..done + run], opts.compress)
+                        self.write_copy(at, &buf_old[done..done + run], compress)
                     }
                     .map_err(RebaseError::Write)?;
                 }
@@ -282,6 +300,19 @@ impl Image {
             offset += n;
         }
         Ok(())
+    }
+
+    /// Whether the overlay itself allocates anything in `[start, end)`.
+    fn allocates_any(&mut self, start: u64, end: u64) -> Result<bool> {
+        let mut at = start;
+        while at < end {
+            let c = self.lookup(Op::Map, at, end - at)?;
+            if !matches!(c.kind, MapKind::Unallocated(_)) {
+                return Ok(true);
+            }
+            at += c.len.max(1);
+        }
+        Ok(false)
     }
 
     /// Writes `data` at `offset`, compressed cluster by cluster when asked.
