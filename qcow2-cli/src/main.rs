@@ -12,6 +12,7 @@ mod compare;
 mod convert;
 mod create;
 mod dd;
+mod encryption;
 mod image;
 mod info;
 mod io;
@@ -316,6 +317,10 @@ struct CreateArgs {
     /// Quiet: do not print the "Formatting" line.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// Define a secret for encrypt.key-secret: `secret,id=ID,data=PASSPHRASE` or
+    /// `secret,id=ID,file=FILE[,format=raw|base64]` (repeatable).
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
     /// The image file to create (it is overwritten if it exists).
     filename: Option<String>,
     /// Virtual size with an optional suffix (b, k, M, G, T, P, E).
@@ -657,6 +662,9 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     "create",
                     &format!("Unexpected argument: {x}"),
                 ));
+            }
+            for def in &a.object {
+                secrets::define_object(def).map_err(CliError::new)?;
             }
             create::run(create::CreateRequest {
                 format: a.format,
