@@ -347,7 +347,12 @@ fn create_target(
                 ..qcow2_image::OpenOptions::default()
             };
             // An encrypted target (-o encrypt.format=luks,encrypt.key-secret=ID).
-            let text = |n: &str| opts.iter().rev().find(|o| o.name == n).map(|o| o.text.clone());
+            let text = |n: &str| {
+                opts.iter()
+                    .rev()
+                    .find(|o| o.name == n)
+                    .map(|o| o.text.clone())
+            };
             if let Some(e) = crate::encryption::from_options(&text).map_err(driver)? {
                 c.luks_area = Some(e.area);
                 open.key_secret = Some(e.secret);

@@ -459,12 +459,14 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
                 Some("full") => Preallocation::Full,
                 _ => Preallocation::Off,
             };
-            let layout_error = |e: LayoutError| match e {
+            let layout_error = |e: LayoutError| {
+                match e {
                 LayoutError::ImageTooBig { .. } => in_file(
                     "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
                         .into(),
                 ),
                 other => in_file(other.to_string()),
+            }
             };
             // QEMU checks the layout options before it sets up encryption (which takes the
             // PBKDF2 benchmark's seconds).

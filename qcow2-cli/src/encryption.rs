@@ -37,7 +37,11 @@ fn cipher_alg(v: &str) -> Result<Option<CipherAlg>, String> {
         "aes-256" => Some(CipherAlg::Aes256),
         "des" | "3des" | "cast5-128" | "serpent-128" | "serpent-192" | "serpent-256"
         | "twofish-128" | "twofish-192" | "twofish-256" | "sm4" => None,
-        _ => return Err(format!("Parameter 'cipher-alg' does not accept value '{v}'")),
+        _ => {
+            return Err(format!(
+                "Parameter 'cipher-alg' does not accept value '{v}'"
+            ))
+        }
     })
 }
 
@@ -46,7 +50,11 @@ fn cipher_mode(v: &str) -> Result<Option<CipherMode>, String> {
         "xts" => Some(CipherMode::Xts),
         "cbc" => Some(CipherMode::Cbc),
         "ecb" | "ctr" => None,
-        _ => return Err(format!("Parameter 'cipher-mode' does not accept value '{v}'")),
+        _ => {
+            return Err(format!(
+                "Parameter 'cipher-mode' does not accept value '{v}'"
+            ))
+        }
     })
 }
 
@@ -69,7 +77,9 @@ pub fn from_options(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<Encry
     let legacy_flag = get("encryption").map(|v| crate::opts::parse_bool(&v) == Some(true));
     let format = get("encrypt.format");
     if legacy_flag.is_some() && format.is_some() {
-        return Err("'encrypt.format' and its alias 'encryption' can't be used at the same time".into());
+        return Err(
+            "'encrypt.format' and its alias 'encryption' can't be used at the same time".into(),
+        );
     }
     let format = match (legacy_flag, format) {
         (Some(true), _) => Some("aes".to_string()),
@@ -91,11 +101,19 @@ pub fn from_options(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<Encry
                     .into(),
             )
         }
-        other => return Err(format!("Parameter 'format' does not accept value '{other}'")),
+        other => {
+            return Err(format!(
+                "Parameter 'format' does not accept value '{other}'"
+            ))
+        }
     }
     // The QAPI visitor's order: enum values first.
-    let alg = get("encrypt.cipher-alg").map(|v| cipher_alg(&v).map(|a| (a, v))).transpose()?;
-    let mode = get("encrypt.cipher-mode").map(|v| cipher_mode(&v).map(|m| (m, v))).transpose()?;
+    let alg = get("encrypt.cipher-alg")
+        .map(|v| cipher_alg(&v).map(|a| (a, v)))
+        .transpose()?;
+    let mode = get("encrypt.cipher-mode")
+        .map(|v| cipher_mode(&v).map(|m| (m, v)))
+        .transpose()?;
     let ivgen = match get("encrypt.ivgen-alg").as_deref() {
         None => None,
         Some(v @ ("plain" | "plain64" | "essiv")) => Some(v.to_string()),

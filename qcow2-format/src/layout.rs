@@ -707,12 +707,18 @@ mod tests {
             let f = fresh_image(&o).unwrap();
             assert_eq!(f.header().crypt_method, crate::header::CRYPT_LUKS);
             let ext = f.first_cluster.extensions.crypto_header.unwrap();
-            assert_eq!((ext.offset, ext.length), (offset, area.len() as u64), "{cs}");
+            assert_eq!(
+                (ext.offset, ext.length),
+                (offset, area.len() as u64),
+                "{cs}"
+            );
             assert_eq!(f.file_length, file_length, "{cs}");
             let bytes = f.to_bytes();
             assert_eq!(&bytes[offset as usize..][..area.len()], &area[..]);
             let end = (offset as usize + area.len()).next_multiple_of(cs as usize);
-            assert!(bytes[offset as usize + area.len()..end].iter().all(|&b| b == 0));
+            assert!(bytes[offset as usize + area.len()..end]
+                .iter()
+                .all(|&b| b == 0));
             let parsed = crate::header::open_first_cluster(
                 &bytes,
                 &crate::header::OpenOptions {
