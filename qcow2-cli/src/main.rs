@@ -768,14 +768,13 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             let driver = a.objects.apply(&mut a.files)?;
             let format = format_or_driver(a.format, driver);
             let file = one_file("amend", &a.files)?;
-            // --force only matters for LUKS keyslot changes, which this tool does not do.
-            let _ = a.force;
             amend::run(amend::AmendRequest {
                 file,
                 format: parse_format(format.as_deref())?,
                 options: a.options,
                 progress: a.progress,
                 quiet: a.quiet,
+                force: a.force,
             })
         }
         Command::Resize(mut a) => {
