@@ -289,7 +289,9 @@ fn qcow2_options(
                     }
                 }
             }
-            "encryption" if !o.flag => {}
+            // Built below (encryption::from_options).
+            "encryption" => {}
+            n if n.starts_with("encrypt.") => {}
             "data_file" => c.data_file = Some(o.text.clone()),
             "data_file_raw" => c.data_file_raw = o.flag,
             other => {
@@ -339,12 +341,23 @@ fn create_target(
             Ok(Target::Raw(f))
         }
         Format::Qcow2 => {
-            let c = qcow2_options(dst, opts, size)?;
-            let storage = image::create_file_detail(dst, image::FileRole::Qcow2).map_err(driver)?;
+            let mut c = qcow2_options(dst, opts, size)?;
             let mut open = qcow2_image::OpenOptions {
                 backing: qcow2_image::BackingPolicy::Ignore,
                 ..qcow2_image::OpenOptions::default()
             };
+            // An encrypted target (-o encrypt.format=luks,encrypt.key-secret=ID).
+            let text = |n: &str| {
+                opts.iter()
+                    .rev()
+                    .find(|o| o.name == n)
+                    .map(|o| o.text.clone())
+            };
+            if let Some(e) = crate::encryption::from_options(&text).map_err(driver)? {
+                c.luks_area = Some(e.area);
+                open.key_secret = Some(e.secret);
+            }
+            let storage = image::create_file_detail(dst, image::FileRole::Qcow2).map_err(driver)?;
             if let Some(name) = &c.data_file {
                 // Created by its name as given (relative to the working directory), as
                 // qemu-img does.

@@ -13,6 +13,7 @@ mod compare;
 mod convert;
 mod create;
 mod dd;
+mod encryption;
 mod image;
 mod info;
 mod io;
@@ -332,6 +333,10 @@ struct CreateArgs {
     /// Quiet: do not print the "Formatting" line.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// Define a secret for encrypt.key-secret: `secret,id=ID,data=PASSPHRASE` or
+    /// `secret,id=ID,file=FILE[,format=raw|base64]` (repeatable).
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
     /// The image file to create (it is overwritten if it exists).
     filename: Option<String>,
     /// Virtual size with an optional suffix (b, k, M, G, T, P, E).
@@ -674,6 +679,9 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     &format!("Unexpected argument: {x}"),
                 ));
             }
+            for def in &a.object {
+                secrets::define_object(def).map_err(CliError::new)?;
+            }
             create::run(create::CreateRequest {
                 format: a.format,
                 options: a.options,
@@ -776,14 +784,13 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             let driver = a.objects.apply(&mut a.files)?;
             let format = format_or_driver(a.format, driver);
             let file = one_file("amend", &a.files)?;
-            // --force only matters for LUKS keyslot changes, which this tool does not do.
-            let _ = a.force;
             amend::run(amend::AmendRequest {
                 file,
                 format: parse_format(format.as_deref())?,
                 options: a.options,
                 progress: a.progress,
                 quiet: a.quiet,
+                force: a.force,
             })
         }
         Command::Resize(mut a) => {

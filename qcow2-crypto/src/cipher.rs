@@ -67,6 +67,15 @@ impl CipherAlg {
         }
     }
 
+    /// QEMU's name (`aes-128`, `aes-192`, `aes-256`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CipherAlg::Aes128 => "aes-128",
+            CipherAlg::Aes192 => "aes-192",
+            CipherAlg::Aes256 => "aes-256",
+        }
+    }
+
     /// Key bytes of one cipher instance.
     pub fn key_len(self) -> usize {
         match self {
@@ -86,6 +95,16 @@ pub enum CipherMode {
     Cbc,
 }
 
+impl CipherMode {
+    /// QEMU's and the LUKS header's name (`xts`, `cbc`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CipherMode::Xts => "xts",
+            CipherMode::Cbc => "cbc",
+        }
+    }
+}
+
 /// IV generator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IvGenAlg {
@@ -95,6 +114,17 @@ pub enum IvGenAlg {
     Plain64,
     /// The `plain64` IV encrypted with AES keyed by the hash of the key.
     Essiv(HashAlg),
+}
+
+impl IvGenAlg {
+    /// QEMU's and the LUKS header's name (`plain`, `plain64`, `essiv`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IvGenAlg::Plain => "plain",
+            IvGenAlg::Plain64 => "plain64",
+            IvGenAlg::Essiv(_) => "essiv",
+        }
+    }
 }
 
 /// Everything that says how sectors are encrypted (the key aside).

@@ -14,7 +14,7 @@ use crate::error::{ImageError, Op, Result};
 use crate::options::OpenOptions;
 use qcow2_crypto::luks::{LuksError, LuksHeader, LUKS_HEADER_SIZE};
 use qcow2_crypto::SectorCipher;
-use qcow2_format::extensions::FirstCluster;
+use qcow2_format::extensions::{CryptoHeaderExtension, FirstCluster};
 use qcow2_io::errno::{EINVAL, EIO};
 use qcow2_io::Storage;
 use std::io;
@@ -51,26 +51,8 @@ pub(crate) fn unlock(
             "Parameter 'encrypt.key-secret' is required for cipher".into(),
         ));
     };
-    // QEMU's qcow2_crypto_hdr_read_func: reads stay inside the extension's area.
-    let read = |off: u64, buf: &mut [u8]| -> std::result::Result<(), LuksError> {
-        let end = off.checked_add(buf.len() as u64);
-        if end.is_none_or(|e| e > ext.length) {
-            return Err(LuksError::Read {
-                reason: "Request for data outside of extension header".into(),
-            });
-        }
-        let at = ext.offset.checked_add(off).ok_or(LuksError::Read {
-            reason: "Request for data outside of extension header".into(),
-        })?;
-        storage.read_at(buf, at).map_err(|e| LuksError::Read {
-            reason: format!(
-                "Could not read encryption header: {}",
-                crate::image::strerror(e.raw_os_error().unwrap_or(EIO))
-            ),
-        })
-    };
+    let mut read = |off: u64, buf: &mut [u8]| read_area(storage, &ext, off, buf);
     let mut hdr = vec![0u8; LUKS_HEADER_SIZE];
-    let mut read = read;
     read(0, &mut hdr).map_err(|e| refused(e.to_string()))?;
     let header = LuksHeader::parse(&hdr).map_err(|e| refused(e.to_string()))?;
     header.check().map_err(|e| refused(e.to_string()))?;
@@ -78,6 +60,40 @@ pub(crate) fn unlock(
         .unlock(secret.as_bytes(), &mut read)
         .map_err(|e| refused(e.to_string()))?;
     Ok(Arc::from(cipher))
+}
+
+/// Reads `buf.len()` bytes at `off` of the LUKS area the extension names (QEMU's
+/// `qcow2_crypto_hdr_read_func`: reads stay inside the extension's area).
+pub(crate) fn read_area(
+    storage: &dyn Storage,
+    ext: &CryptoHeaderExtension,
+    off: u64,
+    buf: &mut [u8],
+) -> std::result::Result<(), LuksError> {
+    let at = area_offset(ext, off, buf.len())?;
+    storage.read_at(buf, at).map_err(|e| LuksError::Read {
+        reason: format!(
+            "Could not read encryption header: {}",
+            crate::image::strerror(e.raw_os_error().unwrap_or(EIO))
+        ),
+    })
+}
+
+/// The file offset of `[off, off + len)` of the LUKS area, refused outside the extension's
+/// area.
+pub(crate) fn area_offset(
+    ext: &CryptoHeaderExtension,
+    off: u64,
+    len: usize,
+) -> std::result::Result<u64, LuksError> {
+    let outside = || LuksError::Read {
+        reason: "Request for data outside of extension header".into(),
+    };
+    let end = off.checked_add(len as u64).ok_or_else(outside)?;
+    if end > ext.length {
+        return Err(outside());
+    }
+    ext.offset.checked_add(off).ok_or_else(outside)
 }
 
 fn cipher_err(e: qcow2_crypto::CipherError) -> io::Error {

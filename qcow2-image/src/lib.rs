@@ -34,6 +34,7 @@ mod data_file;
 mod dd;
 mod error;
 mod image;
+mod keyslots;
 pub mod locking;
 mod map;
 mod options;
@@ -56,6 +57,7 @@ pub use compress::compress_cluster;
 pub use dd::{dd_copy, DdError, DdParams, DdPlan, DdWrite};
 pub use error::{ImageError, Op, Result};
 pub use image::Image;
+pub use keyslots::{KeyslotAmend, KeyslotState};
 pub use map::{Extent, ExtentKind};
 pub use options::{
     BackingPolicy, CreateOptions, DataFileStorage, OpenOptions, OverlapLevel, Preallocation,

@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
+pub mod luks;
+
 /// What a command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Run {
