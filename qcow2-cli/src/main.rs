@@ -7,6 +7,7 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod check;
 mod compare;
 mod convert;
@@ -163,6 +164,10 @@ Examples:
   qcow2 snapshot -a before-upgrade disk.qcow2
   qcow2 snapshot -d before-upgrade disk.qcow2")]
     Snapshot(SnapshotArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (qemu-img's
+    /// options; several operations per call, in order).
+    #[command(disable_help_flag = true)]
+    Bitmap(BitmapArgs),
     /// Show how guest ranges map to the image file.
     #[command(after_help = "\
 Examples:
@@ -440,6 +445,15 @@ struct SnapshotArgs {
     files: Vec<String>,
     #[command(flatten)]
     objects: ObjectArgs,
+}
+
+/// `bitmap`: parsed by the command itself, as qemu-img's getopt does (the order of the
+/// operations matters).
+#[derive(Args, Debug)]
+struct BitmapArgs {
+    /// Operations, options, FILENAME and BITMAP (see `qcow2 bitmap --help`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    args: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -724,6 +738,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             };
             snapshot::run(&file, format, &op)
         }
+        Command::Bitmap(a) => bitmap::run(&a.args),
         Command::Map(mut a) => {
             let output = OutputFormat::parse(a.output.as_deref())?;
             let driver = a.objects.apply(&mut a.files)?;
@@ -936,10 +951,10 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
 }
 
 impl Cli {
-    fn command_names() -> [&'static str; 14] {
+    fn command_names() -> [&'static str; 15] {
         [
             "create", "info", "check", "snapshot", "map", "convert", "amend", "resize", "bench",
-            "io", "compare", "measure", "dd", "serve",
+            "io", "compare", "measure", "dd", "serve", "bitmap",
         ]
     }
 }

@@ -40,6 +40,8 @@ pub enum Op {
     SnapshotDelete,
     /// Changing image options in place (`qemu-img amend`).
     Amend,
+    /// A persistent-bitmap operation (add, remove, clear, enable, disable, merge, store).
+    Bitmap,
 }
 
 impl std::fmt::Display for Op {
@@ -60,6 +62,7 @@ impl std::fmt::Display for Op {
             Op::SnapshotApply => "snapshot apply",
             Op::SnapshotDelete => "snapshot delete",
             Op::Amend => "amend",
+            Op::Bitmap => "bitmap",
         })
     }
 }

@@ -47,7 +47,9 @@ mod zero;
 
 pub use amend::AmendOptions;
 pub use backing::{BackingImage, BackingOpener, RawBacking};
-pub use bitmaps::{stale_extension_warning, BitmapInfo};
+pub use bitmaps::{
+    stale_extension_warning, BitmapAddOptions, BitmapInfo, DirtyBitmap, DirtyRanges,
+};
 pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, CompareReport, Side};
 pub use compress::compress_cluster;
 pub use dd::{dd_copy, DdError, DdParams, DdPlan, DdWrite};

@@ -269,7 +269,8 @@ impl SharedImage {
         let mut core = self.lock_clear_of_allocations(op, start, end)?;
         core.check_writable(op)?;
         core.check_range(op, offset, len)?;
-        core.invalidate_bitmaps(op, crate::bitmaps::Staleness::Content)?;
+        // Under the lock the request holds anyway: no lock of its own on the hot path.
+        core.track_change(op, offset, len)?;
         if let Some(pieces) = core.plan_rewrite(offset, len)? {
             let storage = core.data_storage_arc();
             let cipher = core.crypto_arc();
