@@ -278,6 +278,13 @@ pub fn run(args: &[String]) -> Result<(), CliError> {
     }
     let mut img: Image =
         qcowdev::open_image(&file, false).map_err(|e| image::open_error(&file, e))?;
+    // QEMU's open loads and marks the bitmaps before any operation runs.
+    img.begin_bitmap_session().map_err(|e| {
+        CliError::new(format!(
+            "Can't update bitmap directory: {}",
+            qcowdev::error_text(&e)
+        ))
+    })?;
     let source = match r.source_file.take() {
         Some(src) => {
             let sf = r

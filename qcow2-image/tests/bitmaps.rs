@@ -334,7 +334,8 @@ fn merge_from_another_image_and_v2_refusal() {
         img.bitmap_merge("t", &bits)
             .expect_err("sizes differ")
             .to_string(),
-        "Bitmaps are incompatible and can't be merged"
+        "Bitmaps are of different sizes (destination size is 8388608, source size is 4194304) \
+         and can't be merged"
     );
     // v2 images cannot store bitmaps.
     let mut o = CreateOptions::new(1 << 20);

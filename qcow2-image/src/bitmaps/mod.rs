@@ -279,6 +279,18 @@ impl Image {
             .ok_or_else(|| refused(op, "bitmap session not started".into()))
     }
 
+    /// Starts the bitmap session now, as QEMU's writable open does: the consistent bitmaps
+    /// are loaded and marked IN_USE on disk (and stored at close, consistent again). A
+    /// no-op without bitmaps or when the session already runs. Tools that mirror a QEMU
+    /// command (`qcow2 bitmap`) call it right after the open, so that even a failing
+    /// operation leaves the file as QEMU leaves it.
+    pub fn begin_bitmap_session(&mut self) -> Result<()> {
+        if self.bitmap_dir.is_some() {
+            self.bitmap_session(Op::Bitmap)?;
+        }
+        Ok(())
+    }
+
     /// Marks every bitmap that is consistent on disk IN_USE, in place, durably.
     fn mark_bitmaps_in_use(&mut self, op: Op) -> Result<()> {
         let Some(dir) = &self.bitmap_dir else {
@@ -552,7 +564,7 @@ impl Image {
 
     /// Merges `source` into bitmap `target` (`block-dirty-bitmap-merge`): every granule
     /// of `target` that a dirty range of `source` touches becomes dirty. The bitmaps must
-    /// cover the same disk size ("Bitmaps are incompatible and can't be merged").
+    /// cover the same disk size (QEMU's "Bitmaps are of different sizes ...").
     pub fn bitmap_merge(&mut self, target: &str, source: &DirtyBitmap) -> Result<()> {
         let op = Op::Bitmap;
         self.check_writable(op)?;
@@ -563,7 +575,12 @@ impl Image {
         if bits.size() != source.size() {
             return Err(refused(
                 op,
-                "Bitmaps are incompatible and can't be merged".into(),
+                format!(
+                    "Bitmaps are of different sizes (destination size is {}, source size is \
+                     {}) and can't be merged",
+                    bits.size(),
+                    source.size()
+                ),
             ));
         }
         bits.merge_from(source);
