@@ -109,6 +109,9 @@ pub struct Image {
     /// The bitmaps in memory once a change concerned them (loaded, IN_USE on disk,
     /// tracking writes); stored at close.
     pub(crate) bitmap_session: Option<crate::bitmaps::Session>,
+    /// A stored bitmap read for block-status queries outside a session (NBD exports of
+    /// `qemu:dirty-bitmap:NAME`), so that each query does not read it again.
+    pub(crate) bitmap_cache: Option<(String, crate::bitmaps::DirtyBitmap)>,
     /// The image file and its name when the library opened it and holds QEMU's locks on
     /// it (see `locking.rs`); the locks go with the last reference to the file.
     pub(crate) locked: Option<(Arc<FileStorage>, std::path::PathBuf)>,
@@ -452,6 +455,7 @@ impl Image {
             image_file,
             bitmap_dir: None,
             bitmap_session: None,
+            bitmap_cache: None,
             locked: None,
             metadata_prealloc: None,
             crypto,

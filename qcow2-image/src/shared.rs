@@ -380,6 +380,12 @@ impl SharedImage {
         self.core(Op::Map)?.block_status(offset, len)
     }
 
+    /// Dirty and clean runs of a persistent bitmap (see [`Image::dirty_bitmap_runs`]).
+    pub fn dirty_bitmap_runs(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let _req = self.requests(Op::Map)?;
+        self.core(Op::Map)?.dirty_bitmap_runs(name, offset, len)
+    }
+
     /// Virtual disk size in bytes.
     pub fn virtual_size(&self) -> Result<u64> {
         Ok(self.core(Op::Map)?.virtual_size())

@@ -596,4 +596,49 @@ impl Image {
         let src = self.bitmap(source)?;
         self.bitmap_merge(target, &src)
     }
+
+    /// Dirty (`true`) and clean runs `(length, dirty)` of bitmap `name` from `offset`,
+    /// covering `[offset, offset + len)` clipped to the disk: what an NBD export of
+    /// `qemu:dirty-bitmap:NAME` reports. In a session the live bitmap answers (writes
+    /// through the export show up at once); otherwise the stored bitmap, read once.
+    pub fn dirty_bitmap_runs(
+        &mut self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, bool)>> {
+        let op = Op::Map;
+        let cached = self.bitmap_cache.as_ref().is_some_and(|(n, _)| n == name);
+        if self.bitmap_session.is_none() && !cached {
+            let bits = self.bitmap(name)?;
+            self.bitmap_cache = Some((name.to_string(), bits));
+        }
+        let bits = match &self.bitmap_session {
+            Some(s) => {
+                let i = s.find(name).ok_or_else(|| not_found(op, name))?;
+                s.list[i]
+                    .bits
+                    .as_ref()
+                    .ok_or_else(|| inconsistent(op, name))?
+            }
+            None => match &self.bitmap_cache {
+                Some((_, b)) => b,
+                None => return Err(not_found(op, name)),
+            },
+        };
+        let end = offset.saturating_add(len).min(bits.size());
+        let mut out = Vec::new();
+        let mut pos = offset;
+        for (s, l) in bits.ranges_in(offset, end.saturating_sub(offset)) {
+            if s > pos {
+                out.push((s - pos, false));
+            }
+            out.push((l, true));
+            pos = s + l;
+        }
+        if end > pos {
+            out.push((end - pos, false));
+        }
+        Ok(out)
+    }
 }
