@@ -376,3 +376,69 @@ fn operation_failed(act: &Action, bitmap: &str, e: &ImageError) -> CliError {
     }
     CliError::new(msg)
 }
+
+/// `convert --bitmaps` before the copy (QEMU's `convert_check_bitmaps`): the source keeps
+/// persistent bitmaps (qcow2) and, unless `skip_broken`, none of them is inconsistent.
+pub fn check_source(source: Option<&Image>, skip_broken: bool) -> Result<(), CliError> {
+    let Some(src) = source else {
+        return Err(CliError::new("Source lacks bitmap support"));
+    };
+    if src.header().version < 3 {
+        return Err(CliError::new("Source lacks bitmap support"));
+    }
+    let list = src
+        .bitmaps()
+        .map_err(|e| CliError::new(qcowdev::error_text(&e)))?;
+    // QEMU walks its in-memory list: newest (last in the directory) first.
+    if let Some(b) = list.iter().rev().find(|b| b.in_use && !skip_broken) {
+        return Err(CliError::new(format!(
+            "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img \
+             bitmap --remove' to delete it",
+            b.name
+        )));
+    }
+    Ok(())
+}
+
+/// `convert --bitmaps` after the copy (QEMU's `convert_copy_bitmaps`): every persistent
+/// bitmap of `src` is made in `dst` with its granularity and enabled state and its bits
+/// merged in; inconsistent ones are skipped with QEMU's warning when `skip_broken`. They
+/// are stored when `dst` is closed, in the source's directory order (as QEMU's).
+pub fn copy_bitmaps(src: &Image, dst: &mut Image, skip_broken: bool) -> Result<(), CliError> {
+    let list = src
+        .bitmaps()
+        .map_err(|e| CliError::new(qcowdev::error_text(&e)))?;
+    for b in list.iter().rev() {
+        if b.in_use && skip_broken {
+            eprintln!(
+                "{}warning: Skipping inconsistent bitmap '{}'",
+                crate::prog::prefix(),
+                b.name
+            );
+            continue;
+        }
+        let opts = BitmapAddOptions {
+            granularity: Some(b.granularity),
+            disabled: !b.auto,
+        };
+        dst.bitmap_add(&b.name, &opts).map_err(|e| {
+            CliError::new(format!(
+                "Failed to create bitmap {}: {}",
+                b.name,
+                qcowdev::error_text(&e)
+            ))
+        })?;
+        let merged = src
+            .bitmap(&b.name)
+            .and_then(|bits| dst.bitmap_merge(&b.name, &bits));
+        if let Err(e) = merged {
+            let _ = dst.bitmap_remove(&b.name);
+            return Err(CliError::new(format!(
+                "Failed to populate bitmap {}: {}",
+                b.name,
+                qcowdev::error_text(&e)
+            )));
+        }
+    }
+    Ok(())
+}

@@ -504,6 +504,12 @@ struct ConvertArgs {
     /// only, as qemu-img's -U; what is read may be inconsistent).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Copy the persistent bitmaps of the (single) source.
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps, skip inconsistent bitmaps instead of failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Source file(s) and the target file.
     files: Vec<String>,
     #[command(flatten)]
@@ -766,6 +772,8 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 progress: a.progress,
                 quiet: a.quiet,
                 files: a.files,
+                bitmaps: a.bitmaps,
+                skip_broken_bitmaps: a.skip_broken_bitmaps,
             })
         }
         Command::Amend(mut a) => {

@@ -2,6 +2,7 @@
 //! leaves the two files byte for byte identical, with the same exit status and messages
 //! (QEMU's node names `#blockNNN` normalised), for single and combined operations, on
 //! images with and without bitmaps (QEMU-made ones with dirty bits), and for the errors.
+//! Also `convert --bitmaps` and `measure` ("bitmaps size") against qemu-img.
 
 mod common;
 
@@ -247,4 +248,122 @@ fn command_line_errors_as_qemu_img() {
     ] {
         same(d, "inuse.qcow2", case);
     }
+}
+
+/// Runs `ARGS` (with `OUT` standing for the output file) through both tools; asserts equal
+/// status, messages and output files.
+fn same_convert(d: &Path, args: &[&str]) {
+    let _ = std::fs::remove_file(d.join("cq.qcow2"));
+    let _ = std::fs::remove_file(d.join("co.qcow2"));
+    let with = |out: &'static str| -> Vec<&str> {
+        args.iter()
+            .map(|a| if *a == "OUT" { out } else { a })
+            .collect()
+    };
+    let qr = qemu_img(d, &with("cq.qcow2"));
+    let or = qcow2(d, &with("co.qcow2"));
+    assert_eq!((or.code, text(&or)), (qr.code, text(&qr)), "{args:?}");
+    if qr.code == 0 {
+        let (q, o) = (
+            std::fs::read(d.join("cq.qcow2")).expect("read"),
+            std::fs::read(d.join("co.qcow2")).expect("read"),
+        );
+        assert!(q == o, "{args:?}: outputs differ");
+    }
+}
+
+#[test]
+fn convert_bitmaps_and_measure_as_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    bases(d);
+    // A bitmap made by our engine and written to by it, beside QEMU's.
+    ok(qcow2(
+        d,
+        &["bitmap", "--add", "-g", "128k", "used.qcow2", "ours"],
+    ));
+    ok(qcow2(d, &["io", "-c", "write 9M 300k", "used.qcow2"]));
+    same_convert(
+        d,
+        &["convert", "--bitmaps", "-O", "qcow2", "used.qcow2", "OUT"],
+    );
+    same_convert(
+        d,
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "used.qcow2",
+            "OUT",
+        ],
+    );
+    same_convert(
+        d,
+        &["convert", "--bitmaps", "-O", "raw", "used.qcow2", "OUT"],
+    );
+    same_convert(
+        d,
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "fresh.qcow2",
+            "used.qcow2",
+            "OUT",
+        ],
+    );
+    for args in [
+        &["measure", "-O", "qcow2", "used.qcow2"][..],
+        &["measure", "--output=json", "-O", "qcow2", "used.qcow2"][..],
+        &[
+            "measure",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "used.qcow2",
+        ][..],
+    ] {
+        let (q, o) = (qemu_img(d, args), qcow2(d, args));
+        assert_eq!((o.code, text(&o)), (q.code, text(&q)), "{args:?}");
+        assert!(q.stdout.contains("bitmaps"), "{q:?}");
+    }
+    // Inconsistent source bitmaps: refused, or skipped with a warning.
+    let mut bytes = std::fs::read(d.join("used.qcow2")).expect("read");
+    let hl = u32::from_be_bytes(bytes[100..104].try_into().expect("4")) as usize;
+    let mut off = hl;
+    let dir_off = loop {
+        let magic = u32::from_be_bytes(bytes[off..off + 4].try_into().expect("4"));
+        let len = u32::from_be_bytes(bytes[off + 4..off + 8].try_into().expect("4")) as usize;
+        if magic == 0x2385_2875 {
+            break u64::from_be_bytes(bytes[off + 24..off + 32].try_into().expect("8")) as usize;
+        }
+        assert_ne!(magic, 0, "no bitmaps extension");
+        off += 8 + len.div_ceil(8) * 8;
+    };
+    bytes[dir_off + 15] |= 1;
+    std::fs::write(d.join("inuse.qcow2"), &bytes).expect("write");
+    same_convert(
+        d,
+        &["convert", "--bitmaps", "-O", "qcow2", "inuse.qcow2", "OUT"],
+    );
+    same_convert(
+        d,
+        &[
+            "convert",
+            "--bitmaps",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            "inuse.qcow2",
+            "OUT",
+        ],
+    );
 }
