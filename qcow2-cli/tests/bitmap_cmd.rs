@@ -2,7 +2,8 @@
 //! leaves the two files byte for byte identical, with the same exit status and messages
 //! (QEMU's node names `#blockNNN` normalised), for single and combined operations, on
 //! images with and without bitmaps (QEMU-made ones with dirty bits), and for the errors.
-//! Also `convert --bitmaps` and `measure` ("bitmaps size") against qemu-img.
+//! Also `convert --bitmaps`, `measure` ("bitmaps size") and `check -r` (which stores the
+//! bitmaps again, as QEMU's writable open and close do) against qemu-img.
 
 mod common;
 
@@ -366,4 +367,48 @@ fn convert_bitmaps_and_measure_as_qemu_img() {
             "OUT",
         ],
     );
+}
+
+#[test]
+fn check_repair_leaves_bitmaps_as_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    bases(d);
+    // A leaked cluster: one more cluster at the end of the file with refcount 1 (16-bit
+    // refcounts, 64 KiB clusters: the first refcount block covers it).
+    let mut bytes = std::fs::read(d.join("used.qcow2")).expect("read");
+    let rt = u64::from_be_bytes(bytes[48..56].try_into().expect("8")) as usize;
+    let rb = u64::from_be_bytes(bytes[rt..rt + 8].try_into().expect("8")) as usize;
+    let leaked = bytes.len().div_ceil(65536);
+    bytes.resize((leaked + 1) * 65536, 0);
+    bytes[rb + 2 * leaked..rb + 2 * leaked + 2].copy_from_slice(&1u16.to_be_bytes());
+    std::fs::write(d.join("leaky.qcow2"), &bytes).expect("write");
+    for (base, mode) in [
+        ("leaky.qcow2", "all"),
+        ("leaky.qcow2", "leaks"),
+        ("used.qcow2", "all"),
+    ] {
+        let (q, o) = ("q.qcow2", "o.qcow2");
+        std::fs::copy(d.join(base), d.join(q)).expect("copy");
+        std::fs::copy(d.join(base), d.join(o)).expect("copy");
+        let qr = qemu_img(d, &["check", "-r", mode, q]);
+        let or = qcow2(d, &["check", "-r", mode, o]);
+        let what = format!("{base} -r {mode}");
+        assert!(
+            base != "leaky.qcow2" || qr.text().contains("leaked clusters"),
+            "{what}: no leak to repair: {qr:?}"
+        );
+        assert_eq!(
+            (or.code, text(&or).replace(o, "IMG")),
+            (qr.code, text(&qr).replace(q, "IMG")),
+            "{what}"
+        );
+        assert!(
+            std::fs::read(d.join(q)).expect("q") == std::fs::read(d.join(o)).expect("o"),
+            "{what}: files differ"
+        );
+    }
 }
