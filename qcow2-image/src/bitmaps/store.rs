@@ -230,8 +230,9 @@ impl Image {
         let Some(session) = self.bitmap_session.take() else {
             return Ok(());
         };
+        // What was read for block-status queries may be older than what is stored now.
+        self.bitmap_cache = None;
         self.check_writable(op)?;
-        let cs = self.geo.cluster_size();
         let mut entries: Vec<BitmapDirEntry> = self
             .bitmap_dir
             .as_ref()
@@ -306,7 +307,6 @@ impl Image {
             entries[ei].bitmap_table_offset = off;
             entries[ei].bitmap_table_size = n;
             debug_assert!(entries[ei].flags & BME_FLAG_IN_USE == 0);
-            let _ = cs;
         }
         self.switch_bitmap_directory(op, entries)?;
         for e in drop_tables {
