@@ -23,25 +23,33 @@ fn text(r: &Run) -> String {
     out
 }
 
-/// Base images: fresh (64 KiB clusters), fresh with 4 KiB clusters, and one with an
-/// enabled and a disabled QEMU bitmap both holding writes.
+/// Base images: fresh (64 KiB clusters), one with 4 KiB clusters and a multi-cluster
+/// bitmap table, and one with an enabled and a disabled QEMU bitmap both holding writes.
 fn bases(d: &Path) -> Vec<&'static str> {
     ok(qemu_img(
         d,
         &["create", "-q", "-f", "qcow2", "fresh.qcow2", "16M"],
     ));
+    // 4 KiB clusters and a 512-byte granularity over 64 MiB: 16 KiB of bits, a table of
+    // four entries, two of them with data (QEMU's writes) and two all-zero.
+    let small = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "small.qcow2",
+        "64M",
+    ];
+    ok(qemu_img(d, &small));
     ok(qemu_img(
         d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "small.qcow2",
-            "3M",
-        ],
+        &["bitmap", "--add", "-g", "512", "small.qcow2", "enabled"],
+    ));
+    ok(qemu_io(
+        d,
+        &["-c", "write 100k 3k", "-c", "write 50M 1M", "small.qcow2"],
     ));
     ok(qemu_img(
         d,
