@@ -48,6 +48,10 @@ pub struct ConvertRequest {
     pub quiet: bool,
     /// Sources, then the target (at least two names).
     pub files: Vec<String>,
+    /// `--bitmaps`: copy the persistent bitmaps (see `bitmap::copy_bitmaps`).
+    pub bitmaps: bool,
+    /// `--skip-broken-bitmaps`: with `--bitmaps`, skip inconsistent ones.
+    pub skip_broken_bitmaps: bool,
 }
 
 /// One opened source image.
@@ -401,6 +405,24 @@ pub fn run(req: ConvertRequest) -> Result<(), CliError> {
             .ok_or_else(|| CliError::new("The sources are too large together"))?;
         sources.push(s);
     }
+    if req.bitmaps {
+        if sources.len() > 1 {
+            return Err(CliError::new(
+                "Copying bitmaps only possible with single source",
+            ));
+        }
+        let src = match sources.first().map(|s| &s.reader) {
+            Some(Reader::Qcow2(img)) => Some(&**img),
+            _ => None,
+        };
+        crate::bitmap::check_source(src, req.skip_broken_bitmaps)?;
+        if target_format != Format::Qcow2 {
+            return Err(CliError::new(format!(
+                "Format driver '{}' does not support bitmaps",
+                target_format.name()
+            )));
+        }
+    }
     let mut sources = Sources(sources);
     let total = sources.total();
     let mut target = create_target(dst, target_format, &opts, total)?;
@@ -428,6 +450,16 @@ pub fn run(req: ConvertRequest) -> Result<(), CliError> {
             data_total,
         )
     };
+    let copied = copied.and_then(|()| match (&mut target, sources.0.first()) {
+        (
+            Target::Qcow2(dst),
+            Some(Source {
+                reader: Reader::Qcow2(src),
+                ..
+            }),
+        ) if req.bitmaps => crate::bitmap::copy_bitmaps(src, dst, req.skip_broken_bitmaps),
+        _ => Ok(()),
+    });
     if let Err(e) = copied {
         progress.end();
         let _ = target.finish();

@@ -7,6 +7,7 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod check;
 mod commit;
 mod compare;
@@ -166,6 +167,10 @@ Examples:
   qcow2 snapshot -a before-upgrade disk.qcow2
   qcow2 snapshot -d before-upgrade disk.qcow2")]
     Snapshot(SnapshotArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (qemu-img's
+    /// options; several operations per call, in order).
+    #[command(disable_help_flag = true)]
+    Bitmap(BitmapArgs),
     /// Show how guest ranges map to the image file.
     #[command(after_help = "\
 Examples:
@@ -463,6 +468,15 @@ struct SnapshotArgs {
     objects: ObjectArgs,
 }
 
+/// `bitmap`: parsed by the command itself, as qemu-img's getopt does (the order of the
+/// operations matters).
+#[derive(Args, Debug)]
+struct BitmapArgs {
+    /// Operations, options, FILENAME and BITMAP (see `qcow2 bitmap --help`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    args: Vec<String>,
+}
+
 #[derive(Args, Debug)]
 struct MapArgs {
     /// Image format.
@@ -511,6 +525,12 @@ struct ConvertArgs {
     /// only, as qemu-img's -U; what is read may be inconsistent).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Copy the persistent bitmaps of the (single) source.
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps, skip inconsistent bitmaps instead of failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Source file(s) and the target file.
     files: Vec<String>,
     #[command(flatten)]
@@ -748,6 +768,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             };
             snapshot::run(&file, format, &op)
         }
+        Command::Bitmap(a) => bitmap::run(&a.args),
         Command::Map(mut a) => {
             let output = OutputFormat::parse(a.output.as_deref())?;
             let driver = a.objects.apply(&mut a.files)?;
@@ -775,6 +796,8 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 progress: a.progress,
                 quiet: a.quiet,
                 files: a.files,
+                bitmaps: a.bitmaps,
+                skip_broken_bitmaps: a.skip_broken_bitmaps,
             })
         }
         Command::Amend(mut a) => {
@@ -961,10 +984,10 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
 }
 
 impl Cli {
-    fn command_names() -> [&'static str; 16] {
+    fn command_names() -> [&'static str; 17] {
         [
             "create", "info", "check", "snapshot", "map", "convert", "amend", "resize", "bench",
-            "io", "compare", "measure", "dd", "serve", "rebase", "commit",
+            "io", "compare", "measure", "dd", "serve", "rebase", "commit", "bitmap",
         ]
     }
 }

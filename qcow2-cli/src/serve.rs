@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// Offer the qemu:allocation-depth metadata context.
     #[arg(short = 'A', long = "allocation-depth")]
     allocation_depth: bool,
+    /// Offer persistent bitmap NAME as the qemu:dirty-bitmap:NAME metadata context.
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmap: Option<String>,
     /// Clients served at once (default 1; 0: no limit).
     #[arg(short = 'e', long = "shared", value_name = "NUM")]
     shared: Option<String>,
@@ -196,11 +199,31 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
             (Arc::new(RawExport::new(storage, a.read_only)), None)
         }
     };
+    if let Some(name) = &a.bitmap {
+        // qemu-nbd's checks: the bitmap exists and is consistent (raw files have none).
+        let checked = match &image {
+            Some(img) => img
+                .exclusive(|i| i.bitmap(name).map(|_| ()))
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string())),
+            None => Err(format!("Dirty bitmap '{name}' not found")),
+        };
+        if let Err(e) = checked {
+            let msg = match e.strip_prefix("Dirty bitmap ") {
+                Some(rest) if rest.ends_with(" not found") => {
+                    format!("Bitmap {}is not found", rest.trim_end_matches("not found"))
+                }
+                _ => e,
+            };
+            return Err(CliError::new(msg));
+        }
+    }
     let mut export = Export::new(a.export_name.clone().unwrap_or_default(), backend)
         .map_err(|e| CliError::new(format!("Failed to export '{file}': {e}")))?
         .with_read_only(a.read_only)
         .with_trim(unmap)
-        .with_allocation_depth(a.allocation_depth);
+        .with_allocation_depth(a.allocation_depth)
+        .with_dirty_bitmap(a.bitmap.clone());
     if let Some(d) = &a.description {
         export = export.with_description(d.clone());
     }

@@ -44,6 +44,8 @@ pub enum Op {
     Rebase,
     /// Writing an overlay's data into an image below it (`qemu-img commit`).
     Commit,
+    /// A persistent-bitmap operation (add, remove, clear, enable, disable, merge, store).
+    Bitmap,
 }
 
 impl std::fmt::Display for Op {
@@ -66,6 +68,7 @@ impl std::fmt::Display for Op {
             Op::Amend => "amend",
             Op::Rebase => "rebase",
             Op::Commit => "commit",
+            Op::Bitmap => "bitmap",
         })
     }
 }

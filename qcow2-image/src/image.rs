@@ -103,9 +103,15 @@ pub struct Image {
     /// The image file's own storage (`storage` wraps it when there is a data file); a
     /// reopen starts from it.
     pub(crate) image_file: Arc<dyn Storage>,
-    /// The bitmap directory of a writable open with valid bitmaps; bitmaps that a change
-    /// would make stale are marked IN_USE first (see `bitmaps.rs`).
+    /// The bitmap directory as on disk, when the image has valid bitmaps (see
+    /// `bitmaps/mod.rs`).
     pub(crate) bitmap_dir: Option<crate::bitmaps::BitmapDir>,
+    /// The bitmaps in memory once a change concerned them (loaded, IN_USE on disk,
+    /// tracking writes); stored at close.
+    pub(crate) bitmap_session: Option<crate::bitmaps::Session>,
+    /// A stored bitmap read for block-status queries outside a session (NBD exports of
+    /// `qemu:dirty-bitmap:NAME`), so that each query does not read it again.
+    pub(crate) bitmap_cache: Option<(String, crate::bitmaps::DirtyBitmap)>,
     /// The image file and its name when the library opened it and holds QEMU's locks on
     /// it (see `locking.rs`); the locks go with the last reference to the file.
     pub(crate) locked: Option<(Arc<FileStorage>, std::path::PathBuf)>,
@@ -448,6 +454,8 @@ impl Image {
             data_file_raw,
             image_file,
             bitmap_dir: None,
+            bitmap_session: None,
+            bitmap_cache: None,
             locked: None,
             metadata_prealloc: None,
             crypto,
@@ -1040,6 +1048,8 @@ impl Image {
                 cause: cause.clone(),
             });
         }
+        // The bitmaps first: their store allocates and frees clusters.
+        self.store_bitmaps()?;
         self.flush_caches(Op::Close, true)?;
         self.engine.release_quarantine(&mut self.caches);
         self.mark_clean(Op::Close)
@@ -1063,6 +1073,8 @@ impl Image {
                 &self.opts,
             )?;
         }
+        // The reopen reads the bitmaps from disk: store the session first.
+        self.store_bitmaps()?;
         self.flush_caches(op, true)?;
         self.engine.release_quarantine(&mut self.caches);
         self.mark_clean(op)?;

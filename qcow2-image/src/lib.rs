@@ -50,7 +50,9 @@ mod zero;
 
 pub use amend::AmendOptions;
 pub use backing::{BackingImage, BackingOpener, Held, RawBacking};
-pub use bitmaps::{stale_extension_warning, BitmapInfo};
+pub use bitmaps::{
+    stale_extension_warning, BitmapAddOptions, BitmapInfo, DirtyBitmap, DirtyRanges,
+};
 pub use commit::{CommitError, CommitOptions, CommitTarget, RawTarget, SharedTarget};
 pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, CompareReport, Side};
 pub use compress::compress_cluster;

@@ -269,7 +269,8 @@ impl SharedImage {
         let mut core = self.lock_clear_of_allocations(op, start, end)?;
         core.check_writable(op)?;
         core.check_range(op, offset, len)?;
-        core.invalidate_bitmaps(op, crate::bitmaps::Staleness::Content)?;
+        // Under the lock the request holds anyway: no lock of its own on the hot path.
+        core.track_change(op, offset, len)?;
         if let Some(pieces) = core.plan_rewrite(offset, len)? {
             let storage = core.data_storage_arc();
             let cipher = core.crypto_arc();
@@ -377,6 +378,12 @@ impl SharedImage {
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         let _req = self.requests(Op::Map)?;
         self.core(Op::Map)?.block_status(offset, len)
+    }
+
+    /// Dirty and clean runs of a persistent bitmap (see [`Image::dirty_bitmap_runs`]).
+    pub fn dirty_bitmap_runs(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let _req = self.requests(Op::Map)?;
+        self.core(Op::Map)?.dirty_bitmap_runs(name, offset, len)
     }
 
     /// Virtual disk size in bytes.

@@ -12,7 +12,6 @@
 //!    entries are updated (COPIED: refcount 1, invariant 6) and the old clusters freed
 //!    (the refcount cache then depends on the L2 cache, invariant 1).
 
-use crate::bitmaps::Staleness;
 use crate::error::{ImageError, Op, Result};
 use crate::image::{HDR_L1, HDR_SIZE};
 use crate::options::Preallocation;
@@ -57,7 +56,7 @@ impl Image {
         let op = Op::Write;
         self.check_writable(op)?;
         self.check_range(op, offset, buf.len() as u64)?;
-        self.invalidate_bitmaps(op, Staleness::Content)?;
+        self.track_change(op, offset, buf.len() as u64)?;
         self.write_internal(op, offset, buf)
     }
 
@@ -125,13 +124,13 @@ impl Image {
                 errno: qcow2_io::errno::EINVAL,
             });
         }
+        if new_size != old {
+            // Refused with inconsistent bitmaps, as QEMU; the others follow the new size.
+            self.resize_bitmaps(op, new_size)?;
+        }
         if new_size < old {
-            self.invalidate_bitmaps(op, Staleness::Size)?;
             self.shrink(op, new_size)?;
             return self.resize_data_file(op, new_size);
-        }
-        if new_size != old {
-            self.invalidate_bitmaps(op, Staleness::Size)?;
         }
         let needed = self.geo.l1_entries_for(new_size);
         if needed > MAX_L1_SIZE / 8 {

@@ -3,7 +3,6 @@
 //! refcount cache depends on the L2 cache (invariant 1) and freed clusters wait in
 //! quarantine until a flush (invariant 2).
 
-use crate::bitmaps::Staleness;
 use crate::error::{Op, Result};
 use crate::image::MapKind;
 use crate::Image;
@@ -26,10 +25,11 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
+        // QEMU's block layer marks the range dirty even when the driver ignores it.
+        self.track_change(op, offset, len)?;
         if self.fc.header.version < 3 && self.fc.backing_file.is_some() {
             return Ok(());
         }
-        self.invalidate_bitmaps(op, Staleness::Content)?;
         let cs = self.geo.cluster_size();
         let size = self.virtual_size();
         let start = offset.div_ceil(cs) * cs;
@@ -223,7 +223,7 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
-        self.invalidate_bitmaps(op, Staleness::Content)?;
+        self.track_change(op, offset, len)?;
         if self.fc.header.version < 3 {
             return self.write_zero_buffer(op, offset, len);
         }

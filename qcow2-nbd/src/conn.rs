@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::sync::{Condvar, Mutex};
 
 use crate::export::{Allocation, ExportError, NbdExport};
-use crate::handshake::{Session, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
+use crate::handshake::{Session, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID, DIRTY_BITMAP_ID};
 use crate::net::Stream;
 use crate::proto::{self, cflag, chunk, cmd, NbdErrno, Request, REPLY_FLAG_DONE, REQUEST_LEN};
 use crate::server::{ConnError, Export, Server, MAX_REQUEST};
@@ -339,7 +339,9 @@ impl Conn<'_> {
             cmd::WRITE | cmd::WRITE_ZEROES if !inside => refuse(NbdErrno::NoSpc),
             cmd::READ | cmd::TRIM | cmd::CACHE if !inside => refuse(NbdErrno::Inval),
             cmd::BLOCK_STATUS
-                if !(self.session.base_allocation || self.session.allocation_depth)
+                if !(self.session.base_allocation
+                    || self.session.allocation_depth
+                    || self.session.dirty_bitmap)
                     || r.length == 0
                     || !inside =>
             {
@@ -523,6 +525,12 @@ impl Conn<'_> {
         if self.session.allocation_depth {
             match b.allocation_depth(r.offset, len) {
                 Ok(runs) => chunks.push((ALLOCATION_DEPTH_ID, clip(runs, len))),
+                Err(e) => return self.reply_error(r, e.errno(), &e.to_string()),
+            }
+        }
+        if let (true, Some(name)) = (self.session.dirty_bitmap, &self.export.dirty_bitmap) {
+            match b.dirty_bitmap(name, r.offset, len) {
+                Ok(runs) => chunks.push((DIRTY_BITMAP_ID, clip(runs, len))),
                 Err(e) => return self.reply_error(r, e.errno(), &e.to_string()),
             }
         }

@@ -21,6 +21,9 @@ const BASE_ALLOCATION: &str = "base:allocation";
 /// The metadata context ID of `qemu:allocation-depth`.
 pub(crate) const ALLOCATION_DEPTH_ID: u32 = 2;
 const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+/// The metadata context ID of `qemu:dirty-bitmap:NAME`.
+pub(crate) const DIRTY_BITMAP_ID: u32 = 3;
+const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// What the handshake agreed on.
 #[derive(Debug, Clone)]
@@ -33,6 +36,16 @@ pub(crate) struct Session {
     pub base_allocation: bool,
     /// `qemu:allocation-depth` was selected for block status.
     pub allocation_depth: bool,
+    /// `qemu:dirty-bitmap:NAME` was selected for block status.
+    pub dirty_bitmap: bool,
+}
+
+/// The metadata contexts selected (or listed).
+#[derive(Debug, Clone, Copy, Default)]
+struct Selected {
+    base: bool,
+    depth: bool,
+    bitmap: bool,
 }
 
 struct Negotiation<'a> {
@@ -40,9 +53,8 @@ struct Negotiation<'a> {
     fixed: bool,
     no_zeroes: bool,
     structured: bool,
-    /// The export `SET_META_CONTEXT` selected contexts for, and which: (export,
-    /// base:allocation, qemu:allocation-depth).
-    meta: Option<(usize, bool, bool)>,
+    /// The export `SET_META_CONTEXT` selected contexts for, and which.
+    meta: Option<(usize, Selected)>,
 }
 
 /// Runs the handshake; `Ok(None)` when the client aborted.
@@ -213,9 +225,11 @@ impl Negotiation<'_> {
             export,
             structured: self.structured,
             base_allocation: self.structured
-                && matches!(self.meta, Some((e, true, _)) if e == export),
+                && matches!(self.meta, Some((e, m)) if e == export && m.base),
             allocation_depth: self.structured
-                && matches!(self.meta, Some((e, _, true)) if e == export),
+                && matches!(self.meta, Some((e, m)) if e == export && m.depth),
+            dirty_bitmap: self.structured
+                && matches!(self.meta, Some((e, m)) if e == export && m.bitmap),
         }
     }
 
@@ -316,28 +330,41 @@ impl Negotiation<'_> {
             return Ok(None);
         };
         let depth_offered = self.server.exports()[i].allocation_depth;
-        let (base, depth) = if set {
-            (
-                queries.iter().any(|q| q == BASE_ALLOCATION),
-                depth_offered && queries.iter().any(|q| q == ALLOCATION_DEPTH),
-            )
+        let bitmap_context = self.server.exports()[i]
+            .dirty_bitmap
+            .as_ref()
+            .map(|b| format!("{DIRTY_BITMAP_PREFIX}{b}"));
+        let is_bitmap = |q: &str| bitmap_context.as_deref() == Some(q);
+        let sel = if set {
+            Selected {
+                base: queries.iter().any(|q| q == BASE_ALLOCATION),
+                depth: depth_offered && queries.iter().any(|q| q == ALLOCATION_DEPTH),
+                bitmap: queries.iter().any(|q| is_bitmap(q)),
+            }
         } else {
             let all = queries.is_empty();
-            (
-                all || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION),
-                depth_offered
+            Selected {
+                base: all || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION),
+                depth: depth_offered
                     && (all
                         || queries
                             .iter()
                             .any(|q| q == "qemu:" || q == ALLOCATION_DEPTH)),
-            )
+                bitmap: bitmap_context.is_some()
+                    && (all
+                        || queries
+                            .iter()
+                            .any(|q| q == "qemu:" || q == DIRTY_BITMAP_PREFIX || is_bitmap(q))),
+            }
         };
         if set {
-            self.meta = Some((i, base, depth));
+            self.meta = Some((i, sel));
         }
+        let bitmap_name = bitmap_context.unwrap_or_default();
         for (on, id, name) in [
-            (base, BASE_ALLOCATION_ID, BASE_ALLOCATION),
-            (depth, ALLOCATION_DEPTH_ID, ALLOCATION_DEPTH),
+            (sel.base, BASE_ALLOCATION_ID, BASE_ALLOCATION),
+            (sel.depth, ALLOCATION_DEPTH_ID, ALLOCATION_DEPTH),
+            (sel.bitmap, DIRTY_BITMAP_ID, bitmap_name.as_str()),
         ] {
             if on {
                 let mut p = id.to_be_bytes().to_vec();

@@ -169,6 +169,8 @@ pub const REPLY_FLAG_DONE: u16 = 1;
 pub const STATE_HOLE: u32 = 1 << 0;
 /// `base:allocation` flag: the range reads as zeros.
 pub const STATE_ZERO: u32 = 1 << 1;
+/// `qemu:dirty-bitmap:NAME` flag: the range is dirty in the bitmap.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// The errors NBD defines (values as on Linux).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,6 +23,8 @@ pub struct Export {
     pub(crate) read_only: bool,
     pub(crate) trim: bool,
     pub(crate) allocation_depth: bool,
+    /// The persistent bitmap offered as `qemu:dirty-bitmap:NAME` (qemu-nbd's `-B`).
+    pub(crate) dirty_bitmap: Option<String>,
 }
 
 impl std::fmt::Debug for Export {
@@ -47,6 +49,7 @@ impl Export {
             backend,
             trim: true,
             allocation_depth: false,
+            dirty_bitmap: None,
         })
     }
 
@@ -72,6 +75,13 @@ impl Export {
     /// Offers the `qemu:allocation-depth` metadata context (qemu-nbd's `-A`).
     pub fn with_allocation_depth(mut self, on: bool) -> Self {
         self.allocation_depth = on;
+        self
+    }
+
+    /// Offers bitmap `name` of the backend as the `qemu:dirty-bitmap:NAME` metadata
+    /// context (qemu-nbd's `-B NAME`); its status comes from [`NbdExport::dirty_bitmap`].
+    pub fn with_dirty_bitmap(mut self, name: Option<String>) -> Self {
+        self.dirty_bitmap = name;
         self
     }
 
