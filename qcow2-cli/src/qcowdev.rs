@@ -128,8 +128,30 @@ pub fn open_image_full(
     locking: Locking,
     runtime: &[(String, String)],
 ) -> Result<Image, String> {
-    let storage = FileStorage::open_cached(path, !read_only, cache)
+    open_image_aio(path, read_only, unmap, cache, locking, runtime, false)
+}
+
+/// [`open_image_full`] with the image file's data transfers able to go through io_uring
+/// (QEMU's `aio=io_uring`): fails with QEMU's message where the kernel has none.
+pub fn open_image_aio(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    io_uring: bool,
+) -> Result<Image, String> {
+    let mut storage = FileStorage::open_cached(path, !read_only, cache)
         .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
+    if io_uring {
+        storage.enable_io_uring().map_err(|e| {
+            format!(
+                "Could not open '{path}': Unable to use io_uring: failed to init linux io_uring ring: {}",
+                crate::image::strerror(&e)
+            )
+        })?;
+    }
     let base_dir = std::path::Path::new(path)
         .parent()
         .map(|p| p.to_path_buf())
