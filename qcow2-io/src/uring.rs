@@ -44,11 +44,9 @@ struct Op {
     done: usize,
 }
 
-/// Which descriptor an entry names: registered with the ring (cheaper per request) when
-/// registration worked.
+/// Which descriptor an entry names.
 #[derive(Clone, Copy)]
 enum Target {
-    Fixed(u32),
     Raw(i32),
 }
 
@@ -91,13 +89,11 @@ impl UringQueue {
             Ok(r) => r,
             Err(_) => IoUring::new(n)?,
         };
-        let fd = file.as_raw_fd();
-        let dfd = direct.as_ref().map(|d| d.as_raw_fd());
-        let fds: Vec<i32> = std::iter::once(fd).chain(dfd).collect();
-        let (buffered_target, direct_target) = match ring.submitter().register_files(&fds) {
-            Ok(()) => (Target::Fixed(0), dfd.map(|_| Target::Fixed(1))),
-            Err(_) => (Target::Raw(fd), dfd.map(Target::Raw)),
-        };
+        // Plain descriptors, not registered ones: the kernel drops a ring's registered
+        // files only when it tears the ring down, asynchronously after close, and until
+        // then the file description (and QEMU's OFD locks on it) would outlive the image.
+        let buffered_target = Target::Raw(file.as_raw_fd());
+        let direct_target = direct.as_ref().map(|d| Target::Raw(d.as_raw_fd()));
         Ok(UringQueue {
             ring,
             _file: file,
@@ -134,13 +130,7 @@ impl UringQueue {
         let ptr = rest.as_mut_ptr();
         let len32 = len as u32;
         let e = match (op.dir, target) {
-            (Dir::Read, Target::Fixed(i)) => opcode::Read::new(types::Fixed(i), ptr, len32)
-                .offset(at)
-                .build(),
             (Dir::Read, Target::Raw(fd)) => opcode::Read::new(types::Fd(fd), ptr, len32)
-                .offset(at)
-                .build(),
-            (Dir::Write, Target::Fixed(i)) => opcode::Write::new(types::Fixed(i), ptr, len32)
                 .offset(at)
                 .build(),
             (Dir::Write, Target::Raw(fd)) => opcode::Write::new(types::Fd(fd), ptr, len32)
