@@ -642,10 +642,11 @@ struct BenchArgs {
     /// Do not wait for in-flight requests before a flush.
     #[arg(long = "no-drain")]
     no_drain: bool,
-    /// AIO mode (accepted for compatibility).
+    /// AIO engine: threads (a worker thread per request in flight), io_uring (one ring,
+    /// every request in flight from one thread), native (as io_uring; needs -t none).
     #[arg(short = 'i', long = "aio", value_name = "AIO")]
     aio: Option<String>,
-    /// Native AIO (accepted for compatibility).
+    /// Native AIO (-i native).
     #[arg(short = 'n', long = "native")]
     native: bool,
     /// Quiet (qemu-img bench prints its lines anyway; so does this).
@@ -857,10 +858,11 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 no_drain: a.no_drain,
             })?;
             let file = one_file("bench", &a.files)?;
-            // qemu-img bench prints its lines even with -q; the AIO mode does not apply to
-            // this engine's worker threads.
-            let _ = (a.quiet, a.aio, a.native);
+            // qemu-img bench prints its lines even with -q.
+            let _ = a.quiet;
             let cache = bench::cache_mode(a.cache.as_deref())?;
+            let aio = bench::Aio::parse(a.aio.as_deref(), a.native)?;
+            aio.check(&file, cache)?;
             image::set_force_share(a.force_share);
             // Probe only: the lock that matters (and its message) is the benchmark's open.
             let format = match parse_format(a.format.as_deref())? {
@@ -885,10 +887,22 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     bench::run(&bench::RawFile(storage), &params)
                 }
                 Format::Qcow2 => {
-                    let image = qcowdev::open_image_cached(&file, !params.write, false, cache)
-                        .map_err(|e| image::open_error(&file, e))?;
+                    let image = qcowdev::open_image_aio(
+                        &file,
+                        !params.write,
+                        false,
+                        cache,
+                        qcow2_io::Locking::Auto,
+                        &[],
+                        aio.queued(),
+                    )
+                    .map_err(|e| image::open_error(&file, e))?;
                     let shared = qcow2_image::SharedImage::new(image);
-                    bench::run(&shared, &params)?;
+                    if aio.queued() {
+                        bench::run_queued(&shared, &params)?;
+                    } else {
+                        bench::run(&shared, &params)?;
+                    }
                     shared
                         .close()
                         .map_err(|e| CliError::new(format!("Error while closing the image: {e}")))

@@ -128,11 +128,38 @@ pub fn open_image_full(
     locking: Locking,
     runtime: &[(String, String)],
 ) -> Result<Image, String> {
-    open_image_chain(path, read_only, unmap, cache, locking, runtime, true)
+    open_image_with(
+        path,
+        read_only,
+        unmap,
+        cache,
+        locking,
+        runtime,
+        OpenExtras::default(),
+    )
 }
 
-/// [`open_image_full`]; without `backing` the backing file is not opened (QEMU's
-/// `BDRV_O_NO_BACKING`, as `rebase -u` opens the overlay).
+/// What only some commands ask of an open, beyond [`open_image_full`].
+#[derive(Debug, Clone, Copy)]
+pub struct OpenExtras {
+    /// Open the backing chain; without it the backing file is not opened (QEMU's
+    /// `BDRV_O_NO_BACKING`, as `rebase -u` opens the overlay).
+    pub backing: bool,
+    /// Let the image file's data transfers go through io_uring (QEMU's `aio=io_uring`):
+    /// the open fails with QEMU's message where the kernel has none.
+    pub io_uring: bool,
+}
+
+impl Default for OpenExtras {
+    fn default() -> Self {
+        OpenExtras {
+            backing: true,
+            io_uring: false,
+        }
+    }
+}
+
+/// [`open_image_chain`] without the backing file when `backing` is false.
 pub fn open_image_chain(
     path: &str,
     read_only: bool,
@@ -142,8 +169,51 @@ pub fn open_image_chain(
     runtime: &[(String, String)],
     backing: bool,
 ) -> Result<Image, String> {
-    let storage = FileStorage::open_cached(path, !read_only, cache)
+    let extras = OpenExtras {
+        backing,
+        ..OpenExtras::default()
+    };
+    open_image_with(path, read_only, unmap, cache, locking, runtime, extras)
+}
+
+/// [`open_image_full`] with the image file's data transfers able to go through io_uring.
+pub fn open_image_aio(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    io_uring: bool,
+) -> Result<Image, String> {
+    let extras = OpenExtras {
+        io_uring,
+        ..OpenExtras::default()
+    };
+    open_image_with(path, read_only, unmap, cache, locking, runtime, extras)
+}
+
+/// [`open_image_full`] with [`OpenExtras`].
+pub fn open_image_with(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    extras: OpenExtras,
+) -> Result<Image, String> {
+    let OpenExtras { backing, io_uring } = extras;
+    let mut storage = FileStorage::open_cached(path, !read_only, cache)
         .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
+    if io_uring {
+        storage.enable_io_uring().map_err(|e| {
+            format!(
+                "Could not open '{path}': Unable to use io_uring: failed to init linux io_uring ring: {}",
+                crate::image::strerror(&e)
+            )
+        })?;
+    }
     let base_dir = std::path::Path::new(path)
         .parent()
         .map(|p| p.to_path_buf())

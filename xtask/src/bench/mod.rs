@@ -585,7 +585,7 @@ fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> Work
             }
             let out = run_dir.join(format!("{}.out.qcow2", side.label()));
             let _ = std::fs::remove_file(&out);
-            let args = w.command_args(&image, &out);
+            let args = w.command_args(side == Side::Qemu, &image, &out);
             let log = run_dir.join(format!("{}-{}", w.name, side.label()));
             let cpu_before = process::children_cpu_secs();
             let outcome = process::run_timed(&program, &args, &log, ctx.timeout);

@@ -209,6 +209,14 @@ pub enum Arg {
     Image,
     /// The run's output file (created by the command).
     Output,
+    /// A literal that differs between the sides (our engine and QEMU's named differently,
+    /// e.g. `-i io_uring` against `-i native`).
+    PerSide {
+        /// Our argument.
+        ours: String,
+        /// qemu-img's argument.
+        qemu: String,
+    },
 }
 
 /// What a workload times.
@@ -262,8 +270,8 @@ impl Workload {
         }
     }
 
-    /// The command line (after the program) for the given input and output paths.
-    pub fn command_args(&self, image: &Path, output: &Path) -> Vec<OsString> {
+    /// The command line (after the program) for the given side, input and output paths.
+    pub fn command_args(&self, qemu: bool, image: &Path, output: &Path) -> Vec<OsString> {
         match &self.kind {
             Kind::Pair { args, .. } => args
                 .iter()
@@ -271,6 +279,7 @@ impl Workload {
                     Arg::Lit(s) => OsString::from(s),
                     Arg::Image => image.as_os_str().to_owned(),
                     Arg::Output => output.as_os_str().to_owned(),
+                    Arg::PerSide { ours, qemu: q } => OsString::from(if qemu { q } else { ours }),
                 })
                 .collect(),
             _ => Vec::new(),
@@ -288,6 +297,13 @@ impl Workload {
                         Arg::Lit(l) => l,
                         Arg::Image => "IMG",
                         Arg::Output => "OUT",
+                        Arg::PerSide { ours, qemu } => {
+                            if program == "qemu-img" {
+                                qemu
+                            } else {
+                                ours
+                            }
+                        }
                     });
                 }
                 s
@@ -534,6 +550,56 @@ pub fn all(params: &Params) -> Vec<Workload> {
             name,
             title: format!(
                 "random 4 KiB reads of a written image, {d} in flight, {reads} of them, {}",
+                fmt_bytes(big)
+            ),
+            template: Some(Template::Written {
+                cluster: 64 * KIB,
+                size: big,
+            }),
+            kind: Kind::Pair {
+                needs: "bench",
+                args,
+                fresh_copy: false,
+                output: false,
+                evict_input: cache == "none",
+            },
+            bytes: reads * 4 * KIB,
+            floor: Some("floor-read"),
+        });
+    }
+
+    // The same random reads with few threads and many requests in flight: ours through
+    // io_uring (`-i io_uring`: a ring per CPU, requests planned under the metadata lock,
+    // data through the ring) against qemu-img with io_uring and with Linux native AIO, at
+    // 8 and 64 in flight.
+    for (name, d, qemu_aio) in [
+        ("rand-read-4k-uring-d8", "8", "io_uring"),
+        ("rand-read-4k-uring-native-d8", "8", "native"),
+        ("rand-read-4k-uring-d64", "64", "io_uring"),
+        ("rand-read-4k-uring-native-d64", "64", "native"),
+    ] {
+        let mut args = lits(&["bench", "-i"]);
+        args.push(Arg::PerSide {
+            ours: "io_uring".into(),
+            qemu: qemu_aio.into(),
+        });
+        args.extend(lits(&[
+            "-t",
+            cache,
+            "-d",
+            d,
+            "-s",
+            "4096",
+            "-S",
+            &step.to_string(),
+            "-c",
+            &reads.to_string(),
+        ]));
+        args.push(Arg::Image);
+        w.push(Workload {
+            name,
+            title: format!(
+                "random 4 KiB reads of a written image, {d} in flight, {reads} of them, {}; ours -i io_uring, qemu-img -i {qemu_aio}",
                 fmt_bytes(big)
             ),
             template: Some(Template::Written {
