@@ -11,6 +11,7 @@ mod check;
 mod compare;
 mod convert;
 mod create;
+mod daemon;
 mod dd;
 mod image;
 mod info;

@@ -15,7 +15,7 @@ use crate::export::{Allocation, ExportError, NbdExport};
 use crate::handshake::{Session, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
 use crate::net::Stream;
 use crate::proto::{self, cflag, chunk, cmd, NbdErrno, Request, REPLY_FLAG_DONE, REQUEST_LEN};
-use crate::server::{ConnError, Export, Server, MAX_REQUEST};
+use crate::server::{ConnError, DetectZeroes, Export, Server, MAX_REQUEST};
 
 /// Bytes the reader buffers from the socket.
 const READ_BUFFER: usize = 128 << 10;
@@ -405,6 +405,19 @@ impl Conn<'_> {
         };
         match r.kind {
             cmd::READ => self.read(r),
+            cmd::WRITE
+                if self.export.detect_zeroes != DetectZeroes::Off && is_zero(&job.payload) =>
+            {
+                // QEMU's detect-zeroes: the write becomes a zero write; deallocating only
+                // with `unmap` and when discards reach the image.
+                let may_trim = self.export.detect_zeroes == DetectZeroes::Unmap && self.export.trim;
+                let res = if len == 0 {
+                    Ok(())
+                } else {
+                    b.write_zeroes(off, len, may_trim, false)
+                };
+                self.reply_result(r, after(res));
+            }
             cmd::WRITE => self.reply_result(r, b.write(off, &job.payload, fua)),
             cmd::WRITE_ZEROES => {
                 let may_trim = r.flags & cflag::NO_HOLE == 0 && self.export.trim;
@@ -576,6 +589,16 @@ fn clip(runs: Vec<Allocation>, len: u64) -> Vec<Allocation> {
     out
 }
 
+/// Whether every byte of `buf` is zero (16 bytes at a time: this runs on every write when
+/// zero detection is on).
+fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(16);
+    let body = chunks
+        .by_ref()
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0);
+    body && chunks.remainder().iter().all(|&b| b == 0)
+}
+
 /// Reads until `buf` is full or end of file; returns the bytes read.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
@@ -588,4 +611,23 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_detection_sees_one_nonzero_byte_anywhere() {
+        assert!(is_zero(&[]));
+        for len in [1usize, 15, 16, 17, 4096, 4099] {
+            let mut b = vec![0u8; len];
+            assert!(is_zero(&b), "{len}");
+            for at in [0, len / 2, len - 1] {
+                b[at] = 0x80;
+                assert!(!is_zero(&b), "{len} {at}");
+                b[at] = 0;
+            }
+        }
+    }
 }

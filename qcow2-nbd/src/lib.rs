@@ -39,4 +39,6 @@ mod server;
 
 pub use export::{Allocation, ExportError, NbdExport, RawExport};
 pub use net::{Listener, Stream};
-pub use server::{ConnError, Export, Server, ServerConfig, ServerError, ServerHandle, MAX_REQUEST};
+pub use server::{
+    ConnError, DetectZeroes, Export, Server, ServerConfig, ServerError, ServerHandle, MAX_REQUEST,
+};

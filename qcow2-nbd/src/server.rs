@@ -23,6 +23,20 @@ pub struct Export {
     pub(crate) read_only: bool,
     pub(crate) trim: bool,
     pub(crate) allocation_depth: bool,
+    pub(crate) detect_zeroes: DetectZeroes,
+}
+
+/// QEMU's `detect-zeroes`: what a write whose payload is all zeros becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Written as it is.
+    #[default]
+    Off,
+    /// A zero write that keeps the range allocated.
+    On,
+    /// A zero write that may deallocate the range (when trims reach the backend, see
+    /// [`Export::with_trim`]; otherwise as [`DetectZeroes::On`]).
+    Unmap,
 }
 
 impl std::fmt::Debug for Export {
@@ -47,6 +61,7 @@ impl Export {
             backend,
             trim: true,
             allocation_depth: false,
+            detect_zeroes: DetectZeroes::Off,
         })
     }
 
@@ -72,6 +87,12 @@ impl Export {
     /// Offers the `qemu:allocation-depth` metadata context (qemu-nbd's `-A`).
     pub fn with_allocation_depth(mut self, on: bool) -> Self {
         self.allocation_depth = on;
+        self
+    }
+
+    /// Turns writes of all-zero payloads into zero writes (qemu-nbd's `--detect-zeroes`).
+    pub fn with_detect_zeroes(mut self, mode: DetectZeroes) -> Self {
+        self.detect_zeroes = mode;
         self
     }
 
