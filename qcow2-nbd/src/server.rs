@@ -196,6 +196,13 @@ pub enum ConnError {
     /// An unknown option without fixed newstyle (no way to answer).
     #[error("unknown option {0} without fixed newstyle")]
     UnknownOption(u32),
+    /// `NBD_OPT_EXPORT_NAME` after extended headers were negotiated.
+    #[error("NBD_OPT_EXPORT_NAME after extended headers")]
+    ExportNameWithExtendedHeaders,
+    /// With extended headers, a request announced a payload longer than any request
+    /// the server takes.
+    #[error("request payload of {0} bytes is too long")]
+    PayloadTooLong(u64),
     /// A request header with the wrong magic.
     #[error(transparent)]
     BadRequest(#[from] crate::proto::BadMagic),
@@ -368,6 +375,19 @@ impl Server {
         let Some(session) = crate::handshake::negotiate(self, &mut stream)? else {
             return Ok(());
         };
+        self.log(format_args!(
+            "transmission on export {:?} with {}",
+            self.exports
+                .get(session.export)
+                .map_or("", |e| e.name.as_str()),
+            if session.extended {
+                "extended headers"
+            } else if session.structured {
+                "structured replies"
+            } else {
+                "simple replies"
+            }
+        ));
         stream.set_read_timeout(None)?;
         stream.set_write_timeout(self.config.reply_timeout)?;
         crate::conn::transmission(self, stream, session)

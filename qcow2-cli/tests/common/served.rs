@@ -17,22 +17,30 @@ pub struct Served {
 impl Served {
     /// Starts `qcow2 serve ARGS` in `dir` and waits until it listens (its pid file exists).
     pub fn start(dir: &Path, args: &[&str]) -> Served {
-        Served::spawn(env!("CARGO_BIN_EXE_qcow2"), &["serve"], dir, args, &[])
+        Served::spawn(
+            env!("CARGO_BIN_EXE_qcow2"),
+            &["serve"],
+            dir,
+            args,
+            &[],
+            None,
+        )
     }
 
     /// Starts `qemu-nbd ARGS` in `dir` (the reference server), as [`Served::start`].
     pub fn start_qemu_nbd(dir: &Path, args: &[&str]) -> Served {
-        Served::spawn("qemu-nbd", &[], dir, args, &[])
+        Served::spawn("qemu-nbd", &[], dir, args, &[], None)
     }
 
-    /// Starts `program PRE --pid-file F ARGS` in `dir` with extra environment variables,
-    /// and waits until its pid file exists.
+    /// Starts `program PRE --pid-file F ARGS` in `dir` with extra environment variables
+    /// (and stderr into `log` when given), and waits until its pid file exists.
     pub fn spawn(
         program: &str,
         pre: &[&str],
         dir: &Path,
         args: &[&str],
         envs: &[(&str, &OsStr)],
+        log: Option<&Path>,
     ) -> Served {
         let tag = Path::new(program)
             .file_name()
@@ -40,14 +48,18 @@ impl Served {
             .unwrap_or_default();
         let pid_file = dir.join(format!("{tag}-{}.pid", args.len()));
         let _ = std::fs::remove_file(&pid_file);
-        let child = Command::new(program)
-            .args(pre)
+        let mut cmd = Command::new(program);
+        cmd.args(pre)
             .arg("--pid-file")
             .arg(&pid_file)
             .args(args)
             .envs(envs.iter().copied())
             .current_dir(dir)
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        if let Some(log) = log {
+            cmd.stderr(std::fs::File::create(log).expect("log file"));
+        }
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
         let mut s = Served { child, pid_file };
