@@ -13,6 +13,7 @@ mod commit;
 mod compare;
 mod convert;
 mod create;
+mod daemon;
 mod dd;
 mod encryption;
 mod image;

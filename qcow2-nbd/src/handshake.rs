@@ -30,8 +30,11 @@ const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 pub(crate) struct Session {
     /// Index of the chosen export.
     pub export: usize,
-    /// Structured replies were negotiated.
+    /// Structured replies were negotiated (also true with extended headers).
     pub structured: bool,
+    /// Extended headers were negotiated: 32-byte requests with 64-bit lengths, every
+    /// reply an extended chunk.
+    pub extended: bool,
     /// `base:allocation` was selected for block status.
     pub base_allocation: bool,
     /// `qemu:allocation-depth` was selected for block status.
@@ -53,6 +56,7 @@ struct Negotiation<'a> {
     fixed: bool,
     no_zeroes: bool,
     structured: bool,
+    extended: bool,
     /// The export `SET_META_CONTEXT` selected contexts for, and which.
     meta: Option<(usize, Selected)>,
 }
@@ -78,6 +82,7 @@ pub(crate) fn negotiate<S: Read + Write>(
         fixed: client & proto::FLAG_C_FIXED_NEWSTYLE != 0,
         no_zeroes: client & proto::FLAG_C_NO_ZEROES != 0,
         structured: false,
+        extended: false,
         meta: None,
     };
     for _ in 0..MAX_OPTIONS {
@@ -151,6 +156,10 @@ impl Negotiation<'_> {
         data: &[u8],
     ) -> Result<Option<Option<Session>>, ConnError> {
         match option {
+            opt::EXPORT_NAME if self.extended => {
+                // Its reply cannot say that transmission uses extended headers.
+                Err(ConnError::ExportNameWithExtendedHeaders)
+            }
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(data).into_owned();
                 let Some(i) = self.find(&name) else {
@@ -203,7 +212,37 @@ impl Negotiation<'_> {
                         rep::ERR_INVALID,
                         "STRUCTURED_REPLY takes no data",
                     )?;
+                } else if self.extended {
+                    reply_error(
+                        s,
+                        option,
+                        rep::ERR_EXT_HEADER_REQD,
+                        "extended headers already negotiated",
+                    )?;
                 } else {
+                    self.structured = true;
+                    reply(s, option, rep::ACK, &[])?;
+                }
+                Ok(None)
+            }
+            opt::EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    reply_error(
+                        s,
+                        option,
+                        rep::ERR_INVALID,
+                        "EXTENDED_HEADERS takes no data",
+                    )?;
+                } else if self.extended {
+                    reply_error(
+                        s,
+                        option,
+                        rep::ERR_INVALID,
+                        "extended headers already negotiated",
+                    )?;
+                } else {
+                    // Extended headers imply structured replies.
+                    self.extended = true;
                     self.structured = true;
                     reply(s, option, rep::ACK, &[])?;
                 }
@@ -224,6 +263,7 @@ impl Negotiation<'_> {
         Session {
             export,
             structured: self.structured,
+            extended: self.extended,
             base_allocation: self.structured
                 && matches!(self.meta, Some((e, m)) if e == export && m.base),
             allocation_depth: self.structured

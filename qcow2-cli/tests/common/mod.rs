@@ -1,6 +1,8 @@
 //! Helpers for running `qcow2` and its peers `qemu-img` / `qemu-io` side by side.
 #![allow(dead_code)]
 
+pub mod served;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -27,7 +29,8 @@ impl Run {
     }
 }
 
-fn run_in(program: &str, dir: &Path, args: &[&str]) -> Run {
+/// Runs `program ARGS` in `dir`.
+pub fn run_in(program: &str, dir: &Path, args: &[&str]) -> Run {
     let out = Command::new(program)
         .args(args)
         .current_dir(dir)
