@@ -15,7 +15,7 @@ mod workloads;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use machine::Machine;
@@ -307,59 +307,6 @@ fn remove_stale_dirs(parent: &Path) {
             }
         }
     }
-}
-
-/// The workspace root (xtask lives one level below it).
-fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
-}
-
-/// Builds `qcow2-cli` in release mode and returns the path of the `qcow2` executable that
-/// cargo reports.
-fn build_ours(root: &Path) -> Result<PathBuf, String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("== cargo build --release -p qcow2-cli");
-    let out = Command::new(cargo)
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "qcow2-cli",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !out.status.success() {
-        return Err(
-            "cargo build --release -p qcow2-cli failed (see above); fix the build or use --no-build / --ours PATH"
-                .to_string(),
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    for line in stdout.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "qcow2" {
-            if let Some(exe) = v["executable"].as_str() {
-                return Ok(PathBuf::from(exe));
-            }
-        }
-    }
-    Err("cargo built qcow2-cli but reported no `qcow2` executable".to_string())
-}
-
-/// The release binary's default location, for --no-build.
-fn default_binary(root: &Path) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| if t.is_absolute() { t } else { root.join(t) })
-        .unwrap_or_else(|| root.join("target"));
-    target.join("release").join("qcow2")
 }
 
 /// What our binary says it can do: the subcommands listed by `qcow2 --help`, or why none.
@@ -832,11 +779,11 @@ fn run(opts: &Options) -> Result<ExitCode, String> {
         .map(|v| first_line(&v))
         .map_err(|e| format!("qemu-img does not run: {e}"))?;
 
-    let root = workspace_root();
+    let root = crate::util::workspace_root();
     let ours = match (&opts.ours, opts.build) {
         (Some(p), _) => p.clone(),
-        (None, true) => build_ours(&root)?,
-        (None, false) => default_binary(&root),
+        (None, true) => crate::util::build_ours(&root, true)?,
+        (None, false) => crate::util::default_binary(&root, true),
     };
     if !ours.is_file() {
         return Err(format!(
