@@ -128,7 +128,7 @@ pub fn open_image_full(
     locking: Locking,
     runtime: &[(String, String)],
 ) -> Result<Image, String> {
-    open_image_with(
+    open_image_extras(
         path,
         read_only,
         unmap,
@@ -173,7 +173,7 @@ pub fn open_image_chain(
         backing,
         ..OpenExtras::default()
     };
-    open_image_with(path, read_only, unmap, cache, locking, runtime, extras)
+    open_image_extras(path, read_only, unmap, cache, locking, runtime, extras)
 }
 
 /// [`open_image_full`] with the image file's data transfers able to go through io_uring.
@@ -190,11 +190,11 @@ pub fn open_image_aio(
         io_uring,
         ..OpenExtras::default()
     };
-    open_image_with(path, read_only, unmap, cache, locking, runtime, extras)
+    open_image_extras(path, read_only, unmap, cache, locking, runtime, extras)
 }
 
 /// [`open_image_full`] with [`OpenExtras`].
-pub fn open_image_with(
+pub fn open_image_extras(
     path: &str,
     read_only: bool,
     unmap: bool,
