@@ -51,12 +51,13 @@ pub fn run(req: CheckRequest) -> Result<(), CliError> {
             code: 63,
         });
     }
-    let storage = FileStorage::open(file, req.repair.is_some()).map_err(|e| {
-        image::open_error(
-            file,
-            format_args!("Could not open '{file}': {}", image::strerror(&e)),
-        )
-    })?;
+    let storage =
+        FileStorage::open(crate::image::file_name(file), req.repair.is_some()).map_err(|e| {
+            image::open_error(
+                file,
+                format_args!("Could not open '{file}': {}", image::strerror(&e)),
+            )
+        })?;
     image::lock(&storage, file, image::FileRole::Qcow2, req.repair.is_some())
         .map_err(|e| image::open_error(file, e))?;
     // QEMU's open prints its warnings before the check runs.

@@ -74,7 +74,7 @@ impl Source {
         let opened = image::open(path, format, false)?;
         match opened.format {
             Format::Raw => {
-                let storage = FileStorage::open(path, false)
+                let storage = FileStorage::open(crate::image::file_name(path), false)
                     .map_err(|e| image::open_error(path, image::strerror(&e)))?;
                 image::lock(
                     &storage,

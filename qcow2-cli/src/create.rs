@@ -366,7 +366,10 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
                 .map(Format::parse)
                 .transpose()
                 .map_err(in_file)?;
-            let (bsize, _) = image::backing_size(&full, want).map_err(in_file)?;
+            // QEMU appends a hint line (no program prefix) to any failure to open the
+            // backing file.
+            let (bsize, _) = image::backing_size(&full, want)
+                .map_err(|e| in_file(format!("{e}\nCould not open backing image.")))?;
             if backing_fmt.is_none() {
                 return Err(in_file(
                     "Backing file specified without backing format".into(),
@@ -399,6 +402,8 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
         }
         line.push('\n');
         out(&line);
+        // QEMU flushes the line before creating: its errors come after it.
+        crate::stdio::flush();
     }
 
     match fmt {

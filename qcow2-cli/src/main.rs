@@ -8,6 +8,7 @@
 mod amend;
 mod bench;
 mod bitmap;
+mod blkdebug;
 mod check;
 mod commit;
 mod compare;
@@ -21,8 +22,10 @@ mod info;
 mod io;
 mod ioshell;
 mod json;
+mod jsonname;
 mod map;
 mod measure;
+mod nulldev;
 mod opts;
 mod prog;
 mod progress;
@@ -35,8 +38,8 @@ mod serve;
 mod size;
 mod snapshot;
 mod source;
+mod stdio;
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -74,16 +77,10 @@ impl CliError {
     }
 }
 
-/// Writes to stdout; a closed pipe ends the program quietly instead of panicking.
+/// Writes to stdout, buffered as C stdio buffers it (see [`stdio`]); a closed pipe is
+/// ignored, as QEMU's tools ignore it.
 pub fn out(text: &str) {
-    let mut stdout = std::io::stdout().lock();
-    if stdout
-        .write_all(text.as_bytes())
-        .and_then(|_| stdout.flush())
-        .is_err()
-    {
-        std::process::exit(1);
-    }
+    stdio::out(text);
 }
 
 /// `--output human|json`.
@@ -1010,8 +1007,16 @@ impl Cli {
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("{}internal error: {info}", prog::prefix());
+        stdio::flush();
         std::process::exit(1);
     }));
+    let code = run_main();
+    stdio::flush();
+    code
+}
+
+/// The program after the panic hook: the personality's command line and command.
+fn run_main() -> ExitCode {
     let args: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();

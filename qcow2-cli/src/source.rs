@@ -60,7 +60,7 @@ pub fn open_at(path: &str, fmt: Option<&str>, snapshot: Option<&str>) -> Result<
     let opened = image::open(path, format, false)?;
     let disk: Box<dyn BackingImage> = match opened.format {
         Format::Raw => {
-            let storage = FileStorage::open(path, false)
+            let storage = FileStorage::open(crate::image::file_name(path), false)
                 .map_err(|e| image::open_error(path, image::strerror(&e)))?;
             Box::new(RawDisk::new(storage).map_err(|e| image::open_error(path, e))?)
         }

@@ -258,6 +258,18 @@ impl Image {
     /// nothing is read or written. Backing files and the data file that the library opens
     /// by name are locked the same way. The locks last until the image is dropped.
     pub fn open_file(file: FileStorage, path: &Path, opts: &OpenOptions) -> Result<Image> {
+        Self::open_file_wrapped(file, path, opts, |f| f)
+    }
+
+    /// [`Image::open_file`], with the engine's I/O going through the storage `wrap` builds
+    /// around the locked file (a fault-injecting layer, as QEMU's blkdebug above its file
+    /// node). The locks are taken on `file` itself, before `wrap` runs.
+    pub fn open_file_wrapped(
+        file: FileStorage,
+        path: &Path,
+        opts: &OpenOptions,
+        wrap: impl FnOnce(Arc<FileStorage>) -> Arc<dyn Storage>,
+    ) -> Result<Image> {
         if opts.force_share && !opts.read_only {
             return Err(crate::locking::force_share_refused());
         }
@@ -269,7 +281,7 @@ impl Image {
             !opts.read_only,
             opts,
         )?;
-        let mut img = Self::open(file.clone(), opts)?;
+        let mut img = Self::open(wrap(file.clone()), opts)?;
         img.locked = Some((file, path.to_path_buf()));
         Ok(img)
     }
@@ -725,7 +737,8 @@ impl Image {
         self.fc.backing_file_str()
     }
 
-    /// The backing file format stored in the image (backing-format extension), if any.
+    /// The backing file's format stored in the image (its backing format extension), if
+    /// any.
     pub fn backing_format(&self) -> Option<String> {
         self.fc.backing_format_str()
     }

@@ -47,6 +47,7 @@ mod shared;
 mod shrink;
 mod snapshot;
 mod status;
+mod vmstate;
 mod write;
 mod zero;
 
@@ -74,6 +75,7 @@ pub use qcow2_snapshot::{NewSnapshot, SnapshotEntry};
 pub use queue::{Done, RequestQueue};
 pub use rebase::{RebaseError, RebaseOptions};
 pub use shared::SharedImage;
+pub use snapshot::open_error as snapshot_open_error;
 pub use status::{BlockStatus, RawDisk};
 
 #[cfg(test)]

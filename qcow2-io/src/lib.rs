@@ -25,7 +25,7 @@ mod uring;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod crash;
-#[cfg(any(test, feature = "test-utils"))]
+#[cfg(any(test, feature = "fault"))]
 pub mod fault;
 
 pub use event::{Event, UnknownEvent};

@@ -1,6 +1,7 @@
 //! Helpers for running `qcow2` and its peers `qemu-img` / `qemu-io` side by side.
 #![allow(dead_code)]
 
+pub mod qemu_io_setup;
 pub mod served;
 
 use std::path::Path;

@@ -481,12 +481,16 @@ fn not_run_reason(scratch: &Path, name: &str) -> Option<String> {
 
 /// `diff -u` of the reference output and the test's output, into `RUN/NAME.diff`.
 fn write_diff(iotests: &Path, run_dir: &Path, name: &str) {
-    let reference = [
-        iotests.join(format!("{name}.out")),
-        iotests.join("tests").join(format!("{name}.out")),
-    ]
-    .into_iter()
-    .find(|p| p.is_file());
+    // check's choice of reference output: a format-specific one first.
+    let reference = [iotests.to_path_buf(), iotests.join("tests")]
+        .into_iter()
+        .flat_map(|d| {
+            [
+                d.join(format!("{name}.out.qcow2")),
+                d.join(format!("{name}.out")),
+            ]
+        })
+        .find(|p| p.is_file());
     let bad = test_dir(&run_dir.join("scratch"), name).join(format!("{name}.out.bad"));
     let Some(reference) = reference else { return };
     if let Ok(out) = Command::new("diff")
@@ -532,11 +536,11 @@ fn report(
             }
             (_, false) => "-".to_string(),
         };
-        let shown = match (status, reason) {
-            (Status::NotRun, Some(r)) => format!("not run: {r}"),
-            (s, _) => s.word().to_string(),
+        let why = match (status, reason) {
+            (Status::NotRun, Some(r)) => format!("  ({r})"),
+            _ => String::new(),
         };
-        println!("{t:<26} {shown:<8} {note}");
+        println!("{t:<26} {:<8} {note}{why}", status.word());
     }
     println!(
         "\ntotal {}: {} pass, {} fail, {} not run ({:.0} s); expected list: {} tests",
@@ -563,7 +567,7 @@ fn report(
         return true;
     }
     if regressions.is_empty() {
-        println!("every listed test passed");
+        println!("every listed test that ran passed");
         true
     } else {
         println!(
