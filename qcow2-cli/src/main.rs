@@ -11,6 +11,7 @@ mod check;
 mod commit;
 mod compare;
 mod convert;
+mod convert_opts;
 mod create;
 mod dd;
 mod image;
@@ -510,6 +511,8 @@ struct ConvertArgs {
     files: Vec<String>,
     #[command(flatten)]
     objects: ObjectArgs,
+    #[command(flatten)]
+    extra: convert_opts::ConvertExtraArgs,
 }
 
 #[derive(Args, Debug)]
@@ -767,6 +770,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 progress: a.progress,
                 quiet: a.quiet,
                 files: a.files,
+                extra: a.extra,
             })
         }
         Command::Amend(mut a) => {

@@ -89,7 +89,7 @@ pub fn open_at(path: &str, fmt: Option<&str>, snapshot: Option<&str>) -> Result<
 
 /// The id of the snapshot `spec` selects, with QEMU's lookup: `snapshot.id=` and/or
 /// `snapshot.name=` must all match; a plain string is an id, else a name.
-fn snapshot_id(opened: &Opened, spec: &str) -> Result<String, CliError> {
+pub(crate) fn snapshot_id(opened: &Opened, spec: &str) -> Result<String, CliError> {
     let not_found = || CliError::new("Failed to load snapshot: Can't find snapshot");
     let list = opened
         .qcow2
