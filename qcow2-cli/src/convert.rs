@@ -754,7 +754,8 @@ fn copy_plain(
     data_total: u64,
 ) -> Result<(), CliError> {
     let total = sources.total();
-    let mut buf = Vec::new();
+    // Page-aligned: the kernel copies from the page cache fastest into those.
+    let mut buf = qcow2_io::AlignedBuf::default();
     let mut done = 0u64;
     let mut written = 0u64;
     let mut off = 0u64;
@@ -772,7 +773,7 @@ fn copy_plain(
                 }
                 Run::Zero | Run::Data => {
                     had_data = true;
-                    buf.resize(n as usize, 0);
+                    buf.resize(n as usize);
                     sources.read_salvaging(at, &mut buf, plan.salvage)?;
                     if plan.min_sparse == 0 || !plan.detect_zeroes {
                         target.write(at, &buf)?;

@@ -14,6 +14,7 @@
 //!   may be lost in any subset, or torn at 512-byte sector granularity).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+mod aligned;
 mod direct;
 mod event;
 mod file;
@@ -26,6 +27,7 @@ pub mod crash;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fault;
 
+pub use aligned::AlignedBuf;
 pub use event::{Event, UnknownEvent};
 pub use file::{CacheMode, FileStorage, DIRECT_ALIGN};
 pub use lock::{LockError, Locking, Perms};
