@@ -464,3 +464,53 @@ fn commit_grows_a_smaller_base_and_refuses_images_without_backing() {
     let (ours, qemu) = p.both(&["commit"]);
     assert_eq!((ours.code, qemu.code), (1, 1));
 }
+
+#[test]
+fn raw_images_and_missing_backing_files_are_refused_as_qemu_img_refuses_them() {
+    if !have_qemu() {
+        return;
+    }
+    let p = Pair::new();
+    for d in [p.ours(), p.qemu()] {
+        ok(qemu_img(&d, &["create", "-q", "-f", "raw", "r.raw", "1M"]));
+        ok(qemu_img(
+            &d,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                "gone.qcow2",
+                "-F",
+                "qcow2",
+                "o.qcow2",
+                "1M",
+            ],
+        ));
+    }
+    for a in [
+        "rebase -b x -F raw r.raw",
+        "rebase -u -b x -F raw r.raw",
+        "rebase -c -b x -F raw -f raw r.raw",
+        "commit r.raw",
+        "commit o.qcow2",
+        "rebase -b '' o.qcow2",
+    ] {
+        let argv: Vec<&str> = a
+            .split(' ')
+            .map(|s| if s == "''" { "" } else { s })
+            .collect();
+        let (ours, qemu) = p.both(&argv);
+        same_output(&ours, &qemu, a);
+        assert_eq!(ours.code, 1, "{a}");
+    }
+    // Nothing was written.
+    for f in ["r.raw", "o.qcow2"] {
+        assert_eq!(
+            std::fs::read(p.ours().join(f)).unwrap(),
+            std::fs::read(p.qemu().join(f)).unwrap()
+        );
+    }
+}
