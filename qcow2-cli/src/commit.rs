@@ -69,12 +69,16 @@ pub fn run(mut a: CommitArgs) -> Result<(), CliError> {
                 .ok_or_else(|| CliError::new(format!("Invalid rate limit specified: '{r}'.")))?,
         ),
     };
-    let fmt = match source::parse_format(file, format.as_deref())? {
+    let parsed = source::parse_format(file, format.as_deref())?;
+    let fmt = match parsed {
         Some(f) => f,
         None => image::probe(file)?,
     };
     if fmt == Format::Raw {
         image::open(file, Some(Format::Raw), true)?;
+        if parsed.is_none() {
+            image::warn_probed_raw(file);
+        }
         return Err(CliError::new("Image does not have a backing file"));
     }
     let mut top = qcowdev::open_image_chain(file, false, true, cache, Locking::Auto, &[], false)

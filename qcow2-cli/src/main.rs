@@ -13,6 +13,7 @@ mod check;
 mod commit;
 mod compare;
 mod convert;
+mod convert_opts;
 mod create;
 mod daemon;
 mod dd;
@@ -533,6 +534,8 @@ struct ConvertArgs {
     files: Vec<String>,
     #[command(flatten)]
     objects: ObjectArgs,
+    #[command(flatten)]
+    extra: convert_opts::ConvertExtraArgs,
 }
 
 #[derive(Args, Debug)]
@@ -797,6 +800,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 files: a.files,
                 bitmaps: a.bitmaps,
                 skip_broken_bitmaps: a.skip_broken_bitmaps,
+                extra: a.extra,
             })
         }
         Command::Amend(mut a) => {

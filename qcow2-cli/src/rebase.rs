@@ -104,17 +104,29 @@ fn rebase(
             return Err(CliError::new(format!("Invalid source cache option: {t}")));
         }
     }
-    let fmt = match source::parse_format(file, format)? {
+    let parsed = source::parse_format(file, format)?;
+    let fmt = match parsed {
         Some(f) => f,
         None => image::probe(file)?,
     };
     if fmt == Format::Raw {
         // A raw image has no backing file to change (QEMU: ENOTSUP), nor compression.
         image::open(file, Some(Format::Raw), true)?;
+        if parsed.is_none() {
+            image::warn_probed_raw(file);
+        }
         if a.compress {
             return Err(CliError::new(
                 "Compression not supported for this file format",
             ));
+        }
+        if let (false, Some(n)) = (
+            a.header_only,
+            a.backing.as_deref().filter(|n| !n.is_empty()),
+        ) {
+            // Safe mode opens the new backing file first.
+            let full = image::path_combine(file, n);
+            open_new_backing(&full, n, a.backing_format.as_deref())?;
         }
         return Err(CliError::new(format!(
             "Could not change the backing file to '{}': Operation not supported",
@@ -142,17 +154,7 @@ fn rebase(
     if let (false, Some(n)) = (a.header_only, name.as_deref()) {
         let full = image::path_combine(file, n);
         in_chain = chain_depth(file, &img, &full);
-        let disk = source::open(&full, a.backing_format.as_deref()).map_err(|e| {
-            // source::open says "Could not open 'FULL': " before an open error that
-            // already names the file; qemu-img names it once.
-            let prefix = format!("Could not open '{full}': ");
-            let detail = match e.msg.strip_prefix(&prefix) {
-                Some(rest) if rest.starts_with("Could not open") => rest,
-                _ => &e.msg,
-            };
-            CliError::new(format!("Could not open new backing file '{n}': {detail}"))
-        })?;
-        new_disk = Some(disk.disk);
+        new_disk = Some(open_new_backing(&full, n, a.backing_format.as_deref())?);
     }
     let opts = RebaseOptions {
         backing_file: name,
@@ -187,6 +189,25 @@ fn rebase(
     }
     progress.set(100.0);
     close.map_err(|e| CliError::new(qcowdev::error_text(&e)))
+}
+
+/// Opens the new backing file `full` (the name `n` as given) read-only, with qemu-img's
+/// "Could not open new backing file" message.
+fn open_new_backing(
+    full: &str,
+    n: &str,
+    format: Option<&str>,
+) -> Result<Box<dyn BackingImage>, CliError> {
+    source::open(full, format).map(|d| d.disk).map_err(|e| {
+        // source::open says "Could not open 'FULL': " before an open error that already
+        // names the file; qemu-img names it once.
+        let prefix = format!("Could not open '{full}': ");
+        let detail = match e.msg.strip_prefix(&prefix) {
+            Some(rest) if rest.starts_with("Could not open") => rest,
+            _ => &e.msg,
+        };
+        CliError::new(format!("Could not open new backing file '{n}': {detail}"))
+    })
 }
 
 /// The depth of `target` (a path as qemu-img combined it) in the backing chain of the

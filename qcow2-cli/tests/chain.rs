@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{have_qemu, ok, qemu_img, qemu_io, Pair, Run};
+use common::{have_qemu, map_json as map, ok, qemu_img, qemu_io, same_output, Pair};
 use std::path::Path;
 
 /// The three chains the tests run on.
@@ -163,36 +163,6 @@ fn pair(kind: Kind) -> Pair {
     p
 }
 
-/// `qemu-img map --output=json` of `file` in `d`. Without `offsets`, host offsets are
-/// dropped and neighbours that then look alike are merged: QEMU's commit job copies with
-/// several requests in flight, so where (and how contiguously) the base's new clusters
-/// land varies from run to run.
-fn map(d: &Path, file: &str, offsets: bool) -> String {
-    let r = qemu_img(d, &["map", "--output=json", file]);
-    ok(&r);
-    if offsets {
-        return r.stdout;
-    }
-    let v: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
-    let mut out: Vec<serde_json::Value> = Vec::new();
-    for mut e in v {
-        e.as_object_mut().unwrap().remove("offset");
-        if let Some(last) = out.last_mut() {
-            let same = ["depth", "present", "zero", "data", "compressed"]
-                .iter()
-                .all(|k| last[k] == e[k]);
-            let end = last["start"].as_u64().unwrap() + last["length"].as_u64().unwrap();
-            if same && end == e["start"].as_u64().unwrap() {
-                let len = last["length"].as_u64().unwrap() + e["length"].as_u64().unwrap();
-                last["length"] = len.into();
-                continue;
-            }
-        }
-        out.push(e);
-    }
-    serde_json::to_string_pretty(&out).unwrap()
-}
-
 /// `qemu-img check` finds no corruption and no leak in `file`.
 fn assert_check_clean(d: &Path, file: &str) {
     let r = qemu_img(d, &["check", file]);
@@ -208,21 +178,6 @@ fn assert_same_contents(p: &Pair, file: &str) {
         &["compare", a.to_str().unwrap(), b.to_str().unwrap()],
     );
     assert_eq!(r.code, 0, "{file}: {r:?}");
-}
-
-/// Same exit code and text; a usage error differs only in the pointer to the help
-/// ("(see 'qcow2 CMD --help')" where qemu-img adds a "Try ..." line).
-fn same_output(ours: &Run, qemu: &Run, what: &str) {
-    assert_eq!(ours.code, qemu.code, "{what}: {ours:?} vs {qemu:?}");
-    let q = qemu.text();
-    if let Some((first, _)) = q.split_once("\nTry 'qemu-img ") {
-        assert!(
-            ours.text().starts_with(&format!("{first} (see 'qcow2 ")),
-            "{what}: {ours:?} vs {qemu:?}"
-        );
-    } else {
-        assert_eq!(ours.text(), q, "{what}");
-    }
 }
 
 fn args(s: &str) -> Vec<&str> {
@@ -508,4 +463,54 @@ fn commit_grows_a_smaller_base_and_refuses_images_without_backing() {
     assert_eq!(ours.code, 1);
     let (ours, qemu) = p.both(&["commit"]);
     assert_eq!((ours.code, qemu.code), (1, 1));
+}
+
+#[test]
+fn raw_images_and_missing_backing_files_are_refused_as_qemu_img_refuses_them() {
+    if !have_qemu() {
+        return;
+    }
+    let p = Pair::new();
+    for d in [p.ours(), p.qemu()] {
+        ok(qemu_img(&d, &["create", "-q", "-f", "raw", "r.raw", "1M"]));
+        ok(qemu_img(
+            &d,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                "gone.qcow2",
+                "-F",
+                "qcow2",
+                "o.qcow2",
+                "1M",
+            ],
+        ));
+    }
+    for a in [
+        "rebase -b x -F raw r.raw",
+        "rebase -u -b x -F raw r.raw",
+        "rebase -c -b x -F raw -f raw r.raw",
+        "commit r.raw",
+        "commit o.qcow2",
+        "rebase -b '' o.qcow2",
+    ] {
+        let argv: Vec<&str> = a
+            .split(' ')
+            .map(|s| if s == "''" { "" } else { s })
+            .collect();
+        let (ours, qemu) = p.both(&argv);
+        same_output(&ours, &qemu, a);
+        assert_eq!(ours.code, 1, "{a}");
+    }
+    // Nothing was written.
+    for f in ["r.raw", "o.qcow2"] {
+        assert_eq!(
+            std::fs::read(p.ours().join(f)).unwrap(),
+            std::fs::read(p.qemu().join(f)).unwrap()
+        );
+    }
 }

@@ -315,7 +315,8 @@ impl Image {
             .map_err(CommitError::Write)?;
         let started = Instant::now();
         let mut copied = 0u64;
-        let mut buf = Vec::new();
+        // Page-aligned: the kernel copies from the page cache fastest into those.
+        let mut buf = qcow2_io::IoBuf::default();
         let mut offset = 0u64;
         while offset < size {
             // The next run of granularity blocks that something above the base touches
@@ -346,7 +347,7 @@ impl Image {
                 };
                 let io = io.min(end - at).min(size - at);
                 if copy {
-                    buf.resize(io as usize, 0);
+                    buf.resize(io as usize);
                     self.read(at, &mut buf).map_err(CommitError::Read)?;
                     base.with(|t| t.write_data(at, &buf))
                         .map_err(CommitError::Write)?;

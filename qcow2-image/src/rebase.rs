@@ -208,8 +208,9 @@ impl Image {
         let new_size = new_backing.as_ref().map_or(0, |b| b.size());
         // A step grows by at most one alignment unit at each end.
         let cap = (IO_BUF_SIZE + 2 * align) as usize;
-        let mut buf_old = vec![0u8; cap];
-        let mut buf_new = vec![0u8; cap];
+        // Page-aligned: the kernel copies from the page cache fastest into those.
+        let mut buf_old = qcow2_io::IoBuf::new(cap);
+        let mut buf_new = qcow2_io::IoBuf::new(cap);
         // qemu-img's step: 100 divided by the (integer) number of buffer-sized steps.
         let step = if size == 0 {
             0.0

@@ -451,6 +451,28 @@ impl Context {
     }
 }
 
+/// Puts the companions of `template` into `run_dir`: fresh copies of the ones a run
+/// modifies, links to the others.
+fn place_companions(
+    template: &Path,
+    companions: &[(String, String, bool)],
+    run_dir: &Path,
+) -> Result<(), String> {
+    let dir = template.parent().unwrap_or(Path::new("."));
+    for (file, name, writable) in companions {
+        let src = dir.join(file);
+        let dst = run_dir.join(name);
+        let _ = std::fs::remove_file(&dst);
+        if *writable {
+            files::fresh_copy(&src, &dst)?;
+        } else {
+            std::os::unix::fs::symlink(&src, &dst)
+                .map_err(|e| format!("{}: {e}", dst.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Fingerprint of a shared read-only input, to notice a run that modified it.
 fn fingerprint(p: &Path) -> Option<(u64, std::time::SystemTime)> {
     let m = std::fs::metadata(p).ok()?;
@@ -511,6 +533,13 @@ fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> Work
             };
             if res.status != Status::Ok {
                 continue;
+            }
+            // Images the input names relatively sit beside it in the run directory.
+            if let (Some(t), Some(spec)) = (&template, &w.template) {
+                if let Err(e) = place_companions(t, &spec.companions(), &run_dir) {
+                    res.status = Status::SetupFailed(e);
+                    continue;
+                }
             }
             let image = match (&template, fresh_copy) {
                 (Some(t), true) => {
