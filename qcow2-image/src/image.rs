@@ -117,6 +117,9 @@ pub struct Image {
     /// encrypted per 512-byte sector with the host offset / 512 as the IV's sector number
     /// (QEMU's `crypt_physical_offset`).
     pub(crate) crypto: Option<Arc<dyn qcow2_crypto::SectorCipher>>,
+    /// Legacy AES (`crypt_method` 1): IVs count guest sectors, not host sectors (the image
+    /// is read-only then).
+    pub(crate) crypt_iv_guest: bool,
 }
 
 impl std::fmt::Debug for Image {
@@ -327,6 +330,18 @@ impl Image {
         let crypto = match h.crypt_method {
             header::CRYPT_NONE => None,
             header::CRYPT_LUKS => Some(crate::crypto::unlock(storage.as_ref(), &fc, opts)?),
+            header::CRYPT_AES => {
+                let c = crate::crypto::legacy_aes(opts)?;
+                if !opts.read_only {
+                    return Err(ImageError::Unsupported {
+                        op,
+                        what: "writing images with the legacy AES encryption (crypt_method \
+                               1); open them read-only, or convert them to LUKS"
+                            .into(),
+                    });
+                }
+                Some(c)
+            }
             m => {
                 return Err(ImageError::Unsupported {
                     op,
@@ -334,6 +349,7 @@ impl Image {
                 })
             }
         };
+        let crypt_iv_guest = h.crypt_method == header::CRYPT_AES;
         // External data file: guest data goes there; the image file's storage is wrapped
         // so that its flushes make the data durable first.
         let image_file = storage.clone();
@@ -451,6 +467,7 @@ impl Image {
             locked: None,
             metadata_prealloc: None,
             crypto,
+            crypt_iv_guest,
         };
         img.messages = messages;
         if img.fc.extensions.stale_bitmaps && depth == 0 && kind != OpenKind::Reopen {
@@ -1340,13 +1357,25 @@ impl Image {
 
     /// Reads guest data stored at `host` in the data storage, decrypting it when the image
     /// is encrypted (whole sectors are read and decrypted, `dst` gets its part).
-    pub(crate) fn read_data(&self, op: Op, host: u64, dst: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_data(&self, op: Op, host: u64, guest: u64, dst: &mut [u8]) -> Result<()> {
         let io = |e| ImageError::io(op, "read guest data", host, e);
         let Some(c) = &self.crypto else {
             return self.data_storage().read_at(dst, host).map_err(io);
         };
-        crate::crypto::read_decrypted(self.data_storage().as_ref(), c.as_ref(), host, dst)
+        let iv = self.iv_offset(host, guest);
+        crate::crypto::read_decrypted(self.data_storage().as_ref(), c.as_ref(), host, iv, dst)
             .map_err(io)
+    }
+
+    /// The offset whose sector numbers the IVs of data at `host` (guest `guest`) use:
+    /// the host offset for LUKS (QEMU's `crypt_physical_offset`), the guest offset for
+    /// legacy AES.
+    pub(crate) fn iv_offset(&self, host: u64, guest: u64) -> u64 {
+        if self.crypt_iv_guest {
+            guest
+        } else {
+            host
+        }
     }
 
     /// Reads with bytes beyond the virtual size as zeros (backing-file reads).
@@ -1372,7 +1401,7 @@ impl Image {
             match chunk.kind {
                 MapKind::Data(host) => {
                     self.storage.event(Event::ReadAio);
-                    self.read_data(op, host, dst)?;
+                    self.read_data(op, host, guest, dst)?;
                 }
                 MapKind::Zero(_) => dst.fill(0),
                 MapKind::Unallocated(_) => {

@@ -239,6 +239,7 @@ impl SharedImage {
         }
         let storage = core.data_storage_arc();
         let cipher = core.crypto_arc();
+        let iv_guest = core.crypt_iv_guest;
         let (start, end) = self.clusters(offset, buf.len() as u64);
         let _moving = self.in_flight.register(start, end, Moving::Data);
         drop(core);
@@ -248,7 +249,10 @@ impl SharedImage {
                 let io = |e| ImageError::io(op, "read guest data", host, e);
                 match &cipher {
                     // Planned pieces of encrypted images are whole sectors.
-                    Some(c) => crate::crypto::read_decrypted(&*storage, c.as_ref(), host, dst),
+                    Some(c) => {
+                        let iv = if iv_guest { offset + at } else { host };
+                        crate::crypto::read_decrypted(&*storage, c.as_ref(), host, iv, dst)
+                    }
                     None => storage.read_at(dst, host),
                 }
                 .map_err(io)?;
