@@ -126,6 +126,36 @@ pub(crate) fn area_offset(
     ext.offset.checked_add(off).ok_or_else(outside)
 }
 
+impl crate::Image {
+    /// Stores a LUKS area in newly allocated clusters (zero-padded to whole clusters) and
+    /// makes the image an encrypted one (`crypt_method` 2 and the header extension), as
+    /// QEMU's `qcow2_set_up_encryption` does on an image it has just created. The clusters'
+    /// refcounts and the area are durable before the header names them; the caller
+    /// reopens the image with the secret.
+    pub(crate) fn place_luks_area(&mut self, op: crate::Op, area: &[u8]) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let len = area.len() as u64;
+        let n = len.div_ceil(cs);
+        let at = match self.engine.alloc_clusters(&mut self.caches, n) {
+            Ok(o) => o,
+            Err(e) => return Err(self.rc_err(op, e)),
+        };
+        let mut bytes = area.to_vec();
+        // n clusters hold len bytes: padding only.
+        bytes.resize((n * cs) as usize, 0);
+        let io = |e| ImageError::io(op, "write LUKS header", at, e);
+        self.storage.write_at(&bytes, at).map_err(io)?;
+        self.flush_caches(op, true)?;
+        self.storage.flush().map_err(io)?;
+        self.fc.header.crypt_method = qcow2_format::header::CRYPT_LUKS;
+        self.fc.extensions.crypto_header = Some(CryptoHeaderExtension {
+            offset: at,
+            length: len,
+        });
+        self.rewrite_header(op)
+    }
+}
+
 fn cipher_err(e: qcow2_crypto::CipherError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
 }

@@ -663,7 +663,22 @@ impl Image {
                     .into(),
             });
         }
-        let fresh = qcow2_format::layout::fresh_image(&opts.layout)?;
+        let preallocation = match opts.preallocation {
+            Preallocation::Off if opts.data_file_raw => Preallocation::Metadata,
+            p => p,
+        };
+        // QEMU preallocates while it creates the image (the truncate with the preallocation
+        // mode) and sets up encryption after that: a LUKS area then lands after the
+        // preallocated clusters, not right after the L1 table.
+        let luks_later = match &opts.luks_area {
+            Some(area) if preallocation != Preallocation::Off => Some(area.clone()),
+            _ => None,
+        };
+        let mut layout = opts.layout.clone();
+        if luks_later.is_some() {
+            layout.luks_area = None;
+        }
+        let fresh = qcow2_format::layout::fresh_image(&layout)?;
         let io = |e| ImageError::io(op, "write new image", 0, e);
         storage.set_len(0).map_err(io)?;
         for (off, bytes) in &fresh.writes {
@@ -673,16 +688,17 @@ impl Image {
         storage.flush().map_err(io)?;
         let mut open = open.clone();
         open.read_only = false;
-        let mut img = Self::open(storage, &open)?;
+        let mut img = Self::open(storage.clone(), &open)?;
         // The data file covers the disk; a raw one implies metadata preallocation (QEMU),
         // so that every cluster maps to its own offset in it.
         img.resize_data_file(op, img.virtual_size())?;
-        let preallocation = match opts.preallocation {
-            Preallocation::Off if opts.data_file_raw => Preallocation::Metadata,
-            p => p,
-        };
         if preallocation != Preallocation::Off {
             img.preallocate(preallocation)?;
+        }
+        if let Some(area) = luks_later {
+            img.place_luks_area(op, &area.0)?;
+            img.close()?;
+            img = Self::open(storage, &open)?;
         }
         Ok(img)
     }
