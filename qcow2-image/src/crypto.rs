@@ -194,20 +194,25 @@ pub(crate) fn read_decrypted(
     Ok(())
 }
 
-/// `data` encrypted for host offset `host` (both whole sectors).
-pub(crate) fn encrypted(cipher: &dyn SectorCipher, host: u64, data: &[u8]) -> io::Result<Vec<u8>> {
-    if host % SECTOR != 0 || data.len() as u64 % SECTOR != 0 {
+/// `data` encrypted with IVs counted from `iv_offset` (the host offset for LUKS, the
+/// guest offset for legacy AES; both whole sectors).
+pub(crate) fn encrypted(
+    cipher: &dyn SectorCipher,
+    iv_offset: u64,
+    data: &[u8],
+) -> io::Result<Vec<u8>> {
+    if iv_offset % SECTOR != 0 || data.len() as u64 % SECTOR != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "encrypted write of {} bytes at {host:#x} is not sector aligned",
+                "encrypted write of {} bytes at {iv_offset:#x} is not sector aligned",
                 data.len()
             ),
         ));
     }
     let mut buf = data.to_vec();
     cipher
-        .encrypt(host / SECTOR, &mut buf)
+        .encrypt(iv_offset / SECTOR, &mut buf)
         .map_err(cipher_err)?;
     Ok(buf)
 }

@@ -117,8 +117,7 @@ pub struct Image {
     /// encrypted per 512-byte sector with the host offset / 512 as the IV's sector number
     /// (QEMU's `crypt_physical_offset`).
     pub(crate) crypto: Option<Arc<dyn qcow2_crypto::SectorCipher>>,
-    /// Legacy AES (`crypt_method` 1): IVs count guest sectors, not host sectors (the image
-    /// is read-only then).
+    /// Legacy AES (`crypt_method` 1): IVs count guest sectors, not host sectors.
     pub(crate) crypt_iv_guest: bool,
 }
 
@@ -330,18 +329,7 @@ impl Image {
         let crypto = match h.crypt_method {
             header::CRYPT_NONE => None,
             header::CRYPT_LUKS => Some(crate::crypto::unlock(storage.as_ref(), &fc, opts)?),
-            header::CRYPT_AES => {
-                let c = crate::crypto::legacy_aes(opts)?;
-                if !opts.read_only {
-                    return Err(ImageError::Unsupported {
-                        op,
-                        what: "writing images with the legacy AES encryption (crypt_method \
-                               1); open them read-only, or convert them to LUKS"
-                            .into(),
-                    });
-                }
-                Some(c)
-            }
+            header::CRYPT_AES => Some(crate::crypto::legacy_aes(opts)?),
             m => {
                 return Err(ImageError::Unsupported {
                     op,

@@ -277,6 +277,7 @@ impl SharedImage {
         if let Some(pieces) = core.plan_rewrite(offset, len)? {
             let storage = core.data_storage_arc();
             let cipher = core.crypto_arc();
+            let iv_guest = core.crypt_iv_guest;
             let _moving = self.in_flight.register(start, end, Moving::Data);
             drop(core);
             for p in pieces {
@@ -284,7 +285,8 @@ impl SharedImage {
                 let io = |e| ImageError::io(op, "write guest data", p.host, e);
                 match &cipher {
                     Some(c) => {
-                        let enc = crate::crypto::encrypted(c.as_ref(), p.host, src).map_err(io)?;
+                        let iv = if iv_guest { offset + p.at } else { p.host };
+                        let enc = crate::crypto::encrypted(c.as_ref(), iv, src).map_err(io)?;
                         storage.write_at(&enc, p.host)
                     }
                     None => storage.write_at(src, p.host),
