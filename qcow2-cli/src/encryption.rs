@@ -74,6 +74,22 @@ fn not_here(what: &str, v: &str) -> String {
 /// for LUKS, builds the area. `Ok(None)`: no encryption. Errors are QEMU's messages (and
 /// this tool's for algorithms QEMU has and it has not, and for creating legacy AES).
 pub fn from_options(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<Encryption>, String> {
+    let Some((o, secret)) = luks_options(get)? else {
+        return Ok(None);
+    };
+    let new = keyslot::create(&o, secret.as_bytes(), &mut OsRandom, &mut CpuTimeBench)
+        .map_err(|e| e.to_string())?;
+    Ok(Some(Encryption {
+        area: LuksArea(new.area),
+        secret,
+    }))
+}
+
+/// The LUKS options and the secret the encryption options ask for (`Ok(None)`: no
+/// encryption), checked as [`from_options`] checks them, without building anything.
+pub fn luks_options(
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<(LuksCreateOptions, Secret)>, String> {
     let legacy_flag = get("encryption").map(|v| crate::opts::parse_bool(&v) == Some(true));
     let format = get("encrypt.format");
     if legacy_flag.is_some() && format.is_some() {
@@ -159,10 +175,13 @@ pub fn from_options(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<Encry
         }
         _ => IvGenAlg::Plain64,
     };
-    let new = keyslot::create(&o, secret.as_bytes(), &mut OsRandom, &mut CpuTimeBench)
-        .map_err(|e| e.to_string())?;
-    Ok(Some(Encryption {
-        area: LuksArea(new.area),
-        secret,
-    }))
+    if let IvGenAlg::Essiv(h) = o.ivgen {
+        if CipherAlg::aes_for_key(h.digest_len()).is_none() {
+            return Err(format!(
+                "No AES cipher with key size {} available",
+                h.digest_len()
+            ));
+        }
+    }
+    Ok(Some((o, secret)))
 }

@@ -298,6 +298,10 @@ struct MeasureArgs {
     /// Open without locking (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Define a secret for encrypt.key-secret: `secret,id=ID,data=PASSPHRASE` or
+    /// `secret,id=ID,file=FILE[,format=raw|base64]` (repeatable).
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
     /// The source image.
     files: Vec<String>,
 }
@@ -934,6 +938,9 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 .map(create::parse_image_size)
                 .transpose()?;
             image::set_force_share(a.force_share);
+            for def in &a.object {
+                secrets::define_object(def).map_err(CliError::new)?;
+            }
             measure::run(measure::MeasureRequest {
                 output,
                 target_format: a.target_format,

@@ -286,6 +286,14 @@ fn split_key_sectors(key_len: usize) -> u64 {
     bytes.div_ceil(LUKS_SECTOR_SIZE).div_ceil(HEADER_SECTORS) * HEADER_SECTORS
 }
 
+/// Bytes of the LUKS area a volume with these options takes before its payload (the
+/// header, eight key-material slots rounded to 4 KiB): what QEMU reserves in the image
+/// and what `qemu-img measure` adds.
+pub fn area_len(opts: &LuksCreateOptions) -> u64 {
+    let split = split_key_sectors(opts.cipher_spec().key_len());
+    (HEADER_SECTORS + LUKS_NUM_KEY_SLOTS as u64 * split) * LUKS_SECTOR_SIZE
+}
+
 /// Creates a LUKS1 header with slot 0 holding a new random master key under `password`,
 /// laid out as QEMU lays it out: key material from 4 KiB on, each slot's area rounded to
 /// 4 KiB, the payload after slot 7. Iteration counts: the benchmarked rate times
@@ -496,6 +504,7 @@ mod tests {
             )
             .unwrap();
             assert_eq!(n.area.len() as u64, payload, "{alg:?} {mode:?}");
+            assert_eq!(area_len(&o), payload);
             assert_eq!(u64::from(n.header.payload_offset_sector) * 512, payload);
             for (i, s) in n.header.key_slots.iter().enumerate() {
                 assert_eq!(

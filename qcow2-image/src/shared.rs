@@ -135,6 +135,7 @@ impl SharedImage {
         }
         let storage = core.data_storage_arc();
         let cipher = core.crypto_arc();
+        let iv_guest = core.crypt_iv_guest;
         let (start, end) = self.clusters(offset, buf.len() as u64);
         let _moving = self.in_flight.register(start, end, Moving::Data);
         drop(core);
@@ -144,7 +145,10 @@ impl SharedImage {
                 let io = |e| ImageError::io(op, "read guest data", host, e);
                 match &cipher {
                     // Planned pieces of encrypted images are whole sectors.
-                    Some(c) => crate::crypto::read_decrypted(&*storage, c.as_ref(), host, dst),
+                    Some(c) => {
+                        let iv = if iv_guest { offset + at } else { host };
+                        crate::crypto::read_decrypted(&*storage, c.as_ref(), host, iv, dst)
+                    }
                     None => storage.read_at(dst, host),
                 }
                 .map_err(io)?;
@@ -175,6 +179,7 @@ impl SharedImage {
             if let Some(pieces) = core.plan_rewrite(offset, len)? {
                 let storage = core.data_storage_arc();
                 let cipher = core.crypto_arc();
+                let iv_guest = core.crypt_iv_guest;
                 let _moving = self.in_flight.register(start, end, Moving::Data);
                 drop(core);
                 for p in pieces {
@@ -182,8 +187,8 @@ impl SharedImage {
                     let io = |e| ImageError::io(op, "write guest data", p.host, e);
                     match &cipher {
                         Some(c) => {
-                            let enc =
-                                crate::crypto::encrypted(c.as_ref(), p.host, src).map_err(io)?;
+                            let iv = if iv_guest { offset + p.at } else { p.host };
+                            let enc = crate::crypto::encrypted(c.as_ref(), iv, src).map_err(io)?;
                             storage.write_at(&enc, p.host)
                         }
                         None => storage.write_at(src, p.host),
