@@ -240,6 +240,204 @@ pub fn cache_mode(mode: Option<&str>) -> Result<CacheMode, CliError> {
     }
 }
 
+/// qemu-img's AIO engines (`-i`; `-n` is `native`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aio {
+    /// A worker thread per request in flight (QEMU's thread pool).
+    Threads,
+    /// Linux native AIO in QEMU; here the io_uring path (the kernel's asynchronous
+    /// interface), with QEMU's requirement of `O_DIRECT` (`-t none`/`directsync`).
+    Native,
+    /// io_uring: one ring keeps every request in flight.
+    IoUring,
+}
+
+impl Aio {
+    /// The engine named by `-i` (or `-n`), with qemu-img's message for an unknown one.
+    pub fn parse(aio: Option<&str>, native: bool) -> Result<Aio, CliError> {
+        match aio {
+            None if native => Ok(Aio::Native),
+            None | Some("threads") => Ok(Aio::Threads),
+            Some("native") => Ok(Aio::Native),
+            Some("io_uring") => Ok(Aio::IoUring),
+            Some(other) => Err(CliError::new(format!("Invalid aio option: {other}"))),
+        }
+    }
+
+    /// Whether requests go through an asynchronous queue rather than worker threads.
+    pub fn queued(self) -> bool {
+        self != Aio::Threads
+    }
+
+    /// QEMU's refusal of `aio=native` without `O_DIRECT`.
+    pub fn check(self, file: &str, cache: CacheMode) -> Result<(), CliError> {
+        if self == Aio::Native && !cache.direct() {
+            return Err(CliError::new(format!(
+                "Could not open '{file}': aio=native was specified, but it requires cache.direct=on, which was not specified."
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Most requests one queue keeps in flight.
+const MAX_QUEUE_DEPTH: u64 = 1024;
+
+/// Most threads driving queues (each with its own ring).
+const MAX_RINGS: usize = 4;
+
+/// What the queue drivers share: the submissions not yet taken, and the first failure.
+struct Source<I> {
+    subs: I,
+    out_of_range: bool,
+    failed: Option<CliError>,
+}
+
+/// Runs the benchmark on `image` with the requests in flight on asynchronous queues
+/// ([`SharedImage::queue`]: io_uring when the image file was opened with it): one thread
+/// per CPU (at most [`MAX_RINGS`]), each with its own ring carrying its share of the DEPTH
+/// requests in flight — qemu-img's model (one thread, DEPTH requests in flight) spread
+/// over the CPUs, so that completions are reaped wherever a CPU is free. The requests are
+/// [`BenchParams::submissions`] (the same offsets, bytes and flush points as the threaded
+/// run). With a flush interval one thread drives everything: at a flush point every
+/// earlier request completes, then the flush runs, then later requests start.
+pub fn run_queued(image: &SharedImage, p: &BenchParams) -> Result<(), CliError> {
+    out(&p.banner());
+    let size = image.virtual_size().map_err(|e| request_failed(&e))?;
+    let depth = p.depth.min(MAX_QUEUE_DEPTH);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rings = if p.flush_interval > 0 {
+        1
+    } else {
+        (cpus.min(MAX_RINGS) as u64).min(depth).min(p.count).max(1)
+    };
+    let source = Mutex::new(Source {
+        subs: p.submissions(size),
+        out_of_range: false,
+        failed: None,
+    });
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for i in 0..rings {
+            // The DEPTH requests in flight split between the rings.
+            let share = depth / rings + u64::from(i < depth % rings);
+            let source = &source;
+            scope.spawn(move || {
+                if let Err(e) = drive_queue(image, p, share, source) {
+                    let mut src = source.lock().unwrap_or_else(|e| e.into_inner());
+                    src.failed.get_or_insert(e);
+                }
+            });
+        }
+    });
+    let src = source.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = src.failed {
+        return Err(e);
+    }
+    if src.out_of_range {
+        return Err(CliError::new(format!("Failed request: {}", strerror(5))));
+    }
+    out(&format!(
+        "Run completed in {:.3} seconds.\n",
+        start.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn request_failed(e: &ImageError) -> CliError {
+    CliError::new(format!("Failed request: {}", strerror(image_errno(e))))
+}
+
+/// One thread's share of [`run_queued`]: keeps `depth` requests in flight on its own
+/// queue, taking submissions from `source` as room frees up.
+fn drive_queue<I: Iterator<Item = Result<Submission, ()>>>(
+    image: &SharedImage,
+    p: &BenchParams,
+    depth: u64,
+    source: &Mutex<Source<I>>,
+) -> Result<(), CliError> {
+    let max_len = p.bufsize.max(MERGE_BYTES.min(p.bufsize * p.depth)) as usize;
+    let data = vec![p.pattern; max_len];
+    let mut queue = image
+        .queue(depth as usize)
+        .map_err(|e| request_failed(&e))?;
+    let mut done = Vec::new();
+    let mut batch: Vec<Submission> = Vec::with_capacity(depth as usize);
+    // Requests (not submissions) in flight and issued, and the pending flush point.
+    let (mut in_flight, mut issued) = (0u64, 0u64);
+    let mut flush_at: Option<u64> = None;
+    let mut exhausted = false;
+    loop {
+        if !exhausted && flush_at.is_none() && in_flight < depth {
+            // Take what fits in one visit to the shared source.
+            let mut src = source.lock().unwrap_or_else(|e| e.into_inner());
+            if src.failed.is_some() || src.out_of_range {
+                exhausted = true;
+            }
+            let mut room = depth - in_flight;
+            while !exhausted && room > 0 {
+                match src.subs.next() {
+                    None => exhausted = true,
+                    Some(Err(())) => {
+                        src.out_of_range = true;
+                        exhausted = true;
+                    }
+                    Some(Ok(s)) => {
+                        room = room.saturating_sub(s.requests);
+                        batch.push(s);
+                        let before = issued;
+                        issued += s.requests;
+                        if p.flush_interval > 0
+                            && issued / p.flush_interval > before / p.flush_interval
+                        {
+                            flush_at = Some(issued);
+                            break;
+                        }
+                    }
+                }
+            }
+            drop(src);
+            for sub in batch.drain(..) {
+                let len = sub.len as usize;
+                let r = if p.write {
+                    queue.write(sub.requests, sub.offset, &data[..len])
+                } else {
+                    queue.read(sub.requests, sub.offset, len)
+                };
+                r.map_err(|e| request_failed(&e))?;
+                in_flight += sub.requests;
+            }
+        }
+        if queue.in_flight() == 0 {
+            if flush_at.take().is_some() {
+                // The queue holds the image's drain guard: the flush runs without it.
+                drop(queue);
+                image.flush().map_err(|e| {
+                    CliError::new(format!(
+                        "Failed flush request: {}",
+                        strerror(image_errno(&e))
+                    ))
+                })?;
+                queue = image
+                    .queue(depth as usize)
+                    .map_err(|e| request_failed(&e))?;
+                continue;
+            }
+            if exhausted {
+                return Ok(());
+            }
+            continue;
+        }
+        queue
+            .complete(1, &mut done)
+            .map_err(|e| request_failed(&e))?;
+        for d in done.drain(..) {
+            d.result.map_err(|e| request_failed(&e))?;
+            in_flight -= d.tag;
+        }
+    }
+}
+
 /// A device the benchmark's workers share: every method takes `&self`, so requests run
 /// in parallel (the qcow2 engine's [`SharedImage`], a raw file's positioned I/O).
 pub trait SharedDev: Sync {

@@ -152,6 +152,17 @@ fn probe_qcow2(buf: &[u8]) -> bool {
     magic == QCOW_MAGIC && version >= 2
 }
 
+/// QEMU's warning when a writable open probed a raw image (printed without the program
+/// prefix, as QEMU prints it).
+pub fn warn_probed_raw(path: &str) {
+    eprintln!(
+        "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on \
+         block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the \
+         restrictions."
+    );
+}
+
 /// QEMU's format probe alone: reads the first 8 bytes of `path` (qcow2 if they hold the
 /// magic and a version >= 2, raw otherwise). Commands that reopen the image through their
 /// own engine use this instead of [`open`], which also reads the first cluster (up to

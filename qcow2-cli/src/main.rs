@@ -7,12 +7,17 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod blkdebug;
 mod check;
+mod commit;
 mod compare;
 mod convert;
+mod convert_opts;
 mod create;
+mod daemon;
 mod dd;
+mod encryption;
 mod image;
 mod info;
 mod io;
@@ -27,6 +32,7 @@ mod prog;
 mod progress;
 mod qcowdev;
 mod rawdev;
+mod rebase;
 mod resize;
 mod secrets;
 mod serve;
@@ -160,6 +166,10 @@ Examples:
   qcow2 snapshot -a before-upgrade disk.qcow2
   qcow2 snapshot -d before-upgrade disk.qcow2")]
     Snapshot(SnapshotArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (qemu-img's
+    /// options; several operations per call, in order).
+    #[command(disable_help_flag = true)]
+    Bitmap(BitmapArgs),
     /// Show how guest ranges map to the image file.
     #[command(after_help = "\
 Examples:
@@ -222,6 +232,20 @@ Examples:
   qcow2 serve -f qcow2 -p 10809 -e 4 -t --discard=unmap disk.qcow2
   qemu-io -f raw 'nbd+unix:///disk?socket=/tmp/disk.sock' -c 'read 0 64k'")]
     Serve(serve::ServeArgs),
+    /// Change the backing file of an image (copying what differs unless -u).
+    #[command(after_help = "\
+Examples:
+  qcow2 rebase -b new-base.qcow2 -F qcow2 overlay.qcow2
+  qcow2 rebase -u -b renamed-base.qcow2 -F qcow2 overlay.qcow2
+  qcow2 rebase -b '' overlay.qcow2")]
+    Rebase(rebase::RebaseArgs),
+    /// Write an image's data into its backing file (then empty it unless -d or -b).
+    #[command(after_help = "\
+Examples:
+  qcow2 commit overlay.qcow2
+  qcow2 commit -d -p overlay.qcow2
+  qcow2 commit -b base.qcow2 top.qcow2")]
+    Commit(commit::CommitArgs),
 }
 
 #[derive(Args, Debug)]
@@ -274,6 +298,10 @@ struct MeasureArgs {
     /// Open without locking (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Define a secret for encrypt.key-secret: `secret,id=ID,data=PASSPHRASE` or
+    /// `secret,id=ID,file=FILE[,format=raw|base64]` (repeatable).
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
     /// The source image.
     files: Vec<String>,
 }
@@ -313,6 +341,10 @@ struct CreateArgs {
     /// Quiet: do not print the "Formatting" line.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// Define a secret for encrypt.key-secret: `secret,id=ID,data=PASSPHRASE` or
+    /// `secret,id=ID,file=FILE[,format=raw|base64]` (repeatable).
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
     /// The image file to create (it is overwritten if it exists).
     filename: Option<String>,
     /// Virtual size with an optional suffix (b, k, M, G, T, P, E).
@@ -439,6 +471,15 @@ struct SnapshotArgs {
     objects: ObjectArgs,
 }
 
+/// `bitmap`: parsed by the command itself, as qemu-img's getopt does (the order of the
+/// operations matters).
+#[derive(Args, Debug)]
+struct BitmapArgs {
+    /// Operations, options, FILENAME and BITMAP (see `qcow2 bitmap --help`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    args: Vec<String>,
+}
+
 #[derive(Args, Debug)]
 struct MapArgs {
     /// Image format.
@@ -487,10 +528,18 @@ struct ConvertArgs {
     /// only, as qemu-img's -U; what is read may be inconsistent).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Copy the persistent bitmaps of the (single) source.
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps, skip inconsistent bitmaps instead of failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Source file(s) and the target file.
     files: Vec<String>,
     #[command(flatten)]
     objects: ObjectArgs,
+    #[command(flatten)]
+    extra: convert_opts::ConvertExtraArgs,
 }
 
 #[derive(Args, Debug)]
@@ -598,10 +647,11 @@ struct BenchArgs {
     /// Do not wait for in-flight requests before a flush.
     #[arg(long = "no-drain")]
     no_drain: bool,
-    /// AIO mode (accepted for compatibility).
+    /// AIO engine: threads (a worker thread per request in flight), io_uring (one ring,
+    /// every request in flight from one thread), native (as io_uring; needs -t none).
     #[arg(short = 'i', long = "aio", value_name = "AIO")]
     aio: Option<String>,
-    /// Native AIO (accepted for compatibility).
+    /// Native AIO (-i native).
     #[arg(short = 'n', long = "native")]
     native: bool,
     /// Quiet (qemu-img bench prints its lines anyway; so does this).
@@ -654,6 +704,9 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     "create",
                     &format!("Unexpected argument: {x}"),
                 ));
+            }
+            for def in &a.object {
+                secrets::define_object(def).map_err(CliError::new)?;
             }
             create::run(create::CreateRequest {
                 format: a.format,
@@ -721,6 +774,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             };
             snapshot::run(&file, format, &op)
         }
+        Command::Bitmap(a) => bitmap::run(&a.args),
         Command::Map(mut a) => {
             let output = OutputFormat::parse(a.output.as_deref())?;
             let driver = a.objects.apply(&mut a.files)?;
@@ -748,6 +802,9 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 progress: a.progress,
                 quiet: a.quiet,
                 files: a.files,
+                bitmaps: a.bitmaps,
+                skip_broken_bitmaps: a.skip_broken_bitmaps,
+                extra: a.extra,
             })
         }
         Command::Amend(mut a) => {
@@ -757,14 +814,13 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             let driver = a.objects.apply(&mut a.files)?;
             let format = format_or_driver(a.format, driver);
             let file = one_file("amend", &a.files)?;
-            // --force only matters for LUKS keyslot changes, which this tool does not do.
-            let _ = a.force;
             amend::run(amend::AmendRequest {
                 file,
                 format: parse_format(format.as_deref())?,
                 options: a.options,
                 progress: a.progress,
                 quiet: a.quiet,
+                force: a.force,
             })
         }
         Command::Resize(mut a) => {
@@ -808,10 +864,11 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 no_drain: a.no_drain,
             })?;
             let file = one_file("bench", &a.files)?;
-            // qemu-img bench prints its lines even with -q; the AIO mode does not apply to
-            // this engine's worker threads.
-            let _ = (a.quiet, a.aio, a.native);
+            // qemu-img bench prints its lines even with -q.
+            let _ = a.quiet;
             let cache = bench::cache_mode(a.cache.as_deref())?;
+            let aio = bench::Aio::parse(a.aio.as_deref(), a.native)?;
+            aio.check(&file, cache)?;
             image::set_force_share(a.force_share);
             // Probe only: the lock that matters (and its message) is the benchmark's open.
             let format = match parse_format(a.format.as_deref())? {
@@ -836,10 +893,22 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     bench::run(&bench::RawFile(storage), &params)
                 }
                 Format::Qcow2 => {
-                    let image = qcowdev::open_image_cached(&file, !params.write, false, cache)
-                        .map_err(|e| image::open_error(&file, e))?;
+                    let image = qcowdev::open_image_aio(
+                        &file,
+                        !params.write,
+                        false,
+                        cache,
+                        qcow2_io::Locking::Auto,
+                        &[],
+                        aio.queued(),
+                    )
+                    .map_err(|e| image::open_error(&file, e))?;
                     let shared = qcow2_image::SharedImage::new(image);
-                    bench::run(&shared, &params)?;
+                    if aio.queued() {
+                        bench::run_queued(&shared, &params)?;
+                    } else {
+                        bench::run(&shared, &params)?;
+                    }
                     shared
                         .close()
                         .map_err(|e| CliError::new(format!("Error while closing the image: {e}")))
@@ -847,6 +916,8 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             }
         }
         Command::Serve(a) => serve::run(a),
+        Command::Rebase(a) => rebase::run(a),
+        Command::Commit(a) => commit::run(a),
         Command::Compare(a) => {
             image::set_force_share(a.force_share);
             compare::run(compare::CompareRequest {
@@ -867,6 +938,9 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 .map(create::parse_image_size)
                 .transpose()?;
             image::set_force_share(a.force_share);
+            for def in &a.object {
+                secrets::define_object(def).map_err(CliError::new)?;
+            }
             measure::run(measure::MeasureRequest {
                 output,
                 target_format: a.target_format,
@@ -933,10 +1007,10 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
 }
 
 impl Cli {
-    fn command_names() -> [&'static str; 14] {
+    fn command_names() -> [&'static str; 17] {
         [
             "create", "info", "check", "snapshot", "map", "convert", "amend", "resize", "bench",
-            "io", "compare", "measure", "dd", "serve",
+            "io", "compare", "measure", "dd", "serve", "rebase", "commit", "bitmap",
         ]
     }
 }

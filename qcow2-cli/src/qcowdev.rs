@@ -183,6 +183,86 @@ pub fn open_image_node(
     runtime: &[(String, String)],
     blkdebug: Option<&crate::blkdebug::Blkdebug>,
 ) -> Result<Image, String> {
+    let extras = OpenExtras {
+        blkdebug,
+        ..OpenExtras::default()
+    };
+    open_image_extras(path, read_only, unmap, cache, locking, runtime, extras)
+}
+
+/// What only some commands ask of an open, beyond [`open_image_full`].
+#[derive(Debug, Clone, Copy)]
+pub struct OpenExtras<'a> {
+    /// Open the backing chain; without it the backing file is not opened (QEMU's
+    /// `BDRV_O_NO_BACKING`, as `rebase -u` opens the overlay).
+    pub backing: bool,
+    /// Let the image file's data transfers go through io_uring (QEMU's `aio=io_uring`):
+    /// the open fails with QEMU's message where the kernel has none.
+    pub io_uring: bool,
+    /// The image file sits below this blkdebug node (its rules run on the engine's I/O
+    /// to the file; the path is then the node's name in messages).
+    pub blkdebug: Option<&'a crate::blkdebug::Blkdebug>,
+}
+
+impl Default for OpenExtras<'_> {
+    fn default() -> Self {
+        OpenExtras {
+            backing: true,
+            io_uring: false,
+            blkdebug: None,
+        }
+    }
+}
+
+/// [`open_image_chain`] without the backing file when `backing` is false.
+pub fn open_image_chain(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    backing: bool,
+) -> Result<Image, String> {
+    let extras = OpenExtras {
+        backing,
+        ..OpenExtras::default()
+    };
+    open_image_extras(path, read_only, unmap, cache, locking, runtime, extras)
+}
+
+/// [`open_image_full`] with the image file's data transfers able to go through io_uring.
+pub fn open_image_aio(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    io_uring: bool,
+) -> Result<Image, String> {
+    let extras = OpenExtras {
+        io_uring,
+        ..OpenExtras::default()
+    };
+    open_image_extras(path, read_only, unmap, cache, locking, runtime, extras)
+}
+
+/// [`open_image_full`] with [`OpenExtras`].
+pub fn open_image_extras(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    extras: OpenExtras<'_>,
+) -> Result<Image, String> {
+    let OpenExtras {
+        backing,
+        io_uring,
+        blkdebug,
+    } = extras;
     let file_path = match blkdebug {
         Some(node) => node
             .image
@@ -190,9 +270,17 @@ pub fn open_image_node(
             .ok_or_else(|| "Could not open blkdebug: no image file given".to_string())?,
         None => path,
     };
-    let storage =
+    let mut storage =
         FileStorage::open_cached(crate::image::file_name(file_path), !read_only, cache)
             .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
+    if io_uring {
+        storage.enable_io_uring().map_err(|e| {
+            format!(
+                "Could not open '{path}': Unable to use io_uring: failed to init linux io_uring ring: {}",
+                crate::image::strerror(&e)
+            )
+        })?;
+    }
     let path = file_path;
     let base_dir = std::path::Path::new(path)
         .parent()
@@ -202,12 +290,16 @@ pub fn open_image_node(
         read_only,
         force_share: crate::image::force_share(),
         locking,
-        backing: BackingPolicy::Open {
-            base_dir,
-            max_depth: 16,
-            // qemu-img follows backing file names anywhere; so does this command-line tool
-            // (the restriction is for services that open untrusted images).
-            allowed_dirs: vec![std::path::PathBuf::from("/")],
+        backing: if backing {
+            BackingPolicy::Open {
+                base_dir,
+                max_depth: 16,
+                // qemu-img follows backing file names anywhere; so does this command-line
+                // tool (the restriction is for services that open untrusted images).
+                allowed_dirs: vec![std::path::PathBuf::from("/")],
+            }
+        } else {
+            BackingPolicy::Ignore
         },
         pass_discard_request: unmap,
         key_secret: crate::secrets::command_secret(),

@@ -192,6 +192,12 @@ pub fn lookup(id: &str) -> Result<Secret, String> {
         .ok_or_else(|| format!("No secret with id '{id}'"))
 }
 
+/// Every secret defined so far, by id (for the engine's `encrypt.new-secret` /
+/// `encrypt.old-secret` lookups).
+pub fn all() -> Vec<(String, Secret)> {
+    SECRETS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// Defines the secret of a qemu-img style `--object` argument.
 pub fn define_object(def: &str) -> Result<(), String> {
     let obj = crate::ioshell::parse_object(def)?;

@@ -46,6 +46,27 @@ pub trait BackingImage: Send {
         };
         Ok(st)
     }
+
+    /// Whether one of the top `levels` layers of this chain (this image is the first)
+    /// holds the run at `offset`, and how long the run of equal answer is (at most `len`;
+    /// 0 when `offset` lies at or beyond [`size`](BackingImage::size)). The default, for
+    /// layers that cannot tell (raw files), holds everything as data.
+    fn held_above(&mut self, offset: u64, len: u64, levels: u32) -> Result<(Held, u64)> {
+        let len = len.min(self.size().saturating_sub(offset));
+        Ok((if levels > 0 { Held::Data } else { Held::No }, len))
+    }
+}
+
+/// Which kind of allocation holds a run in the top layers of a chain (QEMU's
+/// `bdrv_is_allocated_above` with the zero flag of the layer that holds it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// No layer among those asked holds the run: it reads from below them.
+    No,
+    /// A layer holds data (normal or compressed clusters; raw images hold everything).
+    Data,
+    /// A layer holds it as zeros (zero clusters or subclusters).
+    Zero,
 }
 
 /// Opens backing files on behalf of an image (see [`BackingPolicy::Custom`]).
@@ -123,6 +144,33 @@ impl BackingImage for Image {
 
     fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
         self.layer_status(offset, len)
+    }
+
+    fn held_above(&mut self, offset: u64, len: u64, levels: u32) -> Result<(Held, u64)> {
+        let len = len.min(self.virtual_size().saturating_sub(offset));
+        if len == 0 || levels == 0 {
+            return Ok((Held::No, len));
+        }
+        let chunk = self.lookup(crate::Op::Map, offset, len)?;
+        let n = chunk.len.clamp(1, len);
+        Ok(match chunk.kind {
+            crate::image::MapKind::Data(_) | crate::image::MapKind::Compressed(_) => {
+                (Held::Data, n)
+            }
+            crate::image::MapKind::Zero(_) => (Held::Zero, n),
+            crate::image::MapKind::Unallocated(_) => match self.backing.as_mut() {
+                Some(b) if levels > 1 => {
+                    let (held, m) = b.held_above(offset, n, levels - 1)?;
+                    // Beyond a shorter backing file no lower layer holds anything.
+                    if m == 0 {
+                        (Held::No, n)
+                    } else {
+                        (held, m.min(n))
+                    }
+                }
+                _ => (Held::No, n),
+            },
+        })
     }
 }
 

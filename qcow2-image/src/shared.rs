@@ -9,8 +9,9 @@
 //! - **In-flight data ranges.** A request whose data moves without the lock registers its
 //!   guest clusters first, under the lock. Any request that would change the mapping of a
 //!   registered cluster (allocating or copy-on-write writes, zero writes, discards,
-//!   compressed writes) waits, holding the lock, until those clusters have no data in
-//!   flight. So a host cluster is never freed, reused or moved while data is read from or
+//!   compressed writes) drops the lock, waits until those clusters have no data in
+//!   flight, and plans again (nobody waits on the registry while holding the lock: see
+//!   `inflight.rs`). So a host cluster is never freed, reused or moved while data is read from or
 //!   written to it for another request; unrelated requests proceed.
 //! - **In-flight allocations** (QEMU's `QCowL2Meta`). A write into fresh clusters whose
 //!   copy-on-write areas read as zero allocates them under the lock (refcounts taken,
@@ -33,128 +34,18 @@
 //! run alone.
 
 use crate::error::{ImageError, Op, Result};
+use crate::inflight::{InFlight, Moving};
 use crate::map::Extent;
 use crate::plan::ReadPiece;
 use crate::Image;
-use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
-
-/// Guest byte ranges (cluster aligned) whose data is moving without the metadata lock.
-#[derive(Debug, Default)]
-struct InFlight {
-    ranges: Mutex<Registry>,
-    idle: Condvar,
-}
-
-/// What a registered range is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Moving {
-    /// Data of a read or in-place write: finishes without the metadata lock.
-    Data,
-    /// An allocation in flight: its data is being written to clusters that are allocated
-    /// but not linked yet; it needs the metadata lock again to link them.
-    Alloc,
-}
-
-/// The live ranges: a few per thread in flight, so a vector scanned linearly beats a map.
-#[derive(Debug, Default)]
-struct Registry {
-    next: u64,
-    live: Vec<(u64, u64, u64, Moving)>,
-    /// Threads blocked on `idle`: releasing a range wakes them only if there are any (a
-    /// wake-up is a system call on every request otherwise).
-    waiters: usize,
-}
-
-impl Registry {
-    fn overlaps(&self, start: u64, end: u64, kind: Moving) -> bool {
-        self.live
-            .iter()
-            .any(|&(_, s, e, k)| k == kind && s < end && start < e)
-    }
-}
-
-/// Unregisters its range when dropped (also on error paths and panics).
-struct InFlightGuard<'a> {
-    owner: &'a InFlight,
-    id: u64,
-}
-
-impl Drop for InFlightGuard<'_> {
-    fn drop(&mut self) {
-        let mut r = self
-            .owner
-            .ranges
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(i) = r.live.iter().position(|e| e.0 == self.id) {
-            r.live.swap_remove(i);
-        }
-        let wake = r.waiters > 0;
-        drop(r);
-        if wake {
-            self.owner.idle.notify_all();
-        }
-    }
-}
-
-impl InFlight {
-    fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.ranges
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Registers `[start, end)`; called with the metadata lock held.
-    fn register(&self, start: u64, end: u64, kind: Moving) -> InFlightGuard<'_> {
-        let mut r = self.registry();
-        let id = r.next;
-        r.next += 1;
-        r.live.push((id, start, end, kind));
-        InFlightGuard { owner: self, id }
-    }
-
-    /// Whether an allocation is in flight in `[start, end)`.
-    fn allocating(&self, start: u64, end: u64) -> bool {
-        self.registry().overlaps(start, end, Moving::Alloc)
-    }
-
-    /// Blocks until no allocation is in flight in `[start, end)`. Called **without** the
-    /// metadata lock: the allocation needs it to finish.
-    fn wait_allocations(&self, start: u64, end: u64) {
-        let mut r = self.registry();
-        while r.overlaps(start, end, Moving::Alloc) {
-            r = self.wait(r);
-        }
-    }
-
-    /// Blocks until no data of a read or in-place write moves in `[start, end)`. Called
-    /// with the metadata lock held, so no new data movement can start there meanwhile;
-    /// such movements never need the metadata lock to finish, so this cannot deadlock.
-    fn wait_idle(&self, start: u64, end: u64) {
-        let mut r = self.registry();
-        while r.overlaps(start, end, Moving::Data) {
-            r = self.wait(r);
-        }
-    }
-
-    /// Sleeps until a range is released, counted as a waiter meanwhile.
-    fn wait<'a>(&'a self, mut r: MutexGuard<'a, Registry>) -> MutexGuard<'a, Registry> {
-        r.waiters += 1;
-        let mut r = self
-            .idle
-            .wait(r)
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        r.waiters -= 1;
-        r
-    }
-}
+use std::sync::{Mutex, MutexGuard, RwLock};
 
 /// An image shared by many threads: guest I/O takes `&self` (see the module docs for what
 /// may run in parallel).
 pub struct SharedImage {
-    core: Mutex<Image>,
-    drain: RwLock<()>,
-    in_flight: InFlight,
+    pub(crate) core: Mutex<Image>,
+    pub(crate) drain: RwLock<()>,
+    pub(crate) in_flight: InFlight,
     cluster_size: u64,
 }
 
@@ -169,7 +60,7 @@ impl std::fmt::Debug for SharedImage {
 /// Writes the data of a planned allocation: the new clusters' range `zero` is zeroed by
 /// the storage where it can do that fast and the data written into it; otherwise the
 /// whole range is written, zeros around the data.
-fn write_fresh(
+pub(crate) fn write_fresh(
     storage: &dyn qcow2_io::Storage,
     zero: (u64, u64),
     data_at: u64,
@@ -185,7 +76,7 @@ fn write_fresh(
     storage.write_at(&whole, at)
 }
 
-fn lock_failed(op: Op) -> ImageError {
+pub(crate) fn lock_failed(op: Op) -> ImageError {
     ImageError::Poisoned {
         op,
         cause: "a thread panicked while changing the image's metadata".into(),
@@ -204,16 +95,16 @@ impl SharedImage {
         }
     }
 
-    fn core(&self, op: Op) -> Result<MutexGuard<'_, Image>> {
+    pub(crate) fn core(&self, op: Op) -> Result<MutexGuard<'_, Image>> {
         self.core.lock().map_err(|_| lock_failed(op))
     }
 
-    fn requests(&self, op: Op) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
+    pub(crate) fn requests(&self, op: Op) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
         self.drain.read().map_err(|_| lock_failed(op))
     }
 
     /// The cluster-aligned guest range around `[offset, offset + len)`.
-    fn clusters(&self, offset: u64, len: u64) -> (u64, u64) {
+    pub(crate) fn clusters(&self, offset: u64, len: u64) -> (u64, u64) {
         let cs = self.cluster_size;
         let start = offset / cs * cs;
         let end = offset.saturating_add(len).div_ceil(cs).saturating_mul(cs);
@@ -230,8 +121,13 @@ impl SharedImage {
 
     /// Reads guest bytes; data moves without the metadata lock.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _req = self.requests(Op::Read)?;
+        self.read_request(offset, buf)
+    }
+
+    /// [`SharedImage::read`] for a caller that holds the drain guard.
+    pub(crate) fn read_request(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let op = Op::Read;
-        let _req = self.requests(op)?;
         let mut core = self.core(op)?;
         let pieces = core.plan_read(offset, buf)?;
         if !pieces.iter().any(|p| matches!(p, ReadPiece::Host { .. })) {
@@ -239,6 +135,7 @@ impl SharedImage {
         }
         let storage = core.data_storage_arc();
         let cipher = core.crypto_arc();
+        let iv_guest = core.crypt_iv_guest;
         let (start, end) = self.clusters(offset, buf.len() as u64);
         let _moving = self.in_flight.register(start, end, Moving::Data);
         drop(core);
@@ -248,7 +145,10 @@ impl SharedImage {
                 let io = |e| ImageError::io(op, "read guest data", host, e);
                 match &cipher {
                     // Planned pieces of encrypted images are whole sectors.
-                    Some(c) => crate::crypto::read_decrypted(&*storage, c.as_ref(), host, dst),
+                    Some(c) => {
+                        let iv = if iv_guest { offset + at } else { host };
+                        crate::crypto::read_decrypted(&*storage, c.as_ref(), host, iv, dst)
+                    }
                     None => storage.read_at(dst, host),
                 }
                 .map_err(io)?;
@@ -262,35 +162,48 @@ impl SharedImage {
     /// as zero are allocated under the lock, written without it and linked under it again
     /// (other requests touching them wait); everything else runs under the lock.
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let _req = self.requests(Op::Write)?;
+        self.write_request(offset, buf)
+    }
+
+    /// [`SharedImage::write`] for a caller that holds the drain guard.
+    pub(crate) fn write_request(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let op = Op::Write;
         let len = buf.len() as u64;
-        let _req = self.requests(op)?;
         let (start, end) = self.clusters(offset, len);
-        let mut core = self.lock_clear_of_allocations(op, start, end)?;
-        core.check_writable(op)?;
-        core.check_range(op, offset, len)?;
-        core.invalidate_bitmaps(op, crate::bitmaps::Staleness::Content)?;
-        if let Some(pieces) = core.plan_rewrite(offset, len)? {
-            let storage = core.data_storage_arc();
-            let cipher = core.crypto_arc();
-            let _moving = self.in_flight.register(start, end, Moving::Data);
-            drop(core);
-            for p in pieces {
-                let src = &buf[p.at as usize..(p.at + p.len) as usize];
-                let io = |e| ImageError::io(op, "write guest data", p.host, e);
-                match &cipher {
-                    Some(c) => {
-                        let enc = crate::crypto::encrypted(c.as_ref(), p.host, src).map_err(io)?;
-                        storage.write_at(&enc, p.host)
+        let mut core = loop {
+            let mut core = self.lock_clear(op, start, end, Moving::Alloc)?;
+            core.check_writable(op)?;
+            core.check_range(op, offset, len)?;
+            core.track_change(op, offset, len)?;
+            if let Some(pieces) = core.plan_rewrite(offset, len)? {
+                let storage = core.data_storage_arc();
+                let cipher = core.crypto_arc();
+                let iv_guest = core.crypt_iv_guest;
+                let _moving = self.in_flight.register(start, end, Moving::Data);
+                drop(core);
+                for p in pieces {
+                    let src = &buf[p.at as usize..(p.at + p.len) as usize];
+                    let io = |e| ImageError::io(op, "write guest data", p.host, e);
+                    match &cipher {
+                        Some(c) => {
+                            let iv = if iv_guest { offset + p.at } else { p.host };
+                            let enc = crate::crypto::encrypted(c.as_ref(), iv, src).map_err(io)?;
+                            storage.write_at(&enc, p.host)
+                        }
+                        None => storage.write_at(src, p.host),
                     }
-                    None => storage.write_at(src, p.host),
+                    .map_err(io)?;
                 }
-                .map_err(io)?;
+                return Ok(());
             }
-            return Ok(());
-        }
-        // Nothing may read from or write to clusters whose mapping changes now.
-        self.in_flight.wait_idle(start, end);
+            // Nothing may read from or write to clusters whose mapping changes now.
+            if !self.in_flight.moving(start, end) {
+                break core;
+            }
+            drop(core);
+            self.in_flight.wait_for(Moving::Data, start, end);
+        };
         let Some(plan) = core.plan_alloc(offset, len)? else {
             return core.write(offset, buf);
         };
@@ -308,21 +221,27 @@ impl SharedImage {
         }
     }
 
-    /// Takes the metadata lock once no allocation is in flight in `[start, end)` (waiting
-    /// for them without the lock, which they need to finish).
-    fn lock_clear_of_allocations(
+    /// Takes the metadata lock once nothing of `kind` (and, for [`Moving::Data`],
+    /// no allocation either) is in flight in `[start, end)`, waiting without the lock
+    /// (see `inflight.rs`: nobody waits while holding it).
+    pub(crate) fn lock_clear(
         &self,
         op: Op,
         start: u64,
         end: u64,
+        kind: Moving,
     ) -> Result<MutexGuard<'_, Image>> {
         loop {
             let core = self.core(op)?;
-            if !self.in_flight.allocating(start, end) {
+            if self.in_flight.allocating(start, end) {
+                drop(core);
+                self.in_flight.wait_for(Moving::Alloc, start, end);
+            } else if kind == Moving::Data && self.in_flight.moving(start, end) {
+                drop(core);
+                self.in_flight.wait_for(Moving::Data, start, end);
+            } else {
                 return Ok(core);
             }
-            drop(core);
-            self.in_flight.wait_allocations(start, end);
         }
     }
 
@@ -345,8 +264,8 @@ impl SharedImage {
         })
     }
 
-    /// A request that changes the mapping of its clusters: waits until no data moves there,
-    /// then runs under the lock.
+    /// A request that changes the mapping of its clusters: waits until no data moves and
+    /// no allocation is in flight there, then runs under the lock.
     fn metadata_request<R>(
         &self,
         op: Op,
@@ -356,8 +275,7 @@ impl SharedImage {
     ) -> Result<R> {
         let _req = self.requests(op)?;
         let (start, end) = self.clusters(offset, len.max(1));
-        let mut core = self.lock_clear_of_allocations(op, start, end)?;
-        self.in_flight.wait_idle(start, end);
+        let mut core = self.lock_clear(op, start, end, Moving::Data)?;
         f(&mut core)
     }
 
@@ -377,6 +295,12 @@ impl SharedImage {
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         let _req = self.requests(Op::Map)?;
         self.core(Op::Map)?.block_status(offset, len)
+    }
+
+    /// Dirty and clean runs of a persistent bitmap (see [`Image::dirty_bitmap_runs`]).
+    pub fn dirty_bitmap_runs(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let _req = self.requests(Op::Map)?;
+        self.core(Op::Map)?.dirty_bitmap_runs(name, offset, len)
     }
 
     /// Virtual disk size in bytes.
@@ -542,36 +466,5 @@ mod tests {
         let after = qcow2_io::Storage::len(&storage.inner).unwrap();
         assert_eq!(after - before, 4 * 65536);
         img.close().unwrap();
-    }
-
-    #[test]
-    fn allocations_block_their_range_until_released() {
-        let f = std::sync::Arc::new(InFlight::default());
-        let g = f.register(0, 65536, Moving::Alloc);
-        // Data waits ignore allocations (they would need the lock the waiter holds).
-        f.wait_idle(0, 65536);
-        assert!(f.allocating(4096, 8192) && !f.allocating(65536, 70000));
-        let f2 = f.clone();
-        let t = std::thread::spawn(move || f2.wait_allocations(4096, 8192));
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(!t.is_finished());
-        drop(g);
-        t.join().unwrap();
-    }
-
-    #[test]
-    fn waiting_ends_when_the_range_is_released() {
-        let f = std::sync::Arc::new(InFlight::default());
-        let g = f.register(0, 65536, Moving::Data);
-        let f2 = f.clone();
-        let t = std::thread::spawn(move || {
-            f2.wait_idle(4096, 8192);
-        });
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(!t.is_finished());
-        // An unrelated range does not wait.
-        f.wait_idle(65536, 131072);
-        drop(g);
-        t.join().unwrap();
     }
 }

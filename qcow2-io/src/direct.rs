@@ -1,29 +1,12 @@
 //! Page-cache-bypassing (`O_DIRECT`) transfers: the kernel wants the offset, the length and
 //! the memory address aligned, so a caller's unaligned buffer goes through an aligned bounce
-//! buffer carved out of an ordinary allocation (no unsafe code needed).
+//! buffer ([`IoBuf`]).
 
 use crate::file::DIRECT_ALIGN;
+use crate::IoBuf;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-
-/// A zeroed, [`DIRECT_ALIGN`]-aligned buffer of `len` bytes inside an owned allocation.
-struct Bounce {
-    mem: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Bounce {
-    fn new(len: usize) -> Self {
-        let mem = vec![0u8; len + DIRECT_ALIGN];
-        let start = mem.as_ptr().align_offset(DIRECT_ALIGN);
-        Bounce { mem, start, len }
-    }
-    fn get(&mut self) -> &mut [u8] {
-        &mut self.mem[self.start..self.start + self.len]
-    }
-}
 
 fn aligned(buf: &[u8]) -> bool {
     (buf.as_ptr() as usize) % DIRECT_ALIGN == 0
@@ -35,9 +18,9 @@ pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()
     if aligned(buf) {
         return read_aligned(file, buf, offset);
     }
-    let mut b = Bounce::new(buf.len());
-    read_aligned(file, b.get(), offset)?;
-    buf.copy_from_slice(b.get());
+    let mut b = IoBuf::new(buf.len());
+    read_aligned(file, &mut b, offset)?;
+    buf.copy_from_slice(&b);
     Ok(())
 }
 
@@ -67,9 +50,7 @@ pub(crate) fn write_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     if aligned(buf) {
         return file.write_all_at(buf, offset);
     }
-    let mut b = Bounce::new(buf.len());
-    b.get().copy_from_slice(buf);
-    file.write_all_at(b.get(), offset)
+    file.write_all_at(&IoBuf::from_slice(buf), offset)
 }
 
 #[cfg(test)]

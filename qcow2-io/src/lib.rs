@@ -14,22 +14,27 @@
 //!   may be lost in any subset, or torn at 512-byte sector granularity).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+mod aligned;
 mod direct;
 mod event;
 mod file;
 pub mod lock;
 mod mem;
+pub mod queue;
 mod sparse;
+mod uring;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod crash;
 #[cfg(any(test, feature = "fault"))]
 pub mod fault;
 
+pub use aligned::IoBuf;
 pub use event::{Event, UnknownEvent};
 pub use file::{CacheMode, FileStorage, DIRECT_ALIGN};
 pub use lock::{LockError, Locking, Perms};
 pub use mem::MemStorage;
+pub use queue::{queue, Completion, Dir, IoQueue, Transfer};
 pub use sparse::SparseStorage;
 
 use std::io;
@@ -157,6 +162,15 @@ pub trait Storage: Send + Sync {
     fn event(&self, event: Event) {
         let _ = event;
     }
+
+    /// The backend's own asynchronous queue for about `depth` transfers in flight, if it
+    /// has one (a file with io_uring enabled); `None` (the default): callers use
+    /// [`queue::SyncQueue`] over the synchronous calls (see [`queue::queue`]). Transfers
+    /// through it report no events: callers report them when they plan the I/O.
+    fn io_queue(&self, depth: usize) -> io::Result<Option<Box<dyn IoQueue>>> {
+        let _ = depth;
+        Ok(None)
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for Arc<S> {
@@ -199,6 +213,9 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     fn event(&self, event: Event) {
         (**self).event(event)
     }
+    fn io_queue(&self, depth: usize) -> io::Result<Option<Box<dyn IoQueue>>> {
+        (**self).io_queue(depth)
+    }
 }
 
 impl<S: Storage + ?Sized> Storage for Box<S> {
@@ -240,6 +257,9 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn event(&self, event: Event) {
         (**self).event(event)
+    }
+    fn io_queue(&self, depth: usize) -> io::Result<Option<Box<dyn IoQueue>>> {
+        (**self).io_queue(depth)
     }
 }
 

@@ -23,6 +23,22 @@ pub struct Export {
     pub(crate) read_only: bool,
     pub(crate) trim: bool,
     pub(crate) allocation_depth: bool,
+    /// The persistent bitmap offered as `qemu:dirty-bitmap:NAME` (qemu-nbd's `-B`).
+    pub(crate) dirty_bitmap: Option<String>,
+    pub(crate) detect_zeroes: DetectZeroes,
+}
+
+/// QEMU's `detect-zeroes`: what a write whose payload is all zeros becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Written as it is.
+    #[default]
+    Off,
+    /// A zero write that keeps the range allocated.
+    On,
+    /// A zero write that may deallocate the range (when trims reach the backend, see
+    /// [`Export::with_trim`]; otherwise as [`DetectZeroes::On`]).
+    Unmap,
 }
 
 impl std::fmt::Debug for Export {
@@ -47,6 +63,8 @@ impl Export {
             backend,
             trim: true,
             allocation_depth: false,
+            dirty_bitmap: None,
+            detect_zeroes: DetectZeroes::Off,
         })
     }
 
@@ -72,6 +90,19 @@ impl Export {
     /// Offers the `qemu:allocation-depth` metadata context (qemu-nbd's `-A`).
     pub fn with_allocation_depth(mut self, on: bool) -> Self {
         self.allocation_depth = on;
+        self
+    }
+
+    /// Offers bitmap `name` of the backend as the `qemu:dirty-bitmap:NAME` metadata
+    /// context (qemu-nbd's `-B NAME`); its status comes from [`NbdExport::dirty_bitmap`].
+    pub fn with_dirty_bitmap(mut self, name: Option<String>) -> Self {
+        self.dirty_bitmap = name;
+        self
+    }
+
+    /// Turns writes of all-zero payloads into zero writes (qemu-nbd's `--detect-zeroes`).
+    pub fn with_detect_zeroes(mut self, mode: DetectZeroes) -> Self {
+        self.detect_zeroes = mode;
         self
     }
 
@@ -175,6 +206,13 @@ pub enum ConnError {
     /// An unknown option without fixed newstyle (no way to answer).
     #[error("unknown option {0} without fixed newstyle")]
     UnknownOption(u32),
+    /// `NBD_OPT_EXPORT_NAME` after extended headers were negotiated.
+    #[error("NBD_OPT_EXPORT_NAME after extended headers")]
+    ExportNameWithExtendedHeaders,
+    /// With extended headers, a request announced a payload longer than any request
+    /// the server takes.
+    #[error("request payload of {0} bytes is too long")]
+    PayloadTooLong(u64),
     /// A request header with the wrong magic.
     #[error(transparent)]
     BadRequest(#[from] crate::proto::BadMagic),
@@ -347,6 +385,19 @@ impl Server {
         let Some(session) = crate::handshake::negotiate(self, &mut stream)? else {
             return Ok(());
         };
+        self.log(format_args!(
+            "transmission on export {:?} with {}",
+            self.exports
+                .get(session.export)
+                .map_or("", |e| e.name.as_str()),
+            if session.extended {
+                "extended headers"
+            } else if session.structured {
+                "structured replies"
+            } else {
+                "simple replies"
+            }
+        ));
         stream.set_read_timeout(None)?;
         stream.set_write_timeout(self.config.reply_timeout)?;
         crate::conn::transmission(self, stream, session)

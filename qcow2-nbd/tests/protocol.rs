@@ -156,7 +156,7 @@ impl Client {
             kind,
             cookie,
             offset,
-            length,
+            length: u64::from(length),
         };
         self.s.write_all(&r.encode()).unwrap();
     }

@@ -451,6 +451,28 @@ impl Context {
     }
 }
 
+/// Puts the companions of `template` into `run_dir`: fresh copies of the ones a run
+/// modifies, links to the others.
+fn place_companions(
+    template: &Path,
+    companions: &[(String, String, bool)],
+    run_dir: &Path,
+) -> Result<(), String> {
+    let dir = template.parent().unwrap_or(Path::new("."));
+    for (file, name, writable) in companions {
+        let src = dir.join(file);
+        let dst = run_dir.join(name);
+        let _ = std::fs::remove_file(&dst);
+        if *writable {
+            files::fresh_copy(&src, &dst)?;
+        } else {
+            std::os::unix::fs::symlink(&src, &dst)
+                .map_err(|e| format!("{}: {e}", dst.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Fingerprint of a shared read-only input, to notice a run that modified it.
 fn fingerprint(p: &Path) -> Option<(u64, std::time::SystemTime)> {
     let m = std::fs::metadata(p).ok()?;
@@ -512,6 +534,13 @@ fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> Work
             if res.status != Status::Ok {
                 continue;
             }
+            // Images the input names relatively sit beside it in the run directory.
+            if let (Some(t), Some(spec)) = (&template, &w.template) {
+                if let Err(e) = place_companions(t, &spec.companions(), &run_dir) {
+                    res.status = Status::SetupFailed(e);
+                    continue;
+                }
+            }
             let image = match (&template, fresh_copy) {
                 (Some(t), true) => {
                     let copy = run_dir.join(format!("{}.img", side.label()));
@@ -532,7 +561,7 @@ fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> Work
             }
             let out = run_dir.join(format!("{}.out.qcow2", side.label()));
             let _ = std::fs::remove_file(&out);
-            let args = w.command_args(&image, &out);
+            let args = w.command_args(side == Side::Qemu, &image, &out);
             let log = run_dir.join(format!("{}-{}", w.name, side.label()));
             let cpu_before = process::children_cpu_secs();
             let outcome = process::run_timed(&program, &args, &log, ctx.timeout);
