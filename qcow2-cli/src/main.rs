@@ -1036,6 +1036,10 @@ fn run_main() -> ExitCode {
         return ExitCode::from(ioshell::main(args.get(1..).unwrap_or(&[])));
     }
     let mut args = args;
+    if prog::personality() == prog::Personality::QemuNbd {
+        // Called as qemu-nbd, the binary is `qcow2 serve` (qemu-nbd's command line).
+        args.insert(1, "serve".to_string());
+    }
     // qemu-img takes the size off the end of a resize command line before parsing options.
     let size_arg = if args.get(1).map(String::as_str) == Some("resize")
         && args.len() > 3

@@ -2,9 +2,9 @@
 //!
 //! QEMU's tools prefix their messages with the name they were invoked as (`basename
 //! argv[0]`). One binary answers to several names: called as `qemu-io` it is `qcow2 io`,
-//! called as `qemu-img` it is `qcow2`; either way its messages start with that name, so
-//! that `ln -s qcow2 qemu-io` is a drop-in. Every message prefix goes through [`name`] or
-//! [`prefix`].
+//! called as `qemu-nbd` it is `qcow2 serve`, called as `qemu-img` it is `qcow2`; either
+//! way its messages start with that name, so that `ln -s qcow2 qemu-io` is a drop-in.
+//! Every message prefix goes through [`name`] or [`prefix`].
 
 use std::sync::OnceLock;
 
@@ -17,6 +17,8 @@ pub enum Personality {
     QemuImg,
     /// `qemu-io`: `qcow2 io` directly, messages prefixed `qemu-io:`.
     QemuIo,
+    /// `qemu-nbd`: `qcow2 serve` directly, messages prefixed `qemu-nbd:`.
+    QemuNbd,
 }
 
 impl Personality {
@@ -25,6 +27,7 @@ impl Personality {
         match basename(argv0) {
             "qemu-io" => Personality::QemuIo,
             "qemu-img" => Personality::QemuImg,
+            "qemu-nbd" => Personality::QemuNbd,
             _ => Personality::Qcow2,
         }
     }
@@ -35,6 +38,7 @@ impl Personality {
             Personality::Qcow2 => "qcow2",
             Personality::QemuImg => "qemu-img",
             Personality::QemuIo => "qemu-io",
+            Personality::QemuNbd => "qemu-nbd",
         }
     }
 }
@@ -88,5 +92,10 @@ mod tests {
         assert_eq!(Personality::from_argv0("weird"), Personality::Qcow2);
         assert_eq!(Personality::from_argv0(""), Personality::Qcow2);
         assert_eq!(Personality::QemuIo.name(), "qemu-io");
+        assert_eq!(
+            Personality::from_argv0("/usr/bin/qemu-nbd"),
+            Personality::QemuNbd
+        );
+        assert_eq!(Personality::QemuNbd.name(), "qemu-nbd");
     }
 }

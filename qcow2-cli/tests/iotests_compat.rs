@@ -703,3 +703,21 @@ fn compress_filter_writes_whole_compressed_clusters() {
         None,
     );
 }
+
+#[test]
+fn called_as_qemu_nbd_it_serves() {
+    let s = Setup::new();
+    let link = s.root.path().join("bin").join("qemu-nbd");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_qcow2"), &link).expect("symlink");
+    // `qemu-nbd` is `qcow2 serve`, with qemu-nbd's message prefix.
+    let out = s.run(&link, "ours", &["--no-such-option", "x.qcow2"], None);
+    assert_ne!(out.code, 0, "{}", out.merged);
+    assert!(out.merged.starts_with("qemu-nbd: "), "{}", out.merged);
+    let help = s.run(&link, "ours", &["--help"], None);
+    assert_eq!(help.code, 0, "{}", help.merged);
+    assert!(
+        help.merged.contains("--socket") || help.merged.contains("-k"),
+        "{}",
+        help.merged
+    );
+}
