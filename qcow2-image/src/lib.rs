@@ -40,10 +40,13 @@ mod options;
 mod overlap;
 mod plan;
 mod queue;
+#[cfg(all(test, shuttle))]
+mod schedule_tests;
 mod shared;
 mod shrink;
 mod snapshot;
 mod status;
+mod sync;
 mod write;
 mod zero;
 

@@ -14,10 +14,10 @@
 use crate::error::{ImageError, Op, Result};
 use crate::inflight::{InFlightGuard, Moving};
 use crate::plan::{AllocPlan, ReadPiece};
+use crate::sync::RwLockReadGuard;
 use crate::SharedImage;
 use qcow2_io::{Completion, Dir, IoBuf, IoQueue, Transfer};
 use std::collections::VecDeque;
-use std::sync::RwLockReadGuard;
 
 /// A finished request.
 #[derive(Debug)]
@@ -145,6 +145,7 @@ impl<'a> RequestQueue<'a> {
         let (start, end) = image.clusters(offset, len as u64);
         let moving = image.in_flight.register(start, end, Moving::Data);
         drop(core);
+        crate::sync::data_moves();
         let slot = self.slot();
         let whole = hosts.len() == 1 && hosts[0].0 == 0 && hosts[0].1 == len as u64;
         let mut transfers = Vec::with_capacity(hosts.len());
@@ -187,6 +188,7 @@ impl<'a> RequestQueue<'a> {
             if let Some(pieces) = core.plan_rewrite(offset, len)? {
                 let moving = image.in_flight.register(start, end, Moving::Data);
                 drop(core);
+                crate::sync::data_moves();
                 let slot = self.slot();
                 let transfers = pieces
                     .iter()
@@ -219,6 +221,7 @@ impl<'a> RequestQueue<'a> {
             let storage = core.data_storage_arc();
             let allocating = image.in_flight.register(start, end, Moving::Alloc);
             drop(core);
+            crate::sync::data_moves();
             let (at, zlen) = plan.zero;
             // Zeroing is one quick call (fallocate); the data then moves through the queue.
             let (host, buf) = match storage.zero_fast(at, zlen) {

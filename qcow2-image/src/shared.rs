@@ -37,8 +37,8 @@ use crate::error::{ImageError, Op, Result};
 use crate::inflight::{InFlight, Moving};
 use crate::map::Extent;
 use crate::plan::ReadPiece;
+use crate::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use crate::Image;
-use std::sync::{Mutex, MutexGuard, RwLock};
 
 /// An image shared by many threads: guest I/O takes `&self` (see the module docs for what
 /// may run in parallel).
@@ -99,7 +99,7 @@ impl SharedImage {
         self.core.lock().map_err(|_| lock_failed(op))
     }
 
-    pub(crate) fn requests(&self, op: Op) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
+    pub(crate) fn requests(&self, op: Op) -> Result<RwLockReadGuard<'_, ()>> {
         self.drain.read().map_err(|_| lock_failed(op))
     }
 
@@ -138,6 +138,7 @@ impl SharedImage {
         let (start, end) = self.clusters(offset, buf.len() as u64);
         let _moving = self.in_flight.register(start, end, Moving::Data);
         drop(core);
+        crate::sync::data_moves();
         for p in pieces {
             if let ReadPiece::Host { at, len, host } = p {
                 let dst = &mut buf[at as usize..(at + len) as usize];
@@ -177,6 +178,7 @@ impl SharedImage {
                 let cipher = core.crypto_arc();
                 let _moving = self.in_flight.register(start, end, Moving::Data);
                 drop(core);
+                crate::sync::data_moves();
                 for p in pieces {
                     let src = &buf[p.at as usize..(p.at + p.len) as usize];
                     let io = |e| ImageError::io(op, "write guest data", p.host, e);
@@ -205,6 +207,7 @@ impl SharedImage {
         let storage = core.data_storage_arc();
         let _allocating = self.in_flight.register(start, end, Moving::Alloc);
         drop(core);
+        crate::sync::data_moves();
         let written = write_fresh(&*storage, plan.zero, plan.data_at, buf);
         let mut core = self.core(op)?;
         match written {
@@ -330,7 +333,7 @@ impl SharedImage {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(shuttle)))]
 mod tests {
     use super::*;
 
