@@ -51,7 +51,7 @@ mod write;
 mod zero;
 
 pub use amend::AmendOptions;
-pub use backing::{BackingImage, BackingOpener, RawBacking};
+pub use backing::{BackingImage, BackingOpener, RawBacking, SharedBacking};
 pub use bitmaps::{stale_extension_warning, BitmapInfo};
 pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, CompareReport, Side};
 pub use compress::compress_cluster;
