@@ -55,8 +55,8 @@ fn explore(f: impl Fn() + Send + Sync + 'static) {
     explore_with(f, ITERATIONS, 3);
 }
 
-/// [`explore`] with `pct` iterations of PCT at `depth`.
-fn explore_with(f: impl Fn() + Send + Sync + 'static, pct: usize, depth: usize) {
+/// [`explore`] with `iterations` runs of each scheduler, PCT at `depth`.
+fn explore_with(f: impl Fn() + Send + Sync + 'static, iterations: usize, depth: usize) {
     use shuttle::scheduler::{PctScheduler, RandomScheduler};
     let f = Arc::new(f);
     let config = || {
@@ -65,8 +65,8 @@ fn explore_with(f: impl Fn() + Send + Sync + 'static, pct: usize, depth: usize) 
         c
     };
     let g = f.clone();
-    shuttle::Runner::new(RandomScheduler::new(ITERATIONS), config()).run(move || g());
-    shuttle::Runner::new(PctScheduler::new(depth, pct), config()).run(move || f());
+    shuttle::Runner::new(RandomScheduler::new(iterations), config()).run(move || g());
+    shuttle::Runner::new(PctScheduler::new(depth, iterations), config()).run(move || f());
 }
 
 /// Three allocating writes on distinct bytes of one fresh cluster and its neighbour:
@@ -208,5 +208,65 @@ fn schedule_tests_rewrite_races_discard_and_zero_write() {
         },
         ITERATIONS,
         2,
+    );
+}
+
+/// Two partial writes into one fresh overlay cluster whose copy-on-write bytes come from
+/// the backing image (read without the metadata lock), racing a reader of that cluster:
+/// one allocation, the backing bytes around both writes, no write lost, and the reader
+/// sees each write whole or not at all over backing data.
+#[test]
+fn schedule_tests_copy_on_write_from_backing() {
+    // Two images per run (backing and overlay): fewer runs keep it quick.
+    explore_with(
+        || {
+            let mut base =
+                Image::create(Arc::new(MemStorage::new()), &CreateOptions::new(8 << 20)).unwrap();
+            base.write(0, &vec![0x33u8; 4 * CS as usize]).unwrap();
+            let storage = Arc::new(MemStorage::new());
+            let mut img = Image::create(storage.clone(), &CreateOptions::new(8 << 20)).unwrap();
+            img.backing = Some(Box::new(base));
+            img.write(0, &[1u8; 512]).unwrap();
+            img.flush().unwrap();
+            let before = storage.len().unwrap();
+            let shared = Arc::new(SharedImage::new(img));
+            let writes = [(CS + 1000, 100usize, 0xa1u8), (CS + 30000, 100, 0xb2)];
+            let mut hs: Vec<_> = writes
+                .iter()
+                .map(|&(off, len, byte)| {
+                    let shared = shared.clone();
+                    thread::spawn(move || shared.write(off, &vec![byte; len]).unwrap())
+                })
+                .collect();
+            let r = shared.clone();
+            hs.push(thread::spawn(move || {
+                let b = read(&r, CS, CS as usize);
+                for &(off, len, byte) in &writes {
+                    let a = (off - CS) as usize;
+                    let part = &b[a..a + len];
+                    assert!(
+                        part.iter().all(|&x| x == byte) || part.iter().all(|&x| x == 0x33),
+                        "a read saw half a write"
+                    );
+                }
+                assert!(b[..1000].iter().all(|&x| x == 0x33));
+            }));
+            for h in hs {
+                h.join().unwrap();
+            }
+            let mut want = vec![0x33u8; CS as usize];
+            for (off, len, byte) in writes {
+                let a = (off - CS) as usize;
+                want[a..a + len].fill(byte);
+            }
+            assert!(
+                read(&shared, CS, CS as usize) == want,
+                "a write or the backing data was lost"
+            );
+            assert_eq!(storage.len().unwrap() - before, CS);
+            close_and_check(storage, shared);
+        },
+        ITERATIONS / 2,
+        3,
     );
 }

@@ -14,7 +14,7 @@
 //!   `inflight.rs`). So a host cluster is never freed, reused or moved while data is read from or
 //!   written to it for another request; unrelated requests proceed.
 //! - **In-flight allocations** (QEMU's `QCowL2Meta`). A write into fresh clusters whose
-//!   copy-on-write areas read as zero allocates them under the lock (refcounts taken,
+//!   copy-on-write areas read as zero (or come from the backing file) allocates them under the lock (refcounts taken,
 //!   overlap-checked), registers its guest clusters as allocating, writes its data without
 //!   the lock (one fast zeroing of the new clusters and the guest bytes), and links the L2
 //!   entries under the lock again. Every write, zero write, discard or compressed write that
@@ -29,9 +29,11 @@
 //!
 //! Which methods may run in parallel: `read`, `write`, `write_zeroes`, `discard`,
 //! `write_compressed`, `flush`, `map`, `block_status` and the accessors, from any number
-//! of threads. Reads, in-place writes and zero-COW allocating writes overlap their data
-//! movement; the other requests that change metadata run one at a time under the lock. Whole-image operations
-//! run alone.
+//! of threads. Reads (of data, compressed and backing clusters), in-place writes and
+//! allocating writes whose copy-on-write bytes are zeros or backing data overlap their data
+//! movement; the other requests that change metadata run one at a time under the lock.
+//! Whole-image operations run alone. [`SharedImage::queue`] keeps many requests in flight
+//! from one thread (io_uring where the file has it).
 
 use crate::error::{ImageError, Op, Result};
 use crate::inflight::{InFlight, Moving};
