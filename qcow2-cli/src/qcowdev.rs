@@ -128,11 +128,12 @@ pub fn open_image_full(
     locking: Locking,
     runtime: &[(String, String)],
 ) -> Result<Image, String> {
-    open_image_aio(path, read_only, unmap, cache, locking, runtime, false)
+    open_image_aio(path, read_only, unmap, cache, locking, runtime, false).map(|(i, _)| i)
 }
 
 /// [`open_image_full`] with the image file's data transfers able to go through io_uring
-/// (QEMU's `aio=io_uring`): fails with QEMU's message where the kernel has none.
+/// (QEMU's `aio=io_uring`); also says whether they do. Where the kernel has no usable
+/// io_uring, QEMU 10's message and its fallback: the thread pool.
 pub fn open_image_aio(
     path: &str,
     read_only: bool,
@@ -141,17 +142,19 @@ pub fn open_image_aio(
     locking: Locking,
     runtime: &[(String, String)],
     io_uring: bool,
-) -> Result<Image, String> {
+) -> Result<(Image, bool), String> {
     let mut storage = FileStorage::open_cached(path, !read_only, cache)
         .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
     if io_uring {
-        storage.enable_io_uring().map_err(|e| {
-            format!(
-                "Could not open '{path}': Unable to use io_uring: failed to init linux io_uring ring: {}",
+        if let Err(e) = storage.enable_io_uring() {
+            eprintln!(
+                "{}Unable to use linux io_uring, falling back to thread pool: failed to init linux io_uring ring: {}",
+                crate::prog::prefix(),
                 crate::image::strerror(&e)
-            )
-        })?;
+            );
+        }
     }
+    let uses_io_uring = storage.uses_io_uring();
     let base_dir = std::path::Path::new(path)
         .parent()
         .map(|p| p.to_path_buf())
@@ -196,7 +199,7 @@ pub fn open_image_aio(
             eprintln!("{m}");
         }
     }
-    Ok(image)
+    Ok((image, uses_io_uring))
 }
 
 /// QEMU's "Could not open backing file: Could not open 'PATH': REASON" when the backing
