@@ -185,9 +185,10 @@ fn io_uring_unavailable_falls_back_to_threads_as_qemu_img() {
 /// Installs a seccomp filter failing `io_uring_setup` (x86_64 syscall 425) with `ENOSYS`.
 #[cfg(target_arch = "x86_64")]
 fn deny_io_uring() -> std::io::Result<()> {
-    // Classic BPF opcodes (linux/filter.h).
-    const LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
-    const JMP_JEQ_K: u16 = 0x05 | 0x10 | 0x00;
+    // Classic BPF opcodes (linux/filter.h): BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K,
+    // BPF_RET|BPF_K.
+    const LD_W_ABS: u16 = 0x20;
+    const JMP_JEQ_K: u16 = 0x15;
     const RET_K: u16 = 0x06;
     let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     let mut filter = [
