@@ -31,6 +31,7 @@ mod serve;
 mod size;
 mod snapshot;
 mod source;
+mod tlsopts;
 
 use std::io::Write;
 use std::process::ExitCode;
