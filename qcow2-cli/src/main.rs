@@ -40,6 +40,7 @@ mod size;
 mod snapshot;
 mod source;
 mod stdio;
+mod tlsopts;
 
 use std::process::ExitCode;
 
