@@ -28,6 +28,9 @@ pub struct AmendRequest {
     pub progress: bool,
     /// `-q`.
     pub quiet: bool,
+    /// `--force`: LUKS key-slot changes that may lose the key (erasing the last active
+    /// slot, overwriting an active one).
+    pub force: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -154,7 +157,9 @@ pub fn run(req: AmendRequest) -> Result<(), CliError> {
         ));
     }
     let text = normalize(&list)?;
-    let opts = AmendOptions::parse(&text).map_err(|e| CliError::new(amend_error_text(&e)))?;
+    let mut opts = AmendOptions::parse(&text).map_err(|e| CliError::new(amend_error_text(&e)))?;
+    opts.force = req.force;
+    opts.secrets = crate::secrets::all();
     let mut img =
         qcowdev::open_image(&req.file, false).map_err(|e| image::open_error(&req.file, e))?;
     let mut progress = Progress::new(req.progress && !req.quiet, 1.0);

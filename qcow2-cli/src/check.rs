@@ -51,12 +51,13 @@ pub fn run(req: CheckRequest) -> Result<(), CliError> {
             code: 63,
         });
     }
-    let storage = FileStorage::open(file, req.repair.is_some()).map_err(|e| {
-        image::open_error(
-            file,
-            format_args!("Could not open '{file}': {}", image::strerror(&e)),
-        )
-    })?;
+    let storage =
+        FileStorage::open(crate::image::file_name(file), req.repair.is_some()).map_err(|e| {
+            image::open_error(
+                file,
+                format_args!("Could not open '{file}': {}", image::strerror(&e)),
+            )
+        })?;
     image::lock(&storage, file, image::FileRole::Qcow2, req.repair.is_some())
         .map_err(|e| image::open_error(file, e))?;
     // QEMU's open prints its warnings before the check runs.
@@ -95,6 +96,11 @@ pub fn run(req: CheckRequest) -> Result<(), CliError> {
             OutputFormat::Json => out(&report.render_json(file)),
         }
     }
+    if req.repair.is_some() && matches!(report.exit_code(), 0 | 3) {
+        // QEMU's check -r runs on a writable open, which loads the persistent bitmaps
+        // (marking them in use) and stores them again at close.
+        restore_bitmaps(file)?;
+    }
     match report.exit_code() {
         0 => Ok(()),
         code => Err(CliError {
@@ -102,4 +108,20 @@ pub fn run(req: CheckRequest) -> Result<(), CliError> {
             code: u8::try_from(code).unwrap_or(1),
         }),
     }
+}
+
+/// The bitmap part of QEMU's writable open and close around a repair: consistent bitmaps
+/// are loaded, marked in use and stored again (a no-op without bitmaps).
+fn restore_bitmaps(file: &str) -> Result<(), CliError> {
+    let has_bitmaps = image::open(file, Some(Format::Qcow2), false)
+        .ok()
+        .and_then(|o| o.qcow2)
+        .is_some_and(|q| q.bitmaps.iter().any(|b| !b.in_use()));
+    if !has_bitmaps {
+        return Ok(());
+    }
+    let mut img =
+        crate::qcowdev::open_image(file, false).map_err(|e| image::open_error(file, e))?;
+    let stored = img.begin_bitmap_session().and_then(|()| img.close());
+    stored.map_err(|e| CliError::new(crate::qcowdev::error_text(&e)))
 }

@@ -14,13 +14,17 @@
 //!   [`qcow2_image::Image::write_compressed_prepared`] (or a normal write when compression
 //!   does not pay), which packs them exactly as a sequential conversion would.
 //! - `-p`: QEMU's progress lines over the bytes of data to copy.
+//! - `-B`/`-F`: the target is created on a backing file and only what the source's own
+//!   image holds is written (zeros it holds are written as zeros), as qemu-img does; `-n`
+//!   writes into an existing target (zeros then written, unless `--target-is-zero`); `-S`
+//!   sets the zero detection granularity (`-S 0`: everything written as data); `-l`
+//!   converts an internal snapshot; `--salvage` turns unreadable sectors into zeros; `-r`
+//!   limits the rate (options in `convert_opts`).
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use qcow2_image::{compress_cluster, CompressionType, Image, Preallocation};
+use qcow2_image::{CompressionType, ExtentKind, Image, Preallocation};
 use qcow2_io::{FileStorage, Storage};
 
 use crate::create::{target_options, TargetOption};
@@ -28,6 +32,10 @@ use crate::image::{self, Format};
 use crate::progress::Progress;
 use crate::qcowdev;
 use crate::CliError;
+
+#[path = "convert_compressed.rs"]
+mod compressed;
+use compressed::copy_compressed;
 
 /// Bytes handled per step (qemu-img's 2 MiB buffer).
 const CHUNK: u64 = 2 << 20;
@@ -48,6 +56,12 @@ pub struct ConvertRequest {
     pub quiet: bool,
     /// Sources, then the target (at least two names).
     pub files: Vec<String>,
+    /// `--bitmaps`: copy the persistent bitmaps (see `bitmap::copy_bitmaps`).
+    pub bitmaps: bool,
+    /// `--skip-broken-bitmaps`: with `--bitmaps`, skip inconsistent ones.
+    pub skip_broken_bitmaps: bool,
+    /// The options of `convert_opts` (backing file, existing target, zero detection, ...).
+    pub extra: crate::convert_opts::ConvertExtraArgs,
 }
 
 /// One opened source image.
@@ -66,11 +80,16 @@ struct Source {
 }
 
 impl Source {
-    fn open(path: &str, format: Option<Format>) -> Result<Self, CliError> {
+    fn open(path: &str, format: Option<Format>, snapshot: Option<&str>) -> Result<Self, CliError> {
         let opened = image::open(path, format, false)?;
+        if snapshot.is_some() && opened.format == Format::Raw {
+            return Err(CliError::new(
+                "Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots",
+            ));
+        }
         match opened.format {
             Format::Raw => {
-                let storage = FileStorage::open(path, false)
+                let storage = FileStorage::open(crate::image::file_name(path), false)
                     .map_err(|e| image::open_error(path, image::strerror(&e)))?;
                 image::lock(
                     &storage,
@@ -87,8 +106,17 @@ impl Source {
                 })
             }
             Format::Qcow2 => {
-                let img =
+                let mut img =
                     qcowdev::open_image(path, true).map_err(|e| image::open_error(path, e))?;
+                if let Some(spec) = snapshot {
+                    let id = crate::source::snapshot_id(img.snapshots(), spec)?;
+                    img.snapshot_load_tmp(&id).map_err(|e| {
+                        CliError::new(format!(
+                            "Failed to load snapshot: {}",
+                            qcowdev::error_text(&e)
+                        ))
+                    })?;
+                }
                 let size = img.virtual_size();
                 Ok(Source {
                     reader: Reader::Qcow2(Box::new(img)),
@@ -99,16 +127,67 @@ impl Source {
         }
     }
 
-    /// Whether local `[off, off + len)` is known to read as zeros without reading it.
-    fn known_zero(&mut self, off: u64, len: u64) -> Result<bool, String> {
+    /// The runs of local `[off, off + len)`: what the whole chain holds, or with
+    /// `top_only` (a target on a backing file) what the source's own image holds, ranges
+    /// it leaves to its backing file being [`Run::Backing`].
+    fn runs(&mut self, off: u64, len: u64, top_only: bool) -> Result<Vec<(u64, u64, Run)>, String> {
         match &mut self.reader {
-            // QEMU's raw format asks the file system where the holes are.
-            Reader::Raw(s) => Ok(raw_hole(s, off, len)),
-            // The precise mapping: zero clusters, unallocated ranges, and data clusters
-            // whose host range is a hole (preallocated metadata) are all skipped.
+            // QEMU's raw format asks the file system where the holes are; a failed
+            // query reads the rest as data.
+            Reader::Raw(s) => {
+                let mut out: Vec<(u64, u64, Run)> = Vec::new();
+                let mut pos = 0;
+                while pos < len {
+                    let (run, n) = match s.data_status(off + pos, len - pos) {
+                        Ok((data, n)) if n > 0 => {
+                            (if data { Run::Data } else { Run::Zero }, n.min(len - pos))
+                        }
+                        _ => (Run::Data, len - pos),
+                    };
+                    match out.last_mut() {
+                        Some(last) if last.2 == run => last.1 += n,
+                        _ => out.push((off + pos, n, run)),
+                    }
+                    pos += n;
+                }
+                Ok(out)
+            }
+            // Without -B: QEMU's block status through the whole chain (zero where no layer
+            // holds data, holes of metadata-preallocated images included).
+            Reader::Qcow2(img) if !top_only => {
+                let mut out: Vec<(u64, u64, Run)> = Vec::new();
+                let mut pos = 0;
+                while pos < len {
+                    let st = img
+                        .chain_status(off + pos, len - pos)
+                        .map_err(|e| qcowdev::error_text(&e))?;
+                    let n = st.length.clamp(1, len - pos);
+                    let run = if st.zero { Run::Zero } else { Run::Data };
+                    match out.last_mut() {
+                        Some(last) if last.2 == run => last.1 += n,
+                        _ => out.push((off + pos, n, run)),
+                    }
+                    pos += n;
+                }
+                Ok(out)
+            }
             Reader::Qcow2(img) => {
-                let ext = img.map(off, len).map_err(|e| qcowdev::error_text(&e))?;
-                Ok(ext.iter().all(|e| e.reads_as_zero()))
+                let ext = img
+                    .map_metadata(off, len)
+                    .map_err(|e| qcowdev::error_text(&e))?;
+                Ok(ext
+                    .iter()
+                    .map(|e| {
+                        // What the source's own image leaves to its backing file, the
+                        // target's backing file provides.
+                        let run = match e.kind {
+                            ExtentKind::Backing => Run::Backing,
+                            _ if e.reads_as_zero() => Run::Zero,
+                            _ => Run::Data,
+                        };
+                        (e.offset, e.length, run)
+                    })
+                    .collect())
             }
         }
     }
@@ -143,17 +222,15 @@ impl Source {
     }
 }
 
-/// Whether `[off, off + len)` of a raw file is all holes (or beyond its end). A failed
-/// query answers "no": the range is then read and scanned.
-fn raw_hole(s: &FileStorage, off: u64, len: u64) -> bool {
-    let mut pos = 0;
-    while pos < len {
-        match s.data_status(off + pos, len - pos) {
-            Ok((false, n)) if n > 0 => pos += n,
-            _ => return false,
-        }
-    }
-    true
+/// What a source range holds, as qemu-img convert sorts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// Data to read (zeros in it are still detected).
+    Data,
+    /// Reads as zeros without reading.
+    Zero,
+    /// Left to the target's backing file (`-B`): nothing is written.
+    Backing,
 }
 
 /// All sources, concatenated.
@@ -164,20 +241,56 @@ impl Sources {
         self.0.last().map(|s| s.start + s.size).unwrap_or(0)
     }
 
-    /// Whether target `[off, off + len)` is known to be zero in every source it touches.
-    fn known_zero(&mut self, off: u64, len: u64) -> Result<bool, CliError> {
+    /// The runs of target `[off, off + len)` over every source it touches (see
+    /// [`Source::runs`]), in target offsets.
+    fn runs(
+        &mut self,
+        off: u64,
+        len: u64,
+        top_only: bool,
+    ) -> Result<Vec<(u64, u64, Run)>, CliError> {
         let end = off + len;
+        let mut out: Vec<(u64, u64, Run)> = Vec::new();
         for s in &mut self.0 {
             let (a, b) = (off.max(s.start), end.min(s.start + s.size));
-            if a < b
-                && !s
-                    .known_zero(a - s.start, b - a)
-                    .map_err(|e| read_error(a, &e))?
+            if a >= b {
+                continue;
+            }
+            for (o, l, r) in s
+                .runs(a - s.start, b - a, top_only)
+                .map_err(|e| read_error(a, &e))?
             {
-                return Ok(false);
+                let o = o + s.start;
+                match out.last_mut() {
+                    Some(last) if last.2 == r && last.0 + last.1 == o => last.1 += l,
+                    _ => out.push((o, l, r)),
+                }
             }
         }
-        Ok(true)
+        Ok(out)
+    }
+
+    /// Reads target `[off, off + buf.len())`; with `salvage`, a failed read is retried
+    /// sector by sector and the sectors that fail read as zeros (with qemu-img's warning).
+    fn read_salvaging(&mut self, off: u64, buf: &mut [u8], salvage: bool) -> Result<(), CliError> {
+        match self.read(off, buf) {
+            Err(e) if salvage => {
+                let _ = e;
+                for (i, sector) in buf.chunks_mut(512).enumerate() {
+                    let at = off + (i * 512) as u64;
+                    if let Err(e) = self.read(at, sector) {
+                        let why = e.msg.rsplit(": ").next().unwrap_or("").to_string();
+                        eprintln!(
+                            "{}warning: error while reading offset {at}: {why}",
+                            crate::prog::prefix()
+                        );
+                        sector.fill(0);
+                    }
+                }
+                Ok(())
+            }
+            r => r,
+        }
     }
 
     /// Reads target `[off, off + buf.len())`.
@@ -219,6 +332,61 @@ impl Target {
                 .write(off, data)
                 .map_err(|e| write_error(off, &crate::io::strerror(e.errno()))),
         }
+    }
+
+    /// Makes `[off, off + len)` read as zeros (releasing storage where it can), for
+    /// targets that did not read as zeros before (`-n`, `-B`).
+    fn write_zeroes(&mut self, off: u64, len: u64) -> Result<(), CliError> {
+        match self {
+            Target::Raw(f) => f
+                .write_zeroes(off, len)
+                .map_err(|e| write_error(off, &image::strerror(&e))),
+            Target::Qcow2(img) => img
+                .write_zeroes(off, len, true)
+                .map_err(|e| write_error(off, &crate::io::strerror(e.errno()))),
+        }
+    }
+
+    /// Opens an existing target (`-n`) read-write; it must be at least `size` long.
+    fn open_existing(
+        dst: &str,
+        format: Format,
+        size: u64,
+        cache: qcow2_io::CacheMode,
+    ) -> Result<Target, CliError> {
+        let (target, len) = match format {
+            Format::Qcow2 => {
+                let img = qcowdev::open_image_full(
+                    dst,
+                    false,
+                    true,
+                    cache,
+                    qcow2_image::Locking::Auto,
+                    &[],
+                )
+                .map_err(|e| image::open_error(dst, e))?;
+                let len = img.virtual_size();
+                (Target::Qcow2(Box::new(img)), len)
+            }
+            Format::Raw => {
+                let f = FileStorage::open_cached(dst, true, cache).map_err(|e| {
+                    image::open_error(
+                        dst,
+                        format_args!("Could not open '{dst}': {}", image::strerror(&e)),
+                    )
+                })?;
+                image::lock(&f, dst, image::FileRole::Raw { resize: false }, true)
+                    .map_err(|e| image::open_error(dst, e))?;
+                let len = f
+                    .len()
+                    .map_err(|e| image::open_error(dst, image::strerror(&e)))?;
+                (Target::Raw(f), len)
+            }
+        };
+        if len < size {
+            return Err(CliError::new("output file is smaller than input file"));
+        }
+        Ok(target)
     }
 
     fn finish(self) -> Result<(), CliError> {
@@ -289,7 +457,9 @@ fn qcow2_options(
                     }
                 }
             }
-            "encryption" if !o.flag => {}
+            // Built below (encryption::from_options).
+            "encryption" => {}
+            n if n.starts_with("encrypt.") => {}
             "data_file" => c.data_file = Some(o.text.clone()),
             "data_file_raw" => c.data_file_raw = o.flag,
             other => {
@@ -308,6 +478,7 @@ fn create_target(
     format: Format,
     opts: &[TargetOption],
     size: u64,
+    backing: Option<(&str, &str)>,
 ) -> Result<Target, CliError> {
     let driver = |m: String| {
         CliError::new(format!(
@@ -339,12 +510,27 @@ fn create_target(
             Ok(Target::Raw(f))
         }
         Format::Qcow2 => {
-            let c = qcow2_options(dst, opts, size)?;
-            let storage = image::create_file_detail(dst, image::FileRole::Qcow2).map_err(driver)?;
+            let mut c = qcow2_options(dst, opts, size)?;
+            if let Some((name, fmt)) = backing {
+                c.layout.backing_file = Some(name.to_string());
+                c.layout.backing_format = Some(fmt.to_string());
+            }
             let mut open = qcow2_image::OpenOptions {
                 backing: qcow2_image::BackingPolicy::Ignore,
                 ..qcow2_image::OpenOptions::default()
             };
+            // An encrypted target (-o encrypt.format=luks,encrypt.key-secret=ID).
+            let text = |n: &str| {
+                opts.iter()
+                    .rev()
+                    .find(|o| o.name == n)
+                    .map(|o| o.text.clone())
+            };
+            if let Some(e) = crate::encryption::from_options(&text).map_err(driver)? {
+                c.luks_area = Some(e.area);
+                open.key_secret = Some(e.secret);
+            }
+            let storage = image::create_file_detail(dst, image::FileRole::Qcow2).map_err(driver)?;
             if let Some(name) = &c.data_file {
                 // Created by its name as given (relative to the working directory), as
                 // qemu-img does.
@@ -370,6 +556,7 @@ pub fn run(req: ConvertRequest) -> Result<(), CliError> {
     if srcs.is_empty() {
         return Err(CliError::new("Must specify image file name"));
     }
+    let settings = req.extra.settings(req.compress, srcs.len())?;
     let target_format =
         Format::parse(req.target_format.as_deref().unwrap_or("raw")).map_err(CliError::new)?;
     if req.compress && target_format != Format::Qcow2 {
@@ -381,19 +568,71 @@ pub fn run(req: ConvertRequest) -> Result<(), CliError> {
     let mut sources = Vec::new();
     let mut start = 0u64;
     for path in srcs {
-        let mut s = Source::open(path, req.source_format)?;
+        let mut s = Source::open(path, req.source_format, settings.snapshot.as_deref())?;
         s.start = start;
         start = start
             .checked_add(s.size)
             .ok_or_else(|| CliError::new("The sources are too large together"))?;
         sources.push(s);
     }
+    if req.bitmaps {
+        if sources.len() > 1 {
+            return Err(CliError::new(
+                "Copying bitmaps only possible with single source",
+            ));
+        }
+        let src = match sources.first().map(|s| &s.reader) {
+            Some(Reader::Qcow2(img)) => Some(&**img),
+            _ => None,
+        };
+        crate::bitmap::check_source(src, req.skip_broken_bitmaps)?;
+        if target_format != Format::Qcow2 {
+            return Err(CliError::new(format!(
+                "Format driver '{}' does not support bitmaps",
+                target_format.name()
+            )));
+        }
+    }
     let mut sources = Sources(sources);
     let total = sources.total();
-    let mut target = create_target(dst, target_format, &opts, total)?;
+    let backing = match settings.backing.as_deref() {
+        None => None,
+        Some(_) if target_format == Format::Raw => {
+            return Err(CliError::new(
+                "Backing file not supported for file format 'raw'",
+            ))
+        }
+        Some(b) => match settings.backing_format.as_deref() {
+            Some(f) => Some((b, f)),
+            None => {
+                return Err(CliError::new(
+                    "Use of backing file requires explicit backing format",
+                ))
+            }
+        },
+    };
+    let mut target = if settings.skip_create {
+        let cache = settings.cache()?;
+        Target::open_existing(dst, target_format, total, cache)?
+    } else {
+        let t = create_target(dst, target_format, &opts, total, backing)?;
+        // qemu-img checks the target's cache mode after creating it.
+        if let Err(e) = settings.cache() {
+            let _ = t.finish();
+            return Err(e);
+        }
+        t
+    };
+    // The alignment of zero detection (qemu-img's: the largest power of two within -S, at
+    // least the target's cluster size).
+    let sparse_align = if settings.min_sparse == 0 {
+        512
+    } else {
+        1u64 << (63 - settings.min_sparse.leading_zeros())
+    };
     let granule = match &target {
-        Target::Raw(_) => 4096,
-        Target::Qcow2(img) => img.cluster_size(),
+        Target::Raw(_) => sparse_align.max(512),
+        Target::Qcow2(img) => img.cluster_size().max(sparse_align),
     };
     let mut data_total = 0u64;
     for s in &mut sources.0 {
@@ -401,9 +640,21 @@ pub fn run(req: ConvertRequest) -> Result<(), CliError> {
     }
     let mut progress = Progress::new(req.progress && !req.quiet, 1.0);
     progress.set(0.0);
+    let plan = CopyPlan {
+        top_only: backing.is_some(),
+        // A target on a backing file must get its zeros written (QEMU: no zero init).
+        zero_init: settings.target_is_zero && backing.is_none(),
+        min_sparse: settings.min_sparse,
+        detect_zeroes: !settings.copy_offload,
+        salvage: settings.salvage,
+        rate: settings.rate,
+        started: std::time::Instant::now(),
+    };
     let copied = if req.compress {
         match &mut target {
-            Target::Qcow2(img) => copy_compressed(&mut sources, img, &mut progress, data_total),
+            Target::Qcow2(img) => {
+                copy_compressed(&mut sources, img, &plan, &mut progress, data_total)
+            }
             Target::Raw(_) => Ok(()),
         }
     } else {
@@ -411,10 +662,21 @@ pub fn run(req: ConvertRequest) -> Result<(), CliError> {
             &mut sources,
             &mut target,
             granule,
+            &plan,
             &mut progress,
             data_total,
         )
     };
+    let copied = copied.and_then(|()| match (&mut target, sources.0.first()) {
+        (
+            Target::Qcow2(dst),
+            Some(Source {
+                reader: Reader::Qcow2(src),
+                ..
+            }),
+        ) if req.bitmaps => crate::bitmap::copy_bitmaps(src, dst, req.skip_broken_bitmaps),
+        _ => Ok(()),
+    });
     if let Err(e) = copied {
         progress.end();
         let _ = target.finish();
@@ -423,6 +685,38 @@ pub fn run(req: ConvertRequest) -> Result<(), CliError> {
     progress.set(100.0);
     progress.end();
     target.finish()
+}
+
+/// How the copy treats what it finds.
+struct CopyPlan {
+    /// `-B`: only what the source's own image holds is written.
+    top_only: bool,
+    /// The target reads as zeros already: zeros need not be written.
+    zero_init: bool,
+    /// `-S` (0: every byte is written as data).
+    min_sparse: u64,
+    /// Zeros inside data runs are detected (not with `-C`, which copies data as read).
+    detect_zeroes: bool,
+    /// `--salvage`.
+    salvage: bool,
+    /// `-r`: bytes per second.
+    rate: Option<u64>,
+    /// When the copy started (for the rate limit).
+    started: std::time::Instant,
+}
+
+impl CopyPlan {
+    /// Sleeps as long as needed for `written` bytes to stay within the rate limit.
+    fn throttle(&self, written: u64) {
+        let Some(rate) = self.rate.filter(|&r| r > 0) else {
+            return;
+        };
+        let due = std::time::Duration::from_secs_f64(written as f64 / rate as f64);
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
 }
 
 /// The chunk at `off`: at most [`CHUNK`] bytes, ending on a granule boundary.
@@ -436,158 +730,133 @@ fn is_zero(buf: &[u8]) -> bool {
     buf.iter().all(|&b| b == 0)
 }
 
-/// Copies without compression: runs of non-zero granules are written, zero ones skipped.
+/// QEMU's `is_allocated_sectors`: whether the first 512-byte sector of `buf` holds data,
+/// and how many sectors share that answer, the end moved to an `alignment` (sectors)
+/// boundary where qemu-img moves it (`sector` is the first sector's number).
+fn allocated_sectors(buf: &[u8], sector: u64, alignment: u64) -> (bool, usize) {
+    let n = buf.len().div_ceil(512);
+    if n == 0 {
+        return (false, 0);
+    }
+    let zero_at = |i: usize| is_zero(&buf[i * 512..((i + 1) * 512).min(buf.len())]);
+    let mut zero = zero_at(0);
+    let mut i = 1;
+    while i < n && zero_at(i) == zero {
+        i += 1;
+    }
+    if i == n {
+        return (!zero, i);
+    }
+    let alignment = alignment.max(1);
+    let tail = ((sector + i as u64) % alignment) as usize;
+    if tail != 0 {
+        if zero && i <= tail {
+            // The next sector is data and rewrites this tail anyway.
+            zero = false;
+        }
+        if !zero {
+            i = (i + alignment as usize - tail).min(n);
+        } else {
+            i -= tail;
+        }
+    }
+    (!zero, i)
+}
+
+/// QEMU's `is_allocated_sectors_min`: as [`allocated_sectors`], but after data, zero runs
+/// shorter than `min` sectors count as data (small holes do not split a write).
+fn allocated_sectors_min(buf: &[u8], min: usize, sector: u64, alignment: u64) -> (bool, usize) {
+    let n = buf.len().div_ceil(512);
+    let min = min.min(n);
+    let (data, first) = allocated_sectors(buf, sector, alignment);
+    if !data {
+        return (false, first);
+    }
+    let mut used = first;
+    let mut checked = first;
+    while checked < n {
+        let (d, cnt) = allocated_sectors(&buf[checked * 512..], sector + checked as u64, alignment);
+        checked += cnt;
+        if d {
+            used = checked;
+        } else if cnt >= min {
+            break;
+        }
+    }
+    (true, used)
+}
+
+/// Copies without compression. Data runs are read and scanned per granule: non-zero
+/// granules are written, zero ones are zero runs. Zero runs are skipped on a target that
+/// reads as zeros and written as zeros otherwise; runs left to the target's backing file
+/// are skipped. With `-S 0` everything but those is written as data.
 fn copy_plain(
     sources: &mut Sources,
     target: &mut Target,
     granule: u64,
+    plan: &CopyPlan,
     progress: &mut Progress,
     data_total: u64,
 ) -> Result<(), CliError> {
     let total = sources.total();
-    let mut buf = Vec::new();
+    // Page-aligned: the kernel copies from the page cache fastest into those.
+    let mut buf = qcow2_io::IoBuf::default();
     let mut done = 0u64;
+    let mut written = 0u64;
     let mut off = 0u64;
     while off < total {
         let len = chunk_len(off, total, granule);
-        if !sources.known_zero(off, len)? {
-            buf.resize(len as usize, 0);
-            sources.read(off, &mut buf)?;
-            let mut run: Option<usize> = None;
-            let mut pos = 0usize;
-            while pos < buf.len() {
-                let g = (granule - (off + pos as u64) % granule) as usize;
-                let end = (pos + g).min(buf.len());
-                let zero = is_zero(&buf[pos..end]);
-                match (zero, run) {
-                    (false, None) => run = Some(pos),
-                    (true, Some(r)) => {
-                        target.write(off + r as u64, &buf[r..pos])?;
-                        run = None;
+        let runs = sources.runs(off, len, plan.top_only)?;
+        let mut had_data = false;
+        for (at, n, run) in runs {
+            match run {
+                Run::Backing => {}
+                Run::Zero if plan.min_sparse > 0 => {
+                    if !plan.zero_init {
+                        target.write_zeroes(at, n)?;
                     }
-                    _ => {}
                 }
-                pos = end;
+                Run::Zero | Run::Data => {
+                    had_data = true;
+                    buf.resize(n as usize);
+                    sources.read_salvaging(at, &mut buf, plan.salvage)?;
+                    if plan.min_sparse == 0 || !plan.detect_zeroes {
+                        target.write(at, &buf)?;
+                        written += n;
+                        plan.throttle(written);
+                        continue;
+                    }
+                    // QEMU's zero detection: runs of zero sectors of at least -S bytes
+                    // (aligned as qemu-img aligns them) are zero runs, the rest is data.
+                    let sectors = buf.len().div_ceil(512);
+                    let first = at / 512;
+                    let mut pos = 0usize;
+                    while pos < sectors {
+                        let (data, cnt) = allocated_sectors_min(
+                            &buf[pos * 512..],
+                            (plan.min_sparse / 512) as usize,
+                            first + pos as u64,
+                            granule / 512,
+                        );
+                        let (a, b) = (pos * 512, ((pos + cnt) * 512).min(buf.len()));
+                        let o = at + a as u64;
+                        if data {
+                            target.write(o, &buf[a..b])?;
+                            written += (b - a) as u64;
+                            plan.throttle(written);
+                        } else if !plan.zero_init {
+                            target.write_zeroes(o, (b - a) as u64)?;
+                        }
+                        pos += cnt;
+                    }
+                }
             }
-            if let Some(r) = run {
-                target.write(off + r as u64, &buf[r..])?;
-            }
+        }
+        if had_data {
             done += len;
             progress.set_ratio(done.min(data_total), data_total);
         }
         off += len;
     }
     Ok(())
-}
-
-/// A compressed cluster coming back from a worker: sequence number, guest offset, the
-/// cluster's data and its compressed form (`None`: write it uncompressed).
-type Compressed = (u64, u64, Vec<u8>, Option<Vec<u8>>);
-
-/// Copies with compression on worker threads, writing in guest order.
-fn copy_compressed(
-    sources: &mut Sources,
-    img: &mut Image,
-    progress: &mut Progress,
-    data_total: u64,
-) -> Result<(), CliError> {
-    let total = sources.total();
-    let cs = img.cluster_size();
-    let ctype = img.compression_type();
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .max(1);
-    let window = (4 * workers) as u64;
-    std::thread::scope(|scope| {
-        let (job_tx, job_rx) = mpsc::sync_channel::<(u64, u64, Vec<u8>)>(2 * workers);
-        let job_rx = Arc::new(Mutex::new(job_rx));
-        let (res_tx, res_rx) = mpsc::channel::<Compressed>();
-        for _ in 0..workers {
-            let rx = Arc::clone(&job_rx);
-            let tx = res_tx.clone();
-            scope.spawn(move || loop {
-                let job = match rx.lock() {
-                    Ok(guard) => guard.recv(),
-                    Err(_) => return,
-                };
-                let Ok((seq, off, data)) = job else { return };
-                let packed = compress_cluster(ctype, cs, &data);
-                if tx.send((seq, off, data, packed)).is_err() {
-                    return;
-                }
-            });
-        }
-        drop(res_tx);
-
-        let mut pending: BTreeMap<u64, Compressed> = BTreeMap::new();
-        let mut next_write = 0u64;
-        let mut next_seq = 0u64;
-        let mut done = 0u64;
-        // Receives one result and writes every result that is next in order.
-        let mut drain_one = |pending: &mut BTreeMap<u64, Compressed>,
-                             next_write: &mut u64,
-                             img: &mut Image|
-         -> Result<(), CliError> {
-            let r = res_rx
-                .recv()
-                .map_err(|_| CliError::new("compression worker failed"))?;
-            pending.insert(r.0, r);
-            while let Some((_, off, data, packed)) = pending.remove(next_write) {
-                let res = match packed {
-                    Some(c) => img.write_compressed_prepared(off, &c),
-                    None => img.write(off, &data),
-                };
-                res.map_err(|e| write_error(off, &crate::io::strerror(e.errno())))?;
-                *next_write += 1;
-                done += data.len() as u64;
-                progress.set_ratio(done.min(data_total), data_total);
-            }
-            Ok(())
-        };
-
-        let mut result = Ok(());
-        let mut off = 0u64;
-        let mut buf = Vec::new();
-        'outer: while off < total {
-            let len = chunk_len(off, total, cs);
-            let known_zero = match sources.known_zero(off, len) {
-                Ok(z) => z,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            };
-            if !known_zero {
-                buf.resize(len as usize, 0);
-                if let Err(e) = sources.read(off, &mut buf) {
-                    result = Err(e);
-                    break;
-                }
-                for (i, cluster) in buf.chunks(cs as usize).enumerate() {
-                    if is_zero(cluster) {
-                        continue;
-                    }
-                    while next_seq - next_write >= window {
-                        if let Err(e) = drain_one(&mut pending, &mut next_write, img) {
-                            result = Err(e);
-                            break 'outer;
-                        }
-                    }
-                    let at = off + i as u64 * cs;
-                    if job_tx.send((next_seq, at, cluster.to_vec())).is_err() {
-                        result = Err(CliError::new("compression worker failed"));
-                        break 'outer;
-                    }
-                    next_seq += 1;
-                }
-            }
-            off += len;
-        }
-        drop(job_tx);
-        while result.is_ok() && next_write < next_seq {
-            result = drain_one(&mut pending, &mut next_write, img);
-        }
-        result
-    })
 }

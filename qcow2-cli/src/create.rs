@@ -55,6 +55,54 @@ const QCOW2_OPTS: &[(&str, Kind, Option<&str>, &str)] = &[
         "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
     ),
     (
+        "encrypt.format",
+        Kind::Str,
+        None,
+        "Encrypt the image, format choices: 'aes', 'luks'",
+    ),
+    (
+        "encrypt.key-secret",
+        Kind::Str,
+        None,
+        "ID of secret providing qcow AES key or LUKS passphrase",
+    ),
+    (
+        "encrypt.cipher-alg",
+        Kind::Str,
+        None,
+        "Name of encryption cipher algorithm",
+    ),
+    (
+        "encrypt.cipher-mode",
+        Kind::Str,
+        None,
+        "Name of encryption cipher mode",
+    ),
+    (
+        "encrypt.ivgen-alg",
+        Kind::Str,
+        None,
+        "Name of IV generator algorithm",
+    ),
+    (
+        "encrypt.ivgen-hash-alg",
+        Kind::Str,
+        None,
+        "Name of IV generator hash algorithm",
+    ),
+    (
+        "encrypt.hash-alg",
+        Kind::Str,
+        None,
+        "Name of encryption hash algorithm",
+    ),
+    (
+        "encrypt.iter-time",
+        Kind::Number,
+        None,
+        "Time to spend in PBKDF in milliseconds",
+    ),
+    (
         "cluster_size",
         Kind::Size,
         Some("65536"),
@@ -318,7 +366,10 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
                 .map(Format::parse)
                 .transpose()
                 .map_err(in_file)?;
-            let (bsize, _) = image::backing_size(&full, want).map_err(in_file)?;
+            // QEMU appends a hint line (no program prefix) to any failure to open the
+            // backing file.
+            let (bsize, _) = image::backing_size(&full, want)
+                .map_err(|e| in_file(format!("{e}\nCould not open backing image.")))?;
             if backing_fmt.is_none() {
                 return Err(in_file(
                     "Backing file specified without backing format".into(),
@@ -351,6 +402,8 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
         }
         line.push('\n');
         out(&line);
+        // QEMU flushes the line before creating: its errors come after it.
+        crate::stdio::flush();
     }
 
     match fmt {
@@ -389,11 +442,6 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
                     )))
                 }
             };
-            if flag("encryption") == Some(true) {
-                return Err(in_file(
-                    "encrypted images are not supported by this tool".into(),
-                ));
-            }
             let mut opts = CreateOptions::new(size);
             opts.data_file = text("data_file");
             opts.data_file_raw = flag("data_file_raw").unwrap_or(false);
@@ -416,20 +464,39 @@ pub fn run(req: CreateRequest) -> Result<(), CliError> {
                 Some("full") => Preallocation::Full,
                 _ => Preallocation::Off,
             };
-            let fresh = match fresh_image(&opts) {
-                Ok(f) => f,
-                Err(LayoutError::ImageTooBig { .. }) => return Err(in_file(
+            let layout_error = |e: LayoutError| {
+                match e {
+                LayoutError::ImageTooBig { .. } => in_file(
                     "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
                         .into(),
-                )),
-                Err(other) => return Err(in_file(other.to_string())),
+                ),
+                other => in_file(other.to_string()),
+            }
             };
+            // QEMU checks the layout options before it sets up encryption (which takes the
+            // PBKDF2 benchmark's seconds).
+            let mut fresh = fresh_image(&opts).map_err(layout_error)?;
+            let text_of = |n: &str| text(n);
+            let mut secret = None;
+            if let Some(enc) = crate::encryption::from_options(&text_of).map_err(in_file)? {
+                opts.luks_area = Some(enc.area);
+                secret = Some(enc.secret);
+                fresh = fresh_image(&opts).map_err(layout_error)?;
+            }
             if prealloc != Preallocation::Off || opts.data_file.is_some() {
-                return create_preallocated(&filename, &opts, prealloc);
+                return create_preallocated(&filename, &opts, prealloc, secret);
             }
             let storage = image::create_file(&filename, image::FileRole::Qcow2)?;
-            let mut file = storage.file();
-            file.write_all(&fresh.to_bytes())
+            let file = storage.file();
+            // Each structure on its own, as QEMU writes them: what lies between (the rest
+            // of the L1 table's cluster before a LUKS area) stays a hole, so the disk
+            // usage `info` reports is QEMU's too.
+            use std::os::unix::fs::FileExt;
+            fresh
+                .writes
+                .iter()
+                .try_for_each(|(off, bytes)| file.write_all_at(bytes, *off))
+                .and_then(|_| file.set_len(fresh.file_length))
                 .and_then(|_| file.sync_all())
                 .map_err(|e| in_file(format!("Could not write image: {}", image::strerror(&e))))?;
             Ok(())
@@ -446,6 +513,7 @@ fn create_preallocated(
     filename: &str,
     layout: &CreateOptions,
     preallocation: Preallocation,
+    key_secret: Option<qcow2_image::Secret>,
 ) -> Result<(), CliError> {
     let in_file = |m: String| CliError::new(format!("{filename}: {m}"));
     let opts = qcow2_image::CreateOptions {
@@ -469,17 +537,24 @@ fn create_preallocated(
             crate::qcowdev::error_text(&e)
         ))
     };
+    let mut open = qcow2_image::OpenOptions {
+        backing: qcow2_image::BackingPolicy::Ignore,
+        key_secret,
+        ..qcow2_image::OpenOptions::default()
+    };
     let img = match &opts.data_file {
-        None => Image::create_path(filename, &opts).map_err(create_error)?,
+        None if open.key_secret.is_none() => {
+            Image::create_path(filename, &opts).map_err(create_error)?
+        }
+        None => {
+            let meta = image::create_file(filename, image::FileRole::Qcow2)?;
+            Image::create_with(std::sync::Arc::new(meta), &opts, &open).map_err(create_error)?
+        }
         Some(name) => {
             // qemu-img names the image in front of the data file's errors.
             let data = image::create_file_for(name, image::FileRole::NewFile, filename)?;
             let meta = image::create_file(filename, image::FileRole::Qcow2)?;
-            let open = qcow2_image::OpenOptions {
-                backing: qcow2_image::BackingPolicy::Ignore,
-                data_file: Some(qcow2_image::DataFileStorage(std::sync::Arc::new(data))),
-                ..qcow2_image::OpenOptions::default()
-            };
+            open.data_file = Some(qcow2_image::DataFileStorage(std::sync::Arc::new(data)));
             Image::create_with(std::sync::Arc::new(meta), &opts, &open).map_err(create_error)?
         }
     };

@@ -152,6 +152,17 @@ fn probe_qcow2(buf: &[u8]) -> bool {
     magic == QCOW_MAGIC && version >= 2
 }
 
+/// QEMU's warning when a writable open probed a raw image (printed without the program
+/// prefix, as QEMU prints it).
+pub fn warn_probed_raw(path: &str) {
+    eprintln!(
+        "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on \
+         block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the \
+         restrictions."
+    );
+}
+
 /// QEMU's format probe alone: reads the first 8 bytes of `path` (qcow2 if they hold the
 /// magic and a version >= 2, raw otherwise). Commands that reopen the image through their
 /// own engine use this instead of [`open`], which also reads the first cluster (up to
@@ -165,7 +176,7 @@ pub fn probe(path: &str) -> Result<Format, CliError> {
 /// open the image afterwards report the lock conflict of *that* open, as qemu-img does.
 pub fn probe_detail(path: &str) -> Result<Format, String> {
     let fail = |e: std::io::Error| format!("Could not open '{path}': {}", strerror(&e));
-    let storage = FileStorage::open(path, false).map_err(fail)?;
+    let storage = FileStorage::open(file_name(path), false).map_err(fail)?;
     let mut head = [0u8; 8];
     storage.read_at(&mut head, 0).map_err(fail)?;
     Ok(if probe_qcow2(&head) {
@@ -185,7 +196,9 @@ pub fn open(path: &str, format: Option<Format>, writable: bool) -> Result<Opened
 /// errors, the driver's message ("Image is not in qcow2 format") otherwise.
 pub fn open_detail(path: &str, format: Option<Format>, writable: bool) -> Result<Opened, String> {
     let io_err = |e: std::io::Error| format!("Could not open '{path}': {}", strerror(&e));
-    let storage = FileStorage::open(path, writable).map_err(io_err)?;
+    // A blkdebug node's header reads go to its file: no rule is armed before the engine
+    // reports an event.
+    let storage = FileStorage::open(file_name(path), writable).map_err(io_err)?;
     let meta = storage.file().metadata().map_err(io_err)?;
     let file_len = storage.len().map_err(io_err)?;
     let allocated = meta.blocks() * 512;
@@ -207,7 +220,8 @@ pub fn open_detail(path: &str, format: Option<Format>, writable: bool) -> Result
         Format::Qcow2 => Some(read_qcow2(&storage, writable)?),
     };
     Ok(Opened {
-        path: path.to_string(),
+        // QEMU names the image by its file node's filename: a `file:` prefix is gone.
+        path: display_name(path),
         format,
         file_len,
         allocated,
@@ -350,7 +364,43 @@ fn read_snapshots(
         h.size,
     )
     .map(|t| t.entries().to_vec())
-    .map_err(|e| e.to_string())
+    .map_err(|e| {
+        // The engine's open words these failures as QEMU's, with QEMU's hint line.
+        let e = qcow2_image::snapshot_open_error(e);
+        match e.hint() {
+            Some(h) => format!("{e}\n{h}"),
+            None => e.to_string(),
+        }
+    })
+}
+
+/// The file a filename opens, as QEMU's protocol parsing finds it: the FILE of a
+/// `blkdebug:CONFIG:FILE` name, and a `file:` prefix stripped (QEMU's
+/// `bdrv_parse_filename_strip_prefix`: a rest whose first colon comes before any slash
+/// would look like another protocol prefix, so it gets `./` in front).
+pub fn file_name(name: &str) -> String {
+    let name = crate::blkdebug::file_of(name);
+    match name.strip_prefix("file:") {
+        Some(rest) if has_protocol(rest) => format!("./{rest}"),
+        Some(rest) => rest.to_string(),
+        None => name.to_string(),
+    }
+}
+
+/// The name QEMU gives an image opened by `name` (its file node's filename): a `file:`
+/// prefix stripped as [`file_name`] strips it; other names as given.
+pub fn display_name(name: &str) -> String {
+    if name.starts_with("file:") {
+        file_name(name)
+    } else {
+        name.to_string()
+    }
+}
+
+/// QEMU's `path_has_protocol`: a colon before the first slash.
+fn has_protocol(path: &str) -> bool {
+    path.find([':', '/'])
+        .is_some_and(|i| path.as_bytes()[i] == b':')
 }
 
 /// QEMU's `path_combine`: `name` relative to the directory of `base`.
@@ -393,7 +443,7 @@ pub fn create_file_for(path: &str, role: FileRole, image: &str) -> Result<FileSt
 /// strerror", or the lock conflict and its hint line).
 pub fn create_file_detail(path: &str, role: FileRole) -> Result<FileStorage, String> {
     let io_err = |e: std::io::Error| format!("Could not create '{path}': {}", strerror(&e));
-    let storage = FileStorage::open_for_create(path).map_err(io_err)?;
+    let storage = FileStorage::open_for_create(file_name(path)).map_err(io_err)?;
     // Creating never force-shares (qemu-img create has no -U).
     qcow2_image::locking::lock_file(
         &storage,

@@ -43,6 +43,21 @@ pub trait BlockDev {
     fn specific_info(&mut self) -> Vec<String>;
     /// Whether writes are refused (opened read-only).
     fn read_only(&self) -> bool;
+    /// The protocol name of a protocol driver, which `info` prints as a second "format
+    /// name" line, as QEMU's does (`null-co`); `None` for format drivers.
+    fn protocol_name(&self) -> Option<&'static str> {
+        None
+    }
+    /// Whether the driver has cluster information for `info` (QEMU's `bdrv_get_info`);
+    /// without it `info` stops after the names and fails.
+    fn has_info(&self) -> bool {
+        true
+    }
+    /// The driver of the backing image, if there is one (for `reopen`'s unchanged
+    /// `backing.driver`).
+    fn backing_driver(&self) -> Option<String> {
+        None
+    }
     /// Zeroes a range only if that needs no data write (qemu-io's `write -z -n`,
     /// `BDRV_REQ_NO_FALLBACK`); `ENOTSUP` otherwise (the default).
     fn write_zeroes_fast(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), i32> {
@@ -1545,6 +1560,12 @@ fn cmd_info(dev: &mut dyn BlockDev, o: &mut Outcome) -> CmdResult {
         return Err(Fail::Done);
     }
     o.out(format!("format name: {}\n", dev.format_name()));
+    if let Some(p) = dev.protocol_name() {
+        o.out(format!("format name: {p}\n"));
+    }
+    if !dev.has_info() {
+        return Err(Fail::Done);
+    }
     let (cluster, vm_state) = dev.info();
     o.out(format!("cluster size: {}\n", cvtstr(cluster as f64)));
     o.out(format!("vm state offset: {}\n", cvtstr(vm_state as f64)));

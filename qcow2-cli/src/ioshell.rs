@@ -12,13 +12,14 @@
 //! the command line cannot be opened (no command runs then) or if any command failed,
 //! else 0.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, Write};
 
 use crate::image::Format;
 use crate::io::{self, BlockDev, Exit, Fail, Outcome, Parsed, Shell, Stream};
 use crate::prog;
 use crate::qcowdev::QcowDev;
 use crate::rawdev::RawDev;
+use crate::stdio::Stdout;
 
 /// A host cache mode (`-t`, `--cache`, `reopen -c`), as QEMU's `bdrv_parse_cache_mode`
 /// reads it.
@@ -129,10 +130,25 @@ pub struct OpenParams {
     /// `file.locking=on|off|auto` of an option list, as given (for the locking code;
     /// `None`: QEMU's default, `auto`).
     pub locking: Option<String>,
+    /// `detect-zeroes=off|on|unmap`: writes of all-zero buffers become zero writes
+    /// (`unmap`: allowed to deallocate, with `discard=unmap`).
+    pub detect_zeroes: DetectZeroes,
     /// `-f`, or `driver=` of an option list.
     pub format: Option<String>,
     /// Block driver options (`-o`, `--image-opts`), in order.
     pub options: Vec<(String, String)>,
+}
+
+/// The generic block option `detect-zeroes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Writes are written as given (the default).
+    #[default]
+    Off,
+    /// All-zero writes are zero writes.
+    On,
+    /// All-zero writes are zero writes that may deallocate (with `discard=unmap`).
+    Unmap,
 }
 
 /// qemu-io's command line.
@@ -442,6 +458,8 @@ struct Device {
     discard_unmap: bool,
     /// Copy-on-read is on (then the device cannot become read-only).
     copy_on_read: bool,
+    /// `detect-zeroes`.
+    detect_zeroes: DetectZeroes,
     /// A raw image whose format was probed: writes that would make its first sector look
     /// like another format are refused (EPERM), as QEMU's raw driver refuses them.
     probed_raw: bool,
@@ -492,6 +510,15 @@ impl BlockDev for Device {
     fn format_name(&self) -> &'static str {
         self.inner.format_name()
     }
+    fn protocol_name(&self) -> Option<&'static str> {
+        self.inner.protocol_name()
+    }
+    fn has_info(&self) -> bool {
+        self.inner.has_info()
+    }
+    fn backing_driver(&self) -> Option<String> {
+        self.inner.backing_driver()
+    }
     fn length(&mut self) -> Result<u64, i32> {
         self.inner.length()
     }
@@ -501,7 +528,17 @@ impl BlockDev for Device {
     fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
         self.writable()?;
         self.probe_guard(offset, buf)?;
-        let r = self.inner.write(offset, buf);
+        // As QEMU's block layer: with detect-zeroes, a buffer of zeros is written as a
+        // zero write (unmapping only when both detect-zeroes=unmap and discard=unmap).
+        let r = if self.detect_zeroes != DetectZeroes::Off
+            && !buf.is_empty()
+            && buf.iter().all(|&b| b == 0)
+        {
+            let unmap = self.detect_zeroes == DetectZeroes::Unmap && self.discard_unmap;
+            self.inner.write_zeroes(offset, buf.len() as u64, unmap)
+        } else {
+            self.inner.write(offset, buf)
+        };
         self.after_write(r)
     }
     fn write_compressed(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
@@ -589,23 +626,110 @@ fn probes_as_other_format(sector: &[u8; 512]) -> bool {
 
 /// The generic block options of `-o`/`--image-opts` lists applied to `params`; returns the
 /// file name and the driver's own options (qcow2's runtime options).
-fn apply_options(
-    path: Option<&str>,
-    params: &mut OpenParams,
-) -> Result<(String, Vec<(String, String)>), String> {
+fn apply_options(path: Option<&str>, params: &mut OpenParams) -> Result<Applied, String> {
     let mut file = path.map(str::to_string);
     let mut driver_opts = Vec::new();
-    for (k, v) in params.options.clone() {
+    let mut debug = DebugNode::None;
+    let mut options = params.options.clone();
+    let mut path = path;
+    if let Some(json) = path.and_then(crate::jsonname::options) {
+        // The options of a json: name come first; -o options given beside it follow.
+        let mut all = json?;
+        all.extend(options);
+        options = all;
+        file = None;
+        path = None;
+    }
+    if options
+        .iter()
+        .any(|(k, v)| k == "driver" && v == "blkdebug")
+    {
+        // blkdebug above the format driver: its own keys bare, the format's under
+        // `image.`; a `blkdebug:` name belongs to this node.
+        let mut node = match path {
+            Some(p) => crate::blkdebug::Blkdebug::from_filename(p)?.unwrap_or_else(|| {
+                crate::blkdebug::Blkdebug {
+                    image: Some(p.to_string()),
+                    ..Default::default()
+                }
+            }),
+            None => crate::blkdebug::Blkdebug::default(),
+        };
+        let mut pending = Vec::new();
+        let mut below = Vec::new();
+        for (k, v) in options {
+            if k == "driver" {
+                continue;
+            }
+            if let Some(ik) = k.strip_prefix("image.") {
+                match ik {
+                    "driver" => below.push(("driver".to_string(), v)),
+                    "file.filename" | "filename" => node.image = Some(v),
+                    _ => below.push((ik.to_string(), v)),
+                }
+            } else if !node.apply_option(&k, &v, &mut pending)? {
+                return Err(format!(
+                    "Block format 'blkdebug' does not support the option '{k}'"
+                ));
+            }
+        }
+        node.finish_options(pending)?;
+        file = node.image.clone();
+        if !below.iter().any(|(k, _)| k == "driver") {
+            params.format = None;
+        }
+        options = below;
+        debug = DebugNode::Format(node);
+    } else if let Some(p) = path {
+        if let Some(node) = crate::blkdebug::Blkdebug::from_filename(p)? {
+            debug = DebugNode::File(node);
+        }
+    }
+    let mut pending = Vec::new();
+    for (k, v) in options {
+        if let DebugNode::File(node) = &mut debug {
+            if let Some(fk) = k.strip_prefix("file.") {
+                if node.apply_option(fk, &v, &mut pending)? {
+                    continue;
+                }
+            }
+        }
         match k.as_str() {
             "driver" => params.format = Some(v),
             "file" | "file.filename" | "filename" => file = Some(v),
             "file.driver" if v == "file" => {}
+            "file.driver" if v == "blkdebug" => {
+                if !matches!(debug, DebugNode::File(_)) {
+                    debug = DebugNode::File(crate::blkdebug::Blkdebug {
+                        image: file.clone(),
+                        ..Default::default()
+                    });
+                }
+            }
             "file.driver" => return Err(format!("Unknown protocol driver '{v}'")),
             "read-only" => params.read_only = matches!(v.as_str(), "on" | "true" | "yes"),
             "force-share" => params.force_share = matches!(v.as_str(), "on" | "true" | "yes"),
             "discard" => {
                 params.discard_unmap =
                     parse_discard(&v).ok_or_else(|| format!("Invalid discard option: {v}"))?
+            }
+            "node-name" | "file.node-name" | "backing.node-name" => {
+                // Node names only name; kept in the options for reopen's comparison.
+                let ok = v.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+                    && v.len() < 32;
+                if !ok {
+                    return Err(format!("Invalid node-name: '{v}'"));
+                }
+            }
+            "detect-zeroes" => {
+                params.detect_zeroes = match v.as_str() {
+                    "off" => DetectZeroes::Off,
+                    "on" => DetectZeroes::On,
+                    "unmap" => DetectZeroes::Unmap,
+                    _ => return Err(format!("invalid parameter value: {v}")),
+                }
             }
             "cache.direct" => params.cache.direct = matches!(v.as_str(), "on" | "true"),
             "cache.no-flush" => params.cache.no_flush = matches!(v.as_str(), "on" | "true"),
@@ -622,15 +746,89 @@ fn apply_options(
             _ => driver_opts.push((k, v)),
         }
     }
+    if let DebugNode::File(node) = &mut debug {
+        node.finish_options(pending)?;
+        if node.image.is_none() {
+            node.image = file.clone();
+        }
+        if file.is_none() {
+            file = node.image.clone();
+        }
+    }
     let file = file.ok_or_else(|| "Must specify either driver or file".to_string())?;
-    Ok((file, driver_opts))
+    Ok((file, driver_opts, debug))
+}
+
+/// What [`apply_options`] gives: the file name, the format driver's own options, and where
+/// a blkdebug node sits.
+type Applied = (String, Vec<(String, String)>, DebugNode);
+
+/// The checks of QEMU's `file`, `host_device` and `host_cdrom` protocol drivers, in their
+/// order: the open (`O_RDWR` fails on a directory), then the file type (`file` wants a
+/// regular file, the host drivers a character or block device).
+fn check_protocol_file(driver: &str, path: &str, read_only: bool) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
+    let ft = f
+        .metadata()
+        .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?
+        .file_type();
+    if driver == "file" {
+        if !ft.is_file() {
+            return Err(format!(
+                "'file' driver requires '{path}' to be a regular file"
+            ));
+        }
+    } else if !ft.is_char_device() && !ft.is_block_device() {
+        return Err(format!(
+            "'{driver}' driver requires '{path}' to be either a character or block device"
+        ));
+    }
+    Ok(())
+}
+
+/// Where a blkdebug node sits in an open.
+#[derive(Debug)]
+enum DebugNode {
+    /// None.
+    None,
+    /// Between the format driver and its file (`blkdebug:CONFIG:FILE`, `file.driver=
+    /// blkdebug`): its rules run on the engine's I/O, armed by the engine's events.
+    File(crate::blkdebug::Blkdebug),
+    /// Above the format driver (`driver=blkdebug,image.driver=...`): it sees guest
+    /// requests only, and no engine reports events to it, so its rules are checked but
+    /// never armed (as QEMU's, apart from the copy-on-read and write-request events QEMU's
+    /// generic block layer reports there).
+    Format(crate::blkdebug::Blkdebug),
+}
+
+impl DebugNode {
+    /// The file the image's bytes are in, for opens that bypass the node.
+    fn file_path(&self, name: &str) -> String {
+        match self {
+            DebugNode::File(n) | DebugNode::Format(n) => n
+                .image
+                .clone()
+                .unwrap_or_else(|| crate::blkdebug::file_of(name).to_string()),
+            DebugNode::None => name.to_string(),
+        }
+    }
 }
 
 /// Opens a device as qemu-io's `openfile` does; the error is the text after
 /// "can't open device NAME: " ("can't open: " without a name).
 fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String> {
     let mut params = params.clone();
-    let (path, driver_opts) = apply_options(name, &mut params)?;
+    if let Some(dev) = open_null(name, &mut params)? {
+        return Ok(dev);
+    }
+    let (name_path, driver_opts, debug) = apply_options(name, &mut params)?;
+    // Messages name the device as given; the bytes are in the node's file.
+    let path = debug.file_path(&name_path);
     if params.aio == AioMode::Native && !params.cache.direct {
         return Err(
             "aio=native was specified, but it requires cache.direct=on, which was not \
@@ -651,6 +849,11 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         return Err("Can't use copy-on-read on read-only device".into());
     }
     let format = match params.format.as_deref() {
+        Some(p @ ("file" | "host_device" | "host_cdrom")) => {
+            // A protocol driver opened as the device: the bytes of the file, as raw.
+            check_protocol_file(p, &path, ro)?;
+            Format::Raw
+        }
         Some(f) => Format::parse(f).map_err(|_| format!("Unknown driver '{f}'"))?,
         None => {
             // Probe only: the lock that matters (and its message) is the device's open.
@@ -706,13 +909,18 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
                 } else {
                     qcow2_io::CacheMode::Writeback
                 };
-                let image = crate::qcowdev::open_image_full(
-                    &path,
+                let node = match &debug {
+                    DebugNode::File(n) => Some(n),
+                    _ => None,
+                };
+                let image = crate::qcowdev::open_image_node(
+                    if node.is_some() { &name_path } else { &path },
                     ro,
                     params.discard_unmap,
                     cache,
                     locking,
                     &driver_opts,
+                    node,
                 )?;
                 let mut dev = QcowDev::from_image(image, ro);
                 dev.set_copy_on_read(params.copy_on_read);
@@ -727,9 +935,41 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         read_only: ro,
         discard_unmap: params.discard_unmap,
         copy_on_read: params.copy_on_read,
+        detect_zeroes: params.detect_zeroes,
         probed_raw: probed_raw && !params.snapshot,
         params: reopen,
     })
+}
+
+/// Opens a `null-co` device when the driver (`-f`, `driver=`, or a `json:` name's) is
+/// `null-co`; `None` for every other driver. The device has no file.
+fn open_null(name: Option<&str>, params: &mut OpenParams) -> Result<Option<Device>, String> {
+    let mut options = match name.and_then(crate::jsonname::options) {
+        Some(json) => json?,
+        None => Vec::new(),
+    };
+    options.extend(params.options.iter().cloned());
+    let driver = options
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "driver")
+        .map(|(_, v)| v.as_str())
+        .or(params.format.as_deref());
+    if driver != Some("null-co") {
+        return Ok(None);
+    }
+    let own: Vec<(String, String)> = options.into_iter().filter(|(k, _)| k != "driver").collect();
+    let dev = crate::nulldev::NullDev::open(&own, params.read_only)?;
+    Ok(Some(Device {
+        inner: Box::new(dev),
+        cache: params.cache,
+        read_only: params.read_only,
+        discard_unmap: params.discard_unmap,
+        copy_on_read: params.copy_on_read,
+        detect_zeroes: params.detect_zeroes,
+        probed_raw: false,
+        params: None,
+    }))
 }
 
 /// Drops the "can't open device PATH: " that [`RawDev::open`] puts in front.
@@ -737,63 +977,6 @@ fn strip_device(path: &str, e: &str) -> String {
     e.strip_prefix(&format!("can't open device {path}: "))
         .unwrap_or(e)
         .to_string()
-}
-
-/// C stdio's buffering of standard output.
-struct Stdout {
-    buf: Vec<u8>,
-    line_buffered: bool,
-}
-
-/// glibc's buffer size for pipes and files (`st_blksize`).
-const STDIO_BUF: usize = 4096;
-
-impl Stdout {
-    fn new() -> Self {
-        Stdout {
-            buf: Vec::new(),
-            line_buffered: std::io::stdout().is_terminal(),
-        }
-    }
-
-    fn emit(bytes: &[u8]) {
-        let mut out = std::io::stdout().lock();
-        // qemu-io ignores SIGPIPE and write errors; so does this.
-        let _ = out.write_all(bytes).and_then(|_| out.flush());
-    }
-
-    fn write(&mut self, s: &str) {
-        let data = s.as_bytes();
-        if self.line_buffered {
-            self.buf.extend_from_slice(data);
-            if data.contains(&b'\n') {
-                self.flush();
-            }
-            return;
-        }
-        let space = STDIO_BUF - self.buf.len();
-        if data.len() <= space {
-            self.buf.extend_from_slice(data);
-            return;
-        }
-        // As glibc's fwrite: fill the buffer, write it, write whole blocks directly,
-        // keep the rest.
-        self.buf.extend_from_slice(&data[..space]);
-        self.flush();
-        let rest = &data[space..];
-        let whole = rest.len() - rest.len() % STDIO_BUF;
-        if whole > 0 {
-            Self::emit(&rest[..whole]);
-        }
-        self.buf.extend_from_slice(&rest[whole..]);
-    }
-
-    fn flush(&mut self) {
-        if !self.buf.is_empty() {
-            Self::emit(&self.buf);
-            self.buf.clear();
-        }
-    }
 }
 
 /// The session: the open device and the standard output buffer.
@@ -904,7 +1087,8 @@ impl Shell for Session {
     fn reopen(&mut self, p: &Parsed, o: &mut Outcome) -> Result<(), Fail> {
         let mut read_only: Option<bool> = None;
         let mut cache: Option<CacheMode> = None;
-        let mut runtime: Vec<(String, String)> = Vec::new();
+        let runtime: Vec<(String, String)>;
+        let mut items: Vec<(String, String)> = Vec::new();
         for (c, v) in p.flags() {
             let v = v.clone().unwrap_or_default();
             match c {
@@ -915,22 +1099,7 @@ impl Shell for Session {
                         return Err(Fail::Done);
                     }
                 },
-                'o' => {
-                    for (k, val) in split_opts(&v, None) {
-                        let mut probe = qcow2_image::OpenOptions::default();
-                        match crate::qcowdev::apply_runtime_option(&mut probe, &k, &val) {
-                            Ok(true) => runtime.push((k, val)),
-                            Ok(false) => {
-                                o.error_report(format!("Cannot change the option '{k}'"));
-                                return Err(Fail::Done);
-                            }
-                            Err(m) => {
-                                o.error_report(m);
-                                return Err(Fail::Done);
-                            }
-                        }
-                    }
-                }
+                'o' => items.extend(split_opts(&v, None)),
                 'r' | 'w' => {
                     if read_only.is_some() {
                         o.error_report("Only one -r/-w option may be given");
@@ -947,6 +1116,26 @@ impl Shell for Session {
         let Some(dev) = self.dev.as_mut() else {
             return Err(Fail::Done);
         };
+        match reopen_options(dev, &items, read_only.is_some(), cache.is_some()) {
+            Ok(r) => {
+                runtime = r.runtime;
+                read_only = read_only.or(r.read_only);
+                if let Some(d) = r.cache_direct {
+                    let mut c = cache.unwrap_or(dev.cache);
+                    c.direct = d;
+                    cache = Some(c);
+                }
+                if let Some(n) = r.cache_no_flush {
+                    let mut c = cache.unwrap_or(dev.cache);
+                    c.no_flush = n;
+                    cache = Some(c);
+                }
+            }
+            Err(m) => {
+                o.error_report(m);
+                return Err(Fail::Done);
+            }
+        }
         if let Some(c) = cache {
             dev.cache = c;
         }
@@ -999,6 +1188,90 @@ impl Shell for Session {
             }
         }
     }
+}
+
+/// What a `reopen -o` list asks for, once checked.
+#[derive(Debug, Default)]
+struct ReopenOptions {
+    /// qcow2 runtime options to open again with.
+    runtime: Vec<(String, String)>,
+    /// `read-only=`.
+    read_only: Option<bool>,
+    /// `cache.direct=`.
+    cache_direct: Option<bool>,
+    /// `cache.no-flush=`.
+    cache_no_flush: Option<bool>,
+}
+
+/// Checks a `reopen -o` list as QEMU's reopen does: `read-only` and the cache options
+/// not beside `-r`/`-w` and `-c`, booleans as booleans, node names and drivers unchanged
+/// (QEMU names the option without its child's prefix), and the rest qcow2 runtime options.
+fn reopen_options(
+    dev: &Device,
+    items: &[(String, String)],
+    has_rw: bool,
+    has_cache: bool,
+) -> Result<ReopenOptions, String> {
+    let mut r = ReopenOptions::default();
+    let has = |k: &str| items.iter().any(|(key, _)| key == k);
+    if has("read-only") && has_rw {
+        return Err("Cannot set both -r/-w and 'read-only'".into());
+    }
+    if (has("cache.direct") || has("cache.no-flush")) && has_cache {
+        return Err("Cannot set both -c and the cache options".into());
+    }
+    let boolean = |k: &str, v: &str| match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("Parameter '{k}' expects 'on' or 'off'")),
+    };
+    let opened = dev
+        .params
+        .as_ref()
+        .map(|(_, p)| p.options.as_slice())
+        .unwrap_or(&[]);
+    for (k, v) in items {
+        match k.as_str() {
+            "read-only" => {
+                let ro = boolean(k, v)?;
+                // qemu-io's own user of the device keeps its write permission unless -r
+                // asks to drop it: QEMU refuses the read-only node.
+                if ro && !dev.read_only {
+                    return Err("Read-only block node cannot support read-write users".into());
+                }
+                r.read_only = Some(ro);
+            }
+            "cache.direct" => r.cache_direct = Some(boolean(k, v)?),
+            "cache.no-flush" => r.cache_no_flush = Some(boolean(k, v)?),
+            "auto-read-only" => {
+                boolean(k, v)?;
+            }
+            "node-name" | "file.node-name" | "backing.node-name" => {
+                let current = opened.iter().rev().find(|(o, _)| o == k).map(|(_, v)| v);
+                if current != Some(v) {
+                    return Err("Cannot change the option 'node-name'".into());
+                }
+            }
+            "driver" | "file.driver" | "backing.driver" => {
+                let current = match k.as_str() {
+                    "driver" => Some(dev.format_name().to_string()),
+                    "file.driver" => Some("file".to_string()),
+                    _ => dev.backing_driver(),
+                };
+                if current.as_deref() != Some(v.as_str()) {
+                    return Err("Cannot change the option 'driver'".into());
+                }
+            }
+            _ => {
+                let mut probe = qcow2_image::OpenOptions::default();
+                if !crate::qcowdev::apply_runtime_option(&mut probe, k, v)? {
+                    return Err(format!("Cannot change the option '{k}'"));
+                }
+                r.runtime.push((k.clone(), v.clone()));
+            }
+        }
+    }
+    Ok(r)
 }
 
 /// qemu-io's "can't open device NAME: REASON" ("can't open: REASON" without a name).

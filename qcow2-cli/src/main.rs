@@ -7,31 +7,41 @@
 
 mod amend;
 mod bench;
+mod bitmap;
+mod blkdebug;
 mod check;
+mod commit;
 mod compare;
 mod convert;
+mod convert_opts;
 mod create;
+mod daemon;
 mod dd;
+mod encryption;
 mod image;
 mod info;
 mod io;
 mod ioshell;
 mod json;
+mod jsonname;
 mod map;
 mod measure;
+mod nulldev;
 mod opts;
 mod prog;
 mod progress;
 mod qcowdev;
 mod rawdev;
+mod rebase;
 mod resize;
 mod secrets;
 mod serve;
 mod size;
 mod snapshot;
 mod source;
+mod stdio;
+mod tlsopts;
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -69,16 +79,10 @@ impl CliError {
     }
 }
 
-/// Writes to stdout; a closed pipe ends the program quietly instead of panicking.
+/// Writes to stdout, buffered as C stdio buffers it (see [`stdio`]); a closed pipe is
+/// ignored, as QEMU's tools ignore it.
 pub fn out(text: &str) {
-    let mut stdout = std::io::stdout().lock();
-    if stdout
-        .write_all(text.as_bytes())
-        .and_then(|_| stdout.flush())
-        .is_err()
-    {
-        std::process::exit(1);
-    }
+    stdio::out(text);
 }
 
 /// `--output human|json`.
@@ -163,6 +167,10 @@ Examples:
   qcow2 snapshot -a before-upgrade disk.qcow2
   qcow2 snapshot -d before-upgrade disk.qcow2")]
     Snapshot(SnapshotArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (qemu-img's
+    /// options; several operations per call, in order).
+    #[command(disable_help_flag = true)]
+    Bitmap(BitmapArgs),
     /// Show how guest ranges map to the image file.
     #[command(after_help = "\
 Examples:
@@ -225,6 +233,20 @@ Examples:
   qcow2 serve -f qcow2 -p 10809 -e 4 -t --discard=unmap disk.qcow2
   qemu-io -f raw 'nbd+unix:///disk?socket=/tmp/disk.sock' -c 'read 0 64k'")]
     Serve(serve::ServeArgs),
+    /// Change the backing file of an image (copying what differs unless -u).
+    #[command(after_help = "\
+Examples:
+  qcow2 rebase -b new-base.qcow2 -F qcow2 overlay.qcow2
+  qcow2 rebase -u -b renamed-base.qcow2 -F qcow2 overlay.qcow2
+  qcow2 rebase -b '' overlay.qcow2")]
+    Rebase(rebase::RebaseArgs),
+    /// Write an image's data into its backing file (then empty it unless -d or -b).
+    #[command(after_help = "\
+Examples:
+  qcow2 commit overlay.qcow2
+  qcow2 commit -d -p overlay.qcow2
+  qcow2 commit -b base.qcow2 top.qcow2")]
+    Commit(commit::CommitArgs),
 }
 
 #[derive(Args, Debug)]
@@ -277,6 +299,10 @@ struct MeasureArgs {
     /// Open without locking (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Define a secret for encrypt.key-secret: `secret,id=ID,data=PASSPHRASE` or
+    /// `secret,id=ID,file=FILE[,format=raw|base64]` (repeatable).
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
     /// The source image.
     files: Vec<String>,
 }
@@ -316,6 +342,10 @@ struct CreateArgs {
     /// Quiet: do not print the "Formatting" line.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// Define a secret for encrypt.key-secret: `secret,id=ID,data=PASSPHRASE` or
+    /// `secret,id=ID,file=FILE[,format=raw|base64]` (repeatable).
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
     /// The image file to create (it is overwritten if it exists).
     filename: Option<String>,
     /// Virtual size with an optional suffix (b, k, M, G, T, P, E).
@@ -442,6 +472,15 @@ struct SnapshotArgs {
     objects: ObjectArgs,
 }
 
+/// `bitmap`: parsed by the command itself, as qemu-img's getopt does (the order of the
+/// operations matters).
+#[derive(Args, Debug)]
+struct BitmapArgs {
+    /// Operations, options, FILENAME and BITMAP (see `qcow2 bitmap --help`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    args: Vec<String>,
+}
+
 #[derive(Args, Debug)]
 struct MapArgs {
     /// Image format.
@@ -490,10 +529,18 @@ struct ConvertArgs {
     /// only, as qemu-img's -U; what is read may be inconsistent).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Copy the persistent bitmaps of the (single) source.
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps, skip inconsistent bitmaps instead of failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Source file(s) and the target file.
     files: Vec<String>,
     #[command(flatten)]
     objects: ObjectArgs,
+    #[command(flatten)]
+    extra: convert_opts::ConvertExtraArgs,
 }
 
 #[derive(Args, Debug)]
@@ -659,6 +706,9 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     &format!("Unexpected argument: {x}"),
                 ));
             }
+            for def in &a.object {
+                secrets::define_object(def).map_err(CliError::new)?;
+            }
             create::run(create::CreateRequest {
                 format: a.format,
                 options: a.options,
@@ -725,6 +775,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             };
             snapshot::run(&file, format, &op)
         }
+        Command::Bitmap(a) => bitmap::run(&a.args),
         Command::Map(mut a) => {
             let output = OutputFormat::parse(a.output.as_deref())?;
             let driver = a.objects.apply(&mut a.files)?;
@@ -752,6 +803,9 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 progress: a.progress,
                 quiet: a.quiet,
                 files: a.files,
+                bitmaps: a.bitmaps,
+                skip_broken_bitmaps: a.skip_broken_bitmaps,
+                extra: a.extra,
             })
         }
         Command::Amend(mut a) => {
@@ -761,14 +815,13 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             let driver = a.objects.apply(&mut a.files)?;
             let format = format_or_driver(a.format, driver);
             let file = one_file("amend", &a.files)?;
-            // --force only matters for LUKS keyslot changes, which this tool does not do.
-            let _ = a.force;
             amend::run(amend::AmendRequest {
                 file,
                 format: parse_format(format.as_deref())?,
                 options: a.options,
                 progress: a.progress,
                 quiet: a.quiet,
+                force: a.force,
             })
         }
         Command::Resize(mut a) => {
@@ -865,6 +918,8 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
             }
         }
         Command::Serve(a) => serve::run(a),
+        Command::Rebase(a) => rebase::run(a),
+        Command::Commit(a) => commit::run(a),
         Command::Compare(a) => {
             image::set_force_share(a.force_share);
             compare::run(compare::CompareRequest {
@@ -885,6 +940,9 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                 .map(create::parse_image_size)
                 .transpose()?;
             image::set_force_share(a.force_share);
+            for def in &a.object {
+                secrets::define_object(def).map_err(CliError::new)?;
+            }
             measure::run(measure::MeasureRequest {
                 output,
                 target_format: a.target_format,
@@ -951,10 +1009,10 @@ fn clap_error(e: clap::Error, args: &[String]) -> ExitCode {
 }
 
 impl Cli {
-    fn command_names() -> [&'static str; 14] {
+    fn command_names() -> [&'static str; 17] {
         [
             "create", "info", "check", "snapshot", "map", "convert", "amend", "resize", "bench",
-            "io", "compare", "measure", "dd", "serve",
+            "io", "compare", "measure", "dd", "serve", "rebase", "commit", "bitmap",
         ]
     }
 }
@@ -962,8 +1020,16 @@ impl Cli {
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("{}internal error: {info}", prog::prefix());
+        stdio::flush();
         std::process::exit(1);
     }));
+    let code = run_main();
+    stdio::flush();
+    code
+}
+
+/// The program after the panic hook: the personality's command line and command.
+fn run_main() -> ExitCode {
     let args: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();

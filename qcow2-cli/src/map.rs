@@ -228,7 +228,8 @@ enum Layer {
 }
 
 fn open_raw(path: &str) -> Result<FileStorage, CliError> {
-    FileStorage::open(path, false).map_err(|e| image::open_error(path, image::strerror(&e)))
+    FileStorage::open(image::file_name(path), false)
+        .map_err(|e| image::open_error(path, image::strerror(&e)))
 }
 
 /// Opens the backing file of `img` (a qcow2 image or a raw file), with its name and size.
@@ -277,6 +278,8 @@ pub fn run(
         .map(|v| parse_offset("max length", v))
         .transpose()?;
     let opened = image::open(file, format, false)?;
+    // QEMU names ranges by the image's filename (a `file:` prefix stripped).
+    let file = opened.path.as_str();
     let mut entries = Vec::new();
     if opened.format == Format::Raw {
         // The block layer counts whole sectors.

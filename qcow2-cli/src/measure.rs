@@ -120,17 +120,24 @@ pub fn run(req: MeasureRequest) -> Result<(), CliError> {
             target.name()
         )));
     }
-    // encrypt.* options: only LUKS changes the numbers, and it needs a secret object,
-    // which this tool has no way to define (QEMU's messages without one).
+    // encrypt.* options: only LUKS changes the numbers (its header area, in whole
+    // clusters, is added to both sizes, as qcow2_measure does); it needs its secret object.
     let mut lists = req.options.clone();
+    let mut luks_area = 0u64;
     if target == Format::Qcow2 {
         if let Ok(list) = crate::opts::OptList::parse(&req.options) {
-            let get = |n: &str| list.items.iter().find(|(k, _)| k == n).map(|(_, v)| v);
+            let get = |n: &str| {
+                list.items
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k == n)
+                    .map(|(_, v)| v.clone())
+            };
             if get("encrypt.format").is_some_and(|f| f == "luks") {
-                return Err(CliError::new(match get("encrypt.key-secret") {
-                    None => "Parameter 'encrypt.key-secret' is required for cipher".to_string(),
-                    Some(id) => format!("No secret with id '{id}'"),
-                }));
+                let (o, _) = crate::encryption::luks_options(&get)
+                    .map_err(CliError::new)?
+                    .ok_or_else(|| CliError::new("encrypt.format without options"))?;
+                luks_area = qcow2_crypto::keyslot::area_len(&o);
             }
             let rest: Vec<String> = list
                 .items
@@ -201,7 +208,11 @@ pub fn run(req: MeasureRequest) -> Result<(), CliError> {
                 };
             }
             m.has_backing_file = opt("backing_file").is_some();
-            qcow2_info(&m, size_option, src.as_mut())?
+            let mut info = qcow2_info(&m, size_option, src.as_mut())?;
+            let luks = luks_area.next_multiple_of(m.cluster_size);
+            info.required += luks;
+            info.fully_allocated += luks;
+            info
         }
     };
     print(&info, req.output);

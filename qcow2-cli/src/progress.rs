@@ -2,8 +2,6 @@
 //! "    (P/100%)\r" on stdout with two decimals, printed when the value moved by more than
 //! the minimum step since the last print, or is exactly 0 or 100; a newline at the end.
 
-use std::io::Write;
-
 /// A progress line on stdout; a disabled one prints nothing.
 #[derive(Debug)]
 pub struct Progress {
@@ -49,18 +47,17 @@ impl Progress {
 
     fn print(&self) {
         if self.enabled {
-            let mut o = std::io::stdout().lock();
-            let _ = write!(o, "    ({:3.2}/100%)\r", self.current);
-            let _ = o.flush();
+            // As QEMU's printf + fflush: through the stdio buffer, which it empties.
+            crate::stdio::out(&format!("    ({:3.2}/100%)\r", self.current));
+            crate::stdio::flush();
         }
     }
 
     /// `qemu_progress_end`: the final newline.
     pub fn end(&self) {
         if self.enabled {
-            let mut o = std::io::stdout().lock();
-            let _ = writeln!(o);
-            let _ = o.flush();
+            crate::stdio::out("\n");
+            crate::stdio::flush();
         }
     }
 }

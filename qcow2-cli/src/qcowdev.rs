@@ -99,6 +99,37 @@ pub fn apply_runtime_option(
     Ok(true)
 }
 
+/// QEMU's rules between `cache-size` and the two caches it is split into (checked before
+/// the entry size): not all three at once, and neither part above the total.
+pub fn check_cache_sizes(runtime: &[(String, String)]) -> Result<(), String> {
+    // The last value of a repeated key wins, as in QEMU's option lists.
+    let get = |k: &str| {
+        runtime
+            .iter()
+            .rev()
+            .find(|(key, _)| key == k)
+            .and_then(|(_, v)| crate::size::parse_size(v).ok())
+    };
+    let (total, l2, refcount) = (
+        get("cache-size"),
+        get("l2-cache-size"),
+        get("refcount-cache-size"),
+    );
+    match (total, l2, refcount) {
+        (Some(_), Some(_), Some(_)) => Err(
+            "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
+                .to_string(),
+        ),
+        (Some(t), Some(l), _) if l > t => {
+            Err("l2-cache-size may not exceed cache-size".to_string())
+        }
+        (Some(t), _, Some(r)) if r > t => {
+            Err("refcount-cache-size may not exceed cache-size".to_string())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// [`open_image_with`] with qcow2 runtime options (see [`apply_runtime_option`]); the
 /// error is the text after "can't open device FILE: ".
 pub fn open_image_tuned(
@@ -128,12 +159,79 @@ pub fn open_image_full(
     locking: Locking,
     runtime: &[(String, String)],
 ) -> Result<Image, String> {
-    open_image_aio(path, read_only, unmap, cache, locking, runtime, false).map(|(i, _)| i)
+    let node = crate::blkdebug::Blkdebug::from_filename(path)?;
+    open_image_node(
+        path,
+        read_only,
+        unmap,
+        cache,
+        locking,
+        runtime,
+        node.as_ref(),
+    )
 }
 
-/// [`open_image_full`] with the image file's data transfers able to go through io_uring
-/// (QEMU's `aio=io_uring`); also says whether they do. Where the kernel has no usable
-/// io_uring, QEMU 10's message and its fallback: the thread pool.
+/// [`open_image_full`] with the image file below a blkdebug node (`blkdebug`: its rules
+/// run on the engine's I/O to the file; `path` is then the node's name in messages and
+/// the file is the node's image).
+pub fn open_image_node(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    blkdebug: Option<&crate::blkdebug::Blkdebug>,
+) -> Result<Image, String> {
+    let extras = OpenExtras {
+        blkdebug,
+        ..OpenExtras::default()
+    };
+    open_image_extras(path, read_only, unmap, cache, locking, runtime, extras)
+}
+
+/// What only some commands ask of an open, beyond [`open_image_full`].
+#[derive(Debug, Clone, Copy)]
+pub struct OpenExtras<'a> {
+    /// Open the backing chain; without it the backing file is not opened (QEMU's
+    /// `BDRV_O_NO_BACKING`, as `rebase -u` opens the overlay).
+    pub backing: bool,
+    /// Let the image file's data transfers go through io_uring (QEMU's `aio=io_uring`):
+    /// the open fails with QEMU's message where the kernel has none.
+    pub io_uring: bool,
+    /// The image file sits below this blkdebug node (its rules run on the engine's I/O
+    /// to the file; the path is then the node's name in messages).
+    pub blkdebug: Option<&'a crate::blkdebug::Blkdebug>,
+}
+
+impl Default for OpenExtras<'_> {
+    fn default() -> Self {
+        OpenExtras {
+            backing: true,
+            io_uring: false,
+            blkdebug: None,
+        }
+    }
+}
+
+/// [`open_image_chain`] without the backing file when `backing` is false.
+pub fn open_image_chain(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    backing: bool,
+) -> Result<Image, String> {
+    let extras = OpenExtras {
+        backing,
+        ..OpenExtras::default()
+    };
+    open_image_extras(path, read_only, unmap, cache, locking, runtime, extras)
+}
+
+/// [`open_image_full`] with the image file's data transfers able to go through io_uring.
 pub fn open_image_aio(
     path: &str,
     read_only: bool,
@@ -143,8 +241,53 @@ pub fn open_image_aio(
     runtime: &[(String, String)],
     io_uring: bool,
 ) -> Result<(Image, bool), String> {
-    let mut storage = FileStorage::open_cached(path, !read_only, cache)
-        .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
+    let extras = OpenExtras {
+        io_uring,
+        ..OpenExtras::default()
+    };
+    open_image_extras_uring(path, read_only, unmap, cache, locking, runtime, extras)
+}
+
+/// [`open_image_full`] with [`OpenExtras`].
+pub fn open_image_extras(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    extras: OpenExtras<'_>,
+) -> Result<Image, String> {
+    open_image_extras_uring(path, read_only, unmap, cache, locking, runtime, extras).map(|(i, _)| i)
+}
+
+/// [`open_image_extras`], also saying whether the image file's data transfers go through
+/// io_uring. Where the kernel has no usable io_uring: QEMU 10's message and its fallback,
+/// the thread pool.
+fn open_image_extras_uring(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    extras: OpenExtras<'_>,
+) -> Result<(Image, bool), String> {
+    let OpenExtras {
+        backing,
+        io_uring,
+        blkdebug,
+    } = extras;
+    let file_path = match blkdebug {
+        Some(node) => node
+            .image
+            .as_deref()
+            .ok_or_else(|| "Could not open blkdebug: no image file given".to_string())?,
+        None => path,
+    };
+    let mut storage =
+        FileStorage::open_cached(crate::image::file_name(file_path), !read_only, cache)
+            .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
     if io_uring {
         if let Err(e) = storage.enable_io_uring() {
             eprintln!(
@@ -155,6 +298,7 @@ pub fn open_image_aio(
         }
     }
     let uses_io_uring = storage.uses_io_uring();
+    let path = file_path;
     let base_dir = std::path::Path::new(path)
         .parent()
         .map(|p| p.to_path_buf())
@@ -163,12 +307,16 @@ pub fn open_image_aio(
         read_only,
         force_share: crate::image::force_share(),
         locking,
-        backing: BackingPolicy::Open {
-            base_dir,
-            max_depth: 16,
-            // qemu-img follows backing file names anywhere; so does this command-line tool
-            // (the restriction is for services that open untrusted images).
-            allowed_dirs: vec![std::path::PathBuf::from("/")],
+        backing: if backing {
+            BackingPolicy::Open {
+                base_dir,
+                max_depth: 16,
+                // qemu-img follows backing file names anywhere; so does this command-line
+                // tool (the restriction is for services that open untrusted images).
+                allowed_dirs: vec![std::path::PathBuf::from("/")],
+            }
+        } else {
+            BackingPolicy::Ignore
         },
         pass_discard_request: unmap,
         key_secret: crate::secrets::command_secret(),
@@ -182,8 +330,15 @@ pub fn open_image_aio(
             ));
         }
     }
-    let image =
-        Image::open_file(storage, std::path::Path::new(path), &opts).map_err(|e| match e {
+    check_cache_sizes(runtime)?;
+    let wrap = |f: std::sync::Arc<FileStorage>| -> std::sync::Arc<dyn qcow2_io::Storage> {
+        match blkdebug {
+            Some(node) => node.wrap(f),
+            None => f,
+        }
+    };
+    let image = Image::open_file_wrapped(storage, std::path::Path::new(path), &opts, wrap)
+        .map_err(|e| match e {
             // QEMU's message for a bad option has no operation in front.
             ImageError::InvalidArgument { reason, .. } => reason,
             ImageError::Backing { ref name, .. } => {
@@ -411,6 +566,12 @@ impl BlockDev for QcowDev {
     fn format_name(&self) -> &'static str {
         "qcow2"
     }
+    fn backing_driver(&self) -> Option<String> {
+        // The stored backing format (an image without one, whose backing file QEMU
+        // probes, answers None: reopen then refuses any backing.driver).
+        let image = self.image.as_ref().filter(|i| i.has_backing())?;
+        image.backing_format()
+    }
     fn length(&mut self) -> Result<u64, i32> {
         self.guard(Ops::length)
     }
@@ -457,6 +618,12 @@ impl BlockDev for QcowDev {
     fn usable(&self) -> bool {
         !self.unusable
     }
+    fn load_vmstate(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        self.guard(|d| Ops::load_vmstate(d, offset, buf))
+    }
+    fn save_vmstate(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        self.guard(|d| Ops::save_vmstate(d, offset, buf))
+    }
 }
 
 /// The engine side of each [`BlockDev`] operation, before [`QcowDev::guard`].
@@ -473,6 +640,8 @@ trait Ops {
     fn is_allocated(&mut self, offset: u64, len: u64) -> Result<(bool, u64), i32>;
     fn info(&mut self) -> (u64, u64);
     fn specific_info(&mut self) -> Vec<String>;
+    fn load_vmstate(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), i32>;
+    fn save_vmstate(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32>;
 }
 
 impl Ops for QcowDev {
@@ -566,13 +735,15 @@ impl Ops for QcowDev {
     }
     fn info(&mut self) -> (u64, u64) {
         match self.img() {
-            Ok(img) => {
-                let g = *img.geometry();
-                let l1 = g.l1_entries_for(img.virtual_size());
-                (g.cluster_size(), l1.saturating_mul(g.l2_coverage()))
-            }
+            Ok(img) => (img.geometry().cluster_size(), img.vm_state_offset()),
             Err(_) => (0, 0),
         }
+    }
+    fn load_vmstate(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        self.img()?.load_vmstate(offset, buf).map_err(errno)
+    }
+    fn save_vmstate(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        self.writable()?.save_vmstate(offset, buf).map_err(errno)
     }
     fn specific_info(&mut self) -> Vec<String> {
         match self.img() {

@@ -19,17 +19,22 @@ fn errno(e: std::io::Error) -> i32 {
 pub struct RawDev {
     storage: FileStorage,
     read_only: bool,
+    /// Whether anything changed since the last flush: QEMU's block layer flushes only then
+    /// (`write_gen` vs `flushed_gen`), so a flush without writes never reaches the file
+    /// (`fdatasync` on a character device such as /dev/null fails with EINVAL).
+    dirty: bool,
 }
 
 impl RawDev {
     /// Opens `path` (read-only with `read_only`); errors are qemu-io's open messages.
     pub fn open(path: &str, read_only: bool) -> Result<Self, String> {
-        let storage = FileStorage::open(path, !read_only).map_err(|e| {
-            format!(
-                "can't open device {path}: Could not open '{path}': {}",
-                crate::image::strerror(&e)
-            )
-        })?;
+        let storage =
+            FileStorage::open(crate::image::file_name(path), !read_only).map_err(|e| {
+                format!(
+                    "can't open device {path}: Could not open '{path}': {}",
+                    crate::image::strerror(&e)
+                )
+            })?;
         crate::image::lock(
             &storage,
             path,
@@ -37,7 +42,11 @@ impl RawDev {
             !read_only,
         )
         .map_err(|e| format!("can't open device {path}: {e}"))?;
-        Ok(RawDev { storage, read_only })
+        Ok(RawDev {
+            storage,
+            read_only,
+            dirty: false,
+        })
     }
 
     fn writable(&self) -> Result<(), i32> {
@@ -65,6 +74,7 @@ impl BlockDev for RawDev {
     }
     fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
         self.writable()?;
+        self.dirty = true;
         self.storage.write_at(buf, offset).map_err(errno)
     }
     fn write_compressed(&mut self, _offset: u64, _buf: &[u8]) -> Result<(), i32> {
@@ -72,6 +82,7 @@ impl BlockDev for RawDev {
     }
     fn write_zeroes(&mut self, offset: u64, len: u64, _unmap: bool) -> Result<(), i32> {
         self.writable()?;
+        self.dirty = true;
         self.storage.write_zeroes(offset, len).map_err(errno)
     }
     fn write_zeroes_fast(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), i32> {
@@ -80,13 +91,20 @@ impl BlockDev for RawDev {
     }
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), i32> {
         self.writable()?;
+        self.dirty = true;
         self.storage.discard(offset, len).map_err(errno)
     }
     fn flush(&mut self) -> Result<(), i32> {
-        self.storage.flush().map_err(errno)
+        if !self.dirty {
+            return Ok(());
+        }
+        self.storage.flush().map_err(errno)?;
+        self.dirty = false;
+        Ok(())
     }
     fn truncate(&mut self, len: u64) -> Result<(), i32> {
         self.writable()?;
+        self.dirty = true;
         self.storage.set_len(len).map_err(errno)
     }
     fn is_allocated(&mut self, _offset: u64, len: u64) -> Result<(bool, u64), i32> {

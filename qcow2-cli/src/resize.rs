@@ -72,7 +72,7 @@ pub fn run(
     if new < current && !shrink {
         return Err(shrink_refusal());
     }
-    let storage = qcow2_io::FileStorage::open(file, true)
+    let storage = qcow2_io::FileStorage::open(crate::image::file_name(file), true)
         .map_err(|e| image::open_error(file, image::strerror(&e)))?;
     image::lock(&storage, file, image::FileRole::Raw { resize: true }, true)
         .map_err(|e| image::open_error(file, e))?;

@@ -28,7 +28,36 @@ pub fn command_secret() -> Option<Secret> {
 pub fn image_opts(list: &str) -> Result<(String, Option<String>), String> {
     let mut file = None;
     let mut driver = None;
-    for (k, v) in crate::ioshell::split_opts(list, None) {
+    let mut items = crate::ioshell::split_opts(list, None);
+    if items.iter().any(|(k, v)| k == "driver" && v == "blkdebug") {
+        // blkdebug above the format: its own options are checked and, with no engine
+        // events reaching that level, change nothing a qemu-img command reads; the
+        // format's options are those under `image.`.
+        let mut node = crate::blkdebug::Blkdebug::default();
+        let mut pending = Vec::new();
+        let mut below = Vec::new();
+        for (k, v) in items {
+            if k == "driver" {
+                continue;
+            }
+            match k.strip_prefix("image.") {
+                Some(ik) => below.push((ik.to_string(), v)),
+                None => {
+                    if !node.apply_option(&k, &v, &mut pending)? {
+                        return Err(format!(
+                            "Block format 'blkdebug' does not support the option '{k}'"
+                        ));
+                    }
+                }
+            }
+        }
+        node.finish_options(pending)?;
+        if let Some(f) = node.image.take() {
+            below.push(("file.filename".to_string(), f));
+        }
+        items = below;
+    }
+    for (k, v) in items {
         match k.as_str() {
             "driver" => driver = Some(v),
             "file" | "file.filename" | "filename" => file = Some(v),
@@ -141,6 +170,12 @@ pub fn lookup(id: &str) -> Result<Secret, String> {
         .find(|(i, _)| i == id)
         .map(|(_, s)| s.clone())
         .ok_or_else(|| format!("No secret with id '{id}'"))
+}
+
+/// Every secret defined so far, by id (for the engine's `encrypt.new-secret` /
+/// `encrypt.old-secret` lookups).
+pub fn all() -> Vec<(String, Secret)> {
+    SECRETS.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Defines the secret of a qemu-img style `--object` argument.

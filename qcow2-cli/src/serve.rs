@@ -4,14 +4,22 @@
 //! on a Unix socket (`-k`) or TCP (`-b`/`-p`, default 0.0.0.0:10809). SIGTERM, SIGINT and
 //! SIGHUP, and (without `--persistent`) the last client leaving, end the server: requests
 //! in flight complete, then the image is flushed and closed (dirty bit cleared).
+//!
+//! As qemu-nbd: `--detect-zeroes` turns all-zero writes into zero writes, `-s` serves a
+//! temporary qcow2 overlay (in `$TMPDIR` or `/var/tmp`) over the image, `-l` exports an
+//! internal snapshot read-only, and `--fork` returns once the server listens.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use clap::Args;
 use qcow2_image::SharedImage;
+use qcow2_image::{CreateOptions, Image};
+use qcow2_io::CacheMode;
 use qcow2_io::FileStorage;
-use qcow2_nbd::{Export, Listener, NbdExport, RawExport, Server, ServerConfig, ServerHandle};
+use qcow2_nbd::{
+    DetectZeroes, Export, Listener, NbdExport, RawExport, Server, ServerConfig, ServerHandle,
+};
 
 use crate::image::Format;
 use crate::CliError;
@@ -43,6 +51,9 @@ pub struct ServeArgs {
     /// Offer the qemu:allocation-depth metadata context.
     #[arg(short = 'A', long = "allocation-depth")]
     allocation_depth: bool,
+    /// Offer persistent bitmap NAME as the qemu:dirty-bitmap:NAME metadata context.
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmap: Option<String>,
     /// Clients served at once (default 1; 0: no limit).
     #[arg(short = 'e', long = "shared", value_name = "NUM")]
     shared: Option<String>,
@@ -59,6 +70,31 @@ pub struct ServeArgs {
     /// Discard requests: ignore (default) or unmap.
     #[arg(long = "discard", value_name = "MODE")]
     discard: Option<String>,
+    /// Writes of zeros: off (default), on (become zero writes), unmap (zero writes that
+    /// deallocate; needs --discard=unmap).
+    #[arg(long = "detect-zeroes", value_name = "MODE")]
+    detect_zeroes: Option<String>,
+    /// Serve a temporary overlay on FILE: writes go to it, FILE is not changed, and the
+    /// overlay is deleted.
+    #[arg(short = 's', long = "snapshot")]
+    snapshot: bool,
+    /// Export an internal snapshot of FILE read-only: `ID_OR_NAME` or
+    /// `snapshot.id=ID,snapshot.name=NAME`.
+    #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT")]
+    load_snapshot: Option<String>,
+    /// Go on in the background once the server listens.
+    #[arg(long = "fork")]
+    fork: bool,
+    /// Define an object: `tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=
+    /// on|off]`, `authz-simple,id=ID,identity=DN` or `secret,id=ID,data=...`.
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
+    /// Require TLS with the x509 credentials of this object.
+    #[arg(long = "tls-creds", value_name = "ID")]
+    tls_creds: Option<String>,
+    /// Admit only TLS clients whose certificate subject this authz-simple object names.
+    #[arg(long = "tls-authz", value_name = "ID")]
+    tls_authz: Option<String>,
     /// Write the server's process ID to this file (removed at exit).
     #[arg(long = "pid-file", value_name = "PATH")]
     pid_file: Option<String>,
@@ -148,10 +184,133 @@ fn listener(a: &ServeArgs) -> Result<Listener, CliError> {
     })
 }
 
+/// qemu-nbd's `--detect-zeroes` (`unmap` only together with discards that unmap).
+fn detect_zeroes(mode: Option<&str>, unmap: bool) -> Result<DetectZeroes, CliError> {
+    match mode.unwrap_or("off") {
+        "off" => Ok(DetectZeroes::Off),
+        "on" => Ok(DetectZeroes::On),
+        "unmap" if unmap => Ok(DetectZeroes::Unmap),
+        "unmap" => Err(CliError::new(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation \
+             to unmap",
+        )),
+        m => Err(CliError::new(format!(
+            "Failed to parse detect_zeroes mode: invalid parameter value: {m}"
+        ))),
+    }
+}
+
+/// Creates a fresh file for the temporary overlay where QEMU puts its temporary files
+/// (`$TMPDIR`, else `/var/tmp`), named as QEMU names them (`vl.XXXXXX`).
+fn temp_overlay_file() -> Result<std::path::PathBuf, CliError> {
+    let dir = std::env::var_os("TMPDIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| std::path::PathBuf::from("/var/tmp"), Into::into);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut last = None;
+    for i in 0..64u32 {
+        let tag = (u64::from(std::process::id()) << 32
+            | u64::from(seed ^ i.wrapping_mul(0x9e37_79b9)))
+            % 36u64.pow(6);
+        let name: String = (0..6)
+            .scan(tag, |t, _| {
+                let c = b"0123456789abcdefghijklmnopqrstuvwxyz"[(*t % 36) as usize];
+                *t /= 36;
+                Some(char::from(c))
+            })
+            .collect();
+        let path = dir.join(format!("vl.{name}"));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(_) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => {
+                last = Some(e);
+                break;
+            }
+        }
+    }
+    let e = last.unwrap_or_else(|| std::io::ErrorKind::AlreadyExists.into());
+    Err(CliError::new(format!(
+        "Could not get temporary filename: {}",
+        crate::image::strerror(&e)
+    )))
+}
+
+/// qemu-nbd's `-s`: a temporary qcow2 overlay whose backing file is `file` (opened
+/// read-only through the overlay), so that writes never reach `file`. The overlay's
+/// name is removed as soon as it is open: the open descriptor keeps it alive until the
+/// server exits, and no crash can leave it behind.
+fn open_overlay(
+    file: &str,
+    format: Format,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+) -> Result<Image, CliError> {
+    let opened = crate::image::open(file, Some(format), false)?;
+    let size = match &opened.qcow2 {
+        Some(q) => q.first.header.size,
+        None => opened.file_len,
+    };
+    drop(opened);
+    let base = std::fs::canonicalize(file)
+        .map_err(|e| crate::image::open_error(file, crate::image::strerror(&e)))?;
+    let path = temp_overlay_file()?;
+    let remove = |e: CliError| {
+        let _ = std::fs::remove_file(&path);
+        e
+    };
+    let mut opts = CreateOptions::new(size);
+    opts.backing_file = Some(base.to_string_lossy().into_owned());
+    opts.backing_format = Some(format.name().to_string());
+    let overlay = path.to_string_lossy().into_owned();
+    Image::create_path(&path, &opts)
+        .and_then(Image::close)
+        .map_err(|e| {
+            CliError::new(format!(
+                "Could not create temporary overlay '{overlay}': {}",
+                crate::qcowdev::error_text(&e)
+            ))
+        })
+        .map_err(remove)?;
+    let img = crate::qcowdev::open_image_cached(&overlay, read_only, unmap, cache)
+        .map_err(|e| CliError::new(format!("Failed to blk_new_open '{file}': {e}")))
+        .map_err(remove)?;
+    let _ = std::fs::remove_file(&path);
+    Ok(img)
+}
+
+/// Opens the qcow2 image to serve, or one of its internal snapshots (`-l`, read-only).
+fn open_qcow2(
+    a: &ServeArgs,
+    file: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+) -> Result<Image, CliError> {
+    let mut img = crate::qcowdev::open_image_cached(file, read_only, unmap, cache)
+        .map_err(|e| CliError::new(format!("Failed to blk_new_open '{file}': {e}")))?;
+    if let Some(spec) = &a.load_snapshot {
+        let id = crate::source::snapshot_id(img.snapshots(), spec)?;
+        img.snapshot_load_tmp(&id).map_err(|e| {
+            CliError::new(format!(
+                "Failed to load snapshot: {}",
+                crate::qcowdev::error_text(&e)
+            ))
+        })?;
+    }
+    Ok(img)
+}
+
 /// Runs `qcow2 serve`.
 pub fn run(a: ServeArgs) -> Result<(), CliError> {
     let file = crate::one_file("serve", &a.files)?;
-    let signals = block_signals()?;
     let cache_name = a.cache.as_deref().unwrap_or("writeback");
     let cache = qcow2_io::CacheMode::parse(cache_name)
         .ok_or_else(|| CliError::new(format!("Invalid cache mode '{cache_name}'")))?;
@@ -164,6 +323,11 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
         "unmap" | "on" => true,
         m => return Err(CliError::new(format!("Invalid discard mode '{m}'"))),
     };
+    let detect_zeroes = detect_zeroes(a.detect_zeroes.as_deref(), unmap)?;
+    let tls = crate::tlsopts::define(&a.object)?
+        .server_config(a.tls_creds.as_deref(), a.tls_authz.as_deref())?;
+    // As qemu-nbd, a loaded internal snapshot is exported read-only.
+    let read_only = a.read_only || a.load_snapshot.is_some();
     let shared = match a.shared.as_deref() {
         None => 1,
         Some(s) => match s.parse::<i64>() {
@@ -176,31 +340,74 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
         Some(f) => f,
         None => crate::image::probe(&file)?,
     };
+    if a.snapshot && a.load_snapshot.is_some() {
+        return Err(CliError::new(
+            "-s and -l cannot be used together (the overlay has no internal snapshots)",
+        ));
+    }
+    if a.load_snapshot.is_some() && format == Format::Raw {
+        return Err(CliError::new(
+            "Failed to load snapshot: Block format 'raw' used by device '' does not support \
+             temporarily loading internal snapshots",
+        ));
+    }
+    // Before any thread exists (see daemon::fork).
+    let forked = if a.fork {
+        Some(crate::daemon::fork()?)
+    } else {
+        None
+    };
+    let signals = block_signals()?;
     let (backend, image): (Arc<dyn NbdExport>, Option<Arc<SharedImage>>) = match format {
+        Format::Qcow2 | Format::Raw if a.snapshot => {
+            let img = open_overlay(&file, format, read_only, unmap, cache)?;
+            let shared = Arc::new(SharedImage::new(img));
+            (shared.clone(), Some(shared))
+        }
         Format::Qcow2 => {
-            let img = crate::qcowdev::open_image_cached(&file, a.read_only, unmap, cache)
-                .map_err(|e| CliError::new(format!("Failed to blk_new_open '{file}': {e}")))?;
+            let img = open_qcow2(&a, &file, read_only, unmap, cache)?;
             let shared = Arc::new(SharedImage::new(img));
             (shared.clone(), Some(shared))
         }
         Format::Raw => {
-            let storage = FileStorage::open_cached(&file, !a.read_only, cache)
+            let storage = FileStorage::open_cached(&file, !read_only, cache)
                 .map_err(|e| crate::image::open_error(&file, crate::image::strerror(&e)))?;
             crate::image::lock(
                 &storage,
                 &file,
                 crate::image::FileRole::Raw { resize: false },
-                !a.read_only,
+                !read_only,
             )
             .map_err(|e| crate::image::open_error(&file, e))?;
-            (Arc::new(RawExport::new(storage, a.read_only)), None)
+            (Arc::new(RawExport::new(storage, read_only)), None)
         }
     };
+    if let Some(name) = &a.bitmap {
+        // qemu-nbd's checks: the bitmap exists and is consistent (raw files have none).
+        let checked = match &image {
+            Some(img) => img
+                .exclusive(|i| i.bitmap(name).map(|_| ()))
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string())),
+            None => Err(format!("Dirty bitmap '{name}' not found")),
+        };
+        if let Err(e) = checked {
+            let msg = match e.strip_prefix("Dirty bitmap ") {
+                Some(rest) if rest.ends_with(" not found") => {
+                    format!("Bitmap {}is not found", rest.trim_end_matches("not found"))
+                }
+                _ => e,
+            };
+            return Err(CliError::new(msg));
+        }
+    }
     let mut export = Export::new(a.export_name.clone().unwrap_or_default(), backend)
         .map_err(|e| CliError::new(format!("Failed to export '{file}': {e}")))?
-        .with_read_only(a.read_only)
+        .with_read_only(read_only)
         .with_trim(unmap)
-        .with_allocation_depth(a.allocation_depth);
+        .with_detect_zeroes(detect_zeroes)
+        .with_allocation_depth(a.allocation_depth)
+        .with_dirty_bitmap(a.bitmap.clone());
     if let Some(d) = &a.description {
         export = export.with_description(d.clone());
     }
@@ -208,6 +415,7 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
         max_connections: shared,
         persistent: a.persistent,
         verbose: a.verbose,
+        tls,
         ..ServerConfig::default()
     };
     let server = Server::new(vec![export], config);
@@ -216,6 +424,9 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| CliError::new(format!("Failed to write pid file '{p}': {e}")))?;
+    }
+    if let Some(f) = forked {
+        f.ready();
     }
     let served = server.serve(&listener);
     drop(listener);

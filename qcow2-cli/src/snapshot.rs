@@ -155,12 +155,19 @@ fn modify(file: &str, format: Option<Format>, op: &SnapshotOp, name: &str) -> Re
     }
     let mut img: Image =
         qcowdev::open_image(file, false).map_err(|e| image::open_error(file, e))?;
+    // The open's own messages are printed already; the operation's come with its outcome.
+    let seen = img.messages().len();
     let result = match op {
         SnapshotOp::Create(n) => img.snapshot_create(n).map(|_| ()),
         SnapshotOp::Apply(n) => img.snapshot_apply(n),
         SnapshotOp::Delete(n) => img.snapshot_delete(n).map(|_| ()),
         SnapshotOp::List => Ok(()),
     };
+    // QEMU's unprefixed diagnostics from inside the operation ("qcow2_free_clusters
+    // failed: ..."), in the order they happened, before its outcome.
+    for m in img.messages().get(seen..).unwrap_or_default() {
+        eprintln!("{m}");
+    }
     match result {
         Ok(()) => img.close().map_err(|e| {
             CliError::new(format!(

@@ -1,6 +1,7 @@
 //! Opening an image read-only as a guest disk (qcow2 with its backing chain, or raw) for
 //! the commands that read guest data: compare, measure, dd.
 
+use qcow2_format::SnapshotEntry;
 use qcow2_image::{BackingImage, Image, RawDisk};
 use qcow2_io::FileStorage;
 
@@ -59,7 +60,7 @@ pub fn open_at(path: &str, fmt: Option<&str>, snapshot: Option<&str>) -> Result<
     let opened = image::open(path, format, false)?;
     let disk: Box<dyn BackingImage> = match opened.format {
         Format::Raw => {
-            let storage = FileStorage::open(path, false)
+            let storage = FileStorage::open(crate::image::file_name(path), false)
                 .map_err(|e| image::open_error(path, image::strerror(&e)))?;
             Box::new(RawDisk::new(storage).map_err(|e| image::open_error(path, e))?)
         }
@@ -68,7 +69,7 @@ pub fn open_at(path: &str, fmt: Option<&str>, snapshot: Option<&str>) -> Result<
             let mut img: Image =
                 qcowdev::open_image(path, true).map_err(|e| image::open_error(path, e))?;
             if let Some(sn) = snapshot {
-                let id = snapshot_id(&opened, sn)?;
+                let id = snapshot_id(img.snapshots(), sn)?;
                 img.snapshot_load_tmp(&id).map_err(|e| {
                     CliError::new(format!(
                         "Failed to load snapshot: {}",
@@ -88,14 +89,10 @@ pub fn open_at(path: &str, fmt: Option<&str>, snapshot: Option<&str>) -> Result<
 }
 
 /// The id of the snapshot `spec` selects, with QEMU's lookup: `snapshot.id=` and/or
-/// `snapshot.name=` must all match; a plain string is an id, else a name.
-fn snapshot_id(opened: &Opened, spec: &str) -> Result<String, CliError> {
+/// `snapshot.name=` must all match; a plain string is an id, else a name. Shared by
+/// `convert -l` and `serve -l`.
+pub fn snapshot_id(list: &[SnapshotEntry], spec: &str) -> Result<String, CliError> {
     let not_found = || CliError::new("Failed to load snapshot: Can't find snapshot");
-    let list = opened
-        .qcow2
-        .as_ref()
-        .map(|q| q.snapshots.as_slice())
-        .unwrap_or_default();
     let found = if spec.starts_with("snapshot.") {
         let (mut id, mut name) = (None, None);
         for item in spec.split(',') {

@@ -1,9 +1,9 @@
-//! Persistent dirty bitmaps made by QEMU survive our engine's writes without lying: after
-//! writes, zero writes and discards through `qcow2`, every bitmap QEMU still reads as
-//! consistent either contains every range written (enabled) or is exactly what it was
-//! (disabled); the others are visibly `in-use`. Read through QEMU itself: `qemu-img info`,
-//! `qemu-img check`, and the bitmap's dirty extents exported by `qemu-nbd -B` and read with
-//! `qemu-img map` (`x-dirty-bitmap`). `qcow2 info` lists bitmaps exactly as qemu-img does.
+//! Persistent dirty bitmaps made by QEMU are maintained by our engine: after writes, zero
+//! writes and discards through `qcow2`, the enabled bitmap holds exactly the ranges QEMU's
+//! own tracking gives for the same operations, the disabled one is unchanged, and none is
+//! left `in-use`. Read through QEMU itself: `qemu-img info`, `qemu-img check`, and the
+//! bitmap's dirty extents exported by `qemu-nbd -B` and read with `qemu-img map`
+//! (`x-dirty-bitmap`). `qcow2 info` lists bitmaps exactly as qemu-img does.
 
 mod common;
 
@@ -104,7 +104,7 @@ fn qemu_bitmaps(dir: &Path, img: &str) -> Vec<(String, Vec<String>)> {
 }
 
 #[test]
-fn writes_never_leave_a_consistent_bitmap_stale() {
+fn our_writes_update_bitmaps_as_qemus_writes_do() {
     if !have_qemu() {
         return;
     }
@@ -148,25 +148,31 @@ fn writes_never_leave_a_consistent_bitmap_stale() {
         ok(qcow2(d, &["map", img]));
         assert!(std::fs::read(d.join(img)).expect("read") == before);
 
-        // Our engine writes, zero-writes and discards.
+        // Our engine writes, zero-writes and discards; QEMU does the same on a copy.
         let written = [
             (3u64 << 20, 64u64 << 10),
             (5 << 20, 64 << 10),
             (1 << 20, 64 << 10),
+            (7 << 20, 512),
         ];
-        ok(qcow2(
-            d,
-            &[
-                "io",
-                "-c",
-                "write -P 2 3M 64k",
-                "-c",
-                "write -z 5M 64k",
-                "-c",
-                "discard 1M 64k",
-                img,
-            ],
-        ));
+        let cmds = [
+            "-c",
+            "write -P 2 3M 64k",
+            "-c",
+            "write -z 5M 64k",
+            "-c",
+            "discard 1M 64k",
+            "-c",
+            "write 7M 512",
+        ];
+        std::fs::copy(d.join(img), d.join("q.qcow2")).expect("copy");
+        let mut args = vec!["io"];
+        args.extend_from_slice(&cmds);
+        args.push(img);
+        ok(qcow2(d, &args));
+        let mut args = cmds.to_vec();
+        args.push("q.qcow2");
+        ok(qemu_io(d, &args));
 
         let check = qemu_img(d, &["check", img]);
         ok(&check);
@@ -185,20 +191,27 @@ fn writes_never_leave_a_consistent_bitmap_stale() {
                 }
                 Ok(ext) => assert_eq!(ext, frozen, "{name}: a disabled bitmap changed"),
             }
-            // Our engine does not maintain bitmaps yet: the enabled one must be in use.
-            assert_eq!(in_use, name == "enabled", "{name}: {flags:?}");
+            // Maintained and stored at close: consistent, with QEMU's own ranges.
+            assert!(!in_use, "{name}: {flags:?}");
+            assert_eq!(
+                dirty_extents(d, img, name),
+                dirty_extents(d, "q.qcow2", name),
+                "{name}: ours and QEMU's"
+            );
         }
+        assert_eq!(qemu_bitmaps(d, img), qemu_bitmaps(d, "q.qcow2"));
 
-        // QEMU can remove the invalidated bitmap and add it again: the image stays usable.
-        ok(qemu_img(d, &["bitmap", "--remove", img, "enabled"]));
-        ok(qemu_img(d, &["bitmap", "--add", img, "enabled"]));
+        // QEMU keeps using them: its next write lands in the bitmap we stored.
+        ok(qemu_io(d, &["-c", "write 6M 4k", img]));
+        let ext = dirty_extents(d, img, "enabled").expect("export");
+        assert!(covers(&ext, 6 << 20, 4096), "{ext:?}");
         let check = qemu_img(d, &["check", img]);
         ok(&check);
     }
 }
 
 #[test]
-fn resize_invalidates_bitmaps_and_revert_is_refused() {
+fn resize_keeps_bitmaps_and_revert_is_refused() {
     if !have_qemu() {
         return;
     }
@@ -234,14 +247,20 @@ fn resize_invalidates_bitmaps_and_revert_is_refused() {
         b.iter().all(|(_, f)| !f.contains(&"in-use".into())),
         "{b:?}"
     );
-    // A size change makes every bitmap's table the wrong size: all in use, and QEMU can
-    // still open the image (a consistent bitmap of the wrong size would make it refuse).
+    // A size change resizes every bitmap (QEMU's loader checks the table size against
+    // the disk): all consistent, QEMU opens and exports them, the same as QEMU's resize.
+    std::fs::copy(d.join(img), d.join("q.qcow2")).expect("copy");
     ok(qcow2(d, &["resize", img, "1G"]));
+    ok(qemu_img(d, &["resize", "q.qcow2", "1G"]));
     let b = qemu_bitmaps(d, img);
     assert!(
-        b.iter().all(|(_, f)| f.contains(&"in-use".to_string())),
+        b.iter().all(|(_, f)| !f.contains(&"in-use".to_string())),
         "{b:?}"
     );
+    assert_eq!(b, qemu_bitmaps(d, "q.qcow2"));
+    ok(qcow2(d, &["io", "-c", "write 900M 4k", img]));
+    let ext = dirty_extents(d, img, "enabled").expect("export");
+    assert_eq!(ext, [(900 << 20, 64 << 10)]);
     ok(qemu_io(d, &["-c", "read 0 4k", img]));
     let check = qemu_img(d, &["check", img]);
     ok(&check);
@@ -279,7 +298,11 @@ fn info_lists_bitmaps_as_qemu_img() {
     ));
     ok(qemu_img(d, &["bitmap", "--add", img, "third"]));
     // The first one in use, as a crashed writer leaves it.
-    ok(qcow2(d, &["io", "-c", "write 0 4k", img]));
+    let mut bytes = std::fs::read(d.join(img)).expect("read");
+    let ext = find_bitmaps_ext(&bytes).expect("bitmaps extension");
+    let dir_off = u64::from_be_bytes(bytes[ext + 24..ext + 32].try_into().unwrap()) as usize;
+    bytes[dir_off + 15] |= 1;
+    std::fs::write(d.join(img), &bytes).expect("write");
     for args in [&["info", img][..], &["info", "--output=json", img][..]] {
         let ours = qcow2(d, args);
         let qemu = qemu_img(d, args);

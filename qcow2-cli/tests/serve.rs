@@ -6,95 +6,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
 
+use common::served::{clean, have_nbdinfo, io_args, nbdinfo, uri, Served};
 use common::{have_qemu, ok, qemu_img, qemu_io};
-
-/// A running `qcow2 serve`; killed and reaped when dropped.
-struct Served {
-    child: Child,
-    pid_file: PathBuf,
-}
-
-impl Served {
-    /// Starts `qcow2 serve ARGS` in `dir` and waits until it listens (its pid file exists).
-    fn start(dir: &Path, args: &[&str]) -> Served {
-        let pid_file = dir.join(format!("serve-{}.pid", args.len()));
-        let _ = std::fs::remove_file(&pid_file);
-        let child = Command::new(env!("CARGO_BIN_EXE_qcow2"))
-            .arg("serve")
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn qcow2 serve");
-        let mut s = Served { child, pid_file };
-        let t = Instant::now();
-        while !s.pid_file.exists() {
-            if let Ok(Some(st)) = s.child.try_wait() {
-                panic!("qcow2 serve exited early: {st}");
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s
-    }
-
-    /// Waits (at most 20 s) for the server to exit by itself; its exit code.
-    fn wait(&mut self) -> i32 {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "server did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Sends SIGTERM and waits for the exit.
-    fn terminate(&mut self) -> i32 {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-        self.wait()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn uri(sock: &Path, name: &str) -> String {
-    format!("nbd+unix:///{name}?socket={}", sock.display())
-}
-
-/// `qemu-img check` finds no error and the dirty bit is clear.
-fn clean(dir: &Path, image: &str) {
-    let r = qemu_img(dir, &["check", image]);
-    assert_eq!(r.code, 0, "{}", r.text());
-    let r = qemu_img(dir, &["info", "--output=json", image]);
-    ok(&r);
-    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    assert_eq!(v["dirty-flag"], serde_json::Value::Bool(false));
-}
-
-fn io_args<'a>(cmds: &'a [&'a str]) -> Vec<&'a str> {
-    cmds.iter().flat_map(|c| ["-c", *c]).collect()
-}
 
 /// Writes, partial-cluster writes, zero writes, discards and verifying reads.
 const SCRIPT: &[&str] = &[
@@ -420,13 +336,8 @@ fn read_only_export_refuses_writes_and_nbdinfo_describes_it() {
     let r = qemu_io(dir, &["-f", "raw", "-r", "-c", "read -P 0x5a 1m 64k", &u]);
     ok(&r);
     assert!(!r.text().contains("failed"), "{}", r.text());
-    let nbdinfo = Command::new("nbdinfo").arg("--version").output();
-    if nbdinfo.is_ok_and(|o| o.status.success()) {
-        let run = |args: &[&str]| {
-            let o = Command::new("nbdinfo").args(args).output().unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            String::from_utf8_lossy(&o.stdout).into_owned()
-        };
+    if have_nbdinfo() {
+        let run = nbdinfo;
         let list = run(&["--list", &u]);
         assert!(list.contains("export=\"ro\""), "{list}");
         assert!(list.contains("description: a read-only disk"), "{list}");
@@ -449,8 +360,6 @@ fn read_only_export_refuses_writes_and_nbdinfo_describes_it() {
         assert_eq!(rows.len(), 3, "{depth}");
         assert_eq!(&rows[1][..3], ["1048576", "65536", "1"]);
         assert_eq!(&rows[2][..3], ["1114112", "3080192", "0"]);
-    } else {
-        eprintln!("nbdinfo not installed: skipping the libnbd checks");
     }
     assert_eq!(server.terminate(), 0);
     ok(qemu_img(dir, &["compare", "img.qcow2", "orig.qcow2"]));

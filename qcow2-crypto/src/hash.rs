@@ -2,7 +2,7 @@
 //! cipher mode): digests, PBKDF2-HMAC and the anti-forensic splitter's merge.
 
 use sha1::Sha1;
-use sha2::{Digest, Sha256, Sha512};
+use sha2::{Digest, Sha224, Sha256, Sha384, Sha512};
 use zeroize::{Zeroize, Zeroizing};
 
 /// A hash algorithm of a LUKS1 header.
@@ -10,20 +10,38 @@ use zeroize::{Zeroize, Zeroizing};
 pub enum HashAlg {
     /// SHA-1 (20-byte digests).
     Sha1,
+    /// SHA-224 (28-byte digests).
+    Sha224,
     /// SHA-256 (32-byte digests).
     Sha256,
+    /// SHA-384 (48-byte digests).
+    Sha384,
     /// SHA-512 (64-byte digests).
     Sha512,
 }
 
 impl HashAlg {
-    /// The algorithm a header names (`sha1`, `sha256`, `sha512`), `None` for others.
+    /// The algorithm a header names (`sha1`, `sha224`, `sha256`, `sha384`, `sha512`),
+    /// `None` for others.
     pub fn from_name(name: &str) -> Option<HashAlg> {
         match name {
             "sha1" => Some(HashAlg::Sha1),
+            "sha224" => Some(HashAlg::Sha224),
             "sha256" => Some(HashAlg::Sha256),
+            "sha384" => Some(HashAlg::Sha384),
             "sha512" => Some(HashAlg::Sha512),
             _ => None,
+        }
+    }
+
+    /// The name LUKS headers and QEMU use.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashAlg::Sha1 => "sha1",
+            HashAlg::Sha224 => "sha224",
+            HashAlg::Sha256 => "sha256",
+            HashAlg::Sha384 => "sha384",
+            HashAlg::Sha512 => "sha512",
         }
     }
 
@@ -31,7 +49,9 @@ impl HashAlg {
     pub fn digest_len(self) -> usize {
         match self {
             HashAlg::Sha1 => 20,
+            HashAlg::Sha224 => 28,
             HashAlg::Sha256 => 32,
+            HashAlg::Sha384 => 48,
             HashAlg::Sha512 => 64,
         }
     }
@@ -51,7 +71,9 @@ impl HashAlg {
         }
         match self {
             HashAlg::Sha1 => run::<Sha1>(parts, out),
+            HashAlg::Sha224 => run::<Sha224>(parts, out),
             HashAlg::Sha256 => run::<Sha256>(parts, out),
+            HashAlg::Sha384 => run::<Sha384>(parts, out),
             HashAlg::Sha512 => run::<Sha512>(parts, out),
         }
     }
@@ -67,7 +89,9 @@ impl HashAlg {
     pub fn pbkdf2(self, password: &[u8], salt: &[u8], iterations: u32, out: &mut [u8]) {
         match self {
             HashAlg::Sha1 => pbkdf2::pbkdf2_hmac::<Sha1>(password, salt, iterations, out),
+            HashAlg::Sha224 => pbkdf2::pbkdf2_hmac::<Sha224>(password, salt, iterations, out),
             HashAlg::Sha256 => pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, out),
+            HashAlg::Sha384 => pbkdf2::pbkdf2_hmac::<Sha384>(password, salt, iterations, out),
             HashAlg::Sha512 => pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, iterations, out),
         }
     }

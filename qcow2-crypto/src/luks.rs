@@ -47,9 +47,9 @@ pub const LUKS_STRIPES: u32 = 4000;
 pub const LUKS_DIGEST_LEN: usize = 20;
 /// Sectors of the LUKS header before the first key material (QEMU's
 /// `QCRYPTO_BLOCK_LUKS_KEY_SLOT_OFFSET` / 512).
-const HEADER_SECTORS: u64 = 4096 / LUKS_SECTOR_SIZE;
+pub(crate) const HEADER_SECTORS: u64 = 4096 / LUKS_SECTOR_SIZE;
 
-const KEY_SLOTS_OFFSET: usize = 208;
+pub(crate) const KEY_SLOTS_OFFSET: usize = 208;
 const KEY_SLOT_SIZE: usize = 48;
 
 /// Why a LUKS header cannot be used; the texts are QEMU's.
@@ -202,6 +202,30 @@ pub enum LuksError {
     /// No active key slot opens with the passphrase.
     #[error("Invalid password, cannot unlock any keyslot")]
     InvalidPassword,
+    /// The random source failed.
+    #[error("Unable to read random bytes: {reason}")]
+    Random {
+        /// What the source said.
+        reason: String,
+    },
+    /// The benchmarked iteration count cannot be scaled to the iteration time.
+    #[error("PBKDF iterations {iterations} too large to scale: Numerical result out of range")]
+    IterationsTooLargeToScale {
+        /// Iterations per second measured.
+        iterations: u64,
+    },
+    /// The scaled iteration count does not fit the header's 32 bits.
+    #[error("PBKDF iterations {iterations} larger than 4294967295: Numerical result out of range")]
+    IterationsTooLarge {
+        /// The scaled count.
+        iterations: u64,
+    },
+    /// A key slot index outside 0..8.
+    #[error("Invalid keyslot {slot} specified, must be between 0 and 7")]
+    InvalidSlot {
+        /// The index given.
+        slot: i64,
+    },
 }
 
 /// One key slot.
@@ -513,12 +537,8 @@ impl LuksHeader {
         Ok(spec)
     }
 
-    /// Recovers the master key with `password` and returns the payload's sector cipher:
-    /// for each active key slot in order, PBKDF2 of the password with the slot's salt and
-    /// iterations keys the decryption of the slot's anti-forensic material (read through
-    /// `read`, sector numbers from 0), the merged stripes are a candidate master key, and
-    /// its PBKDF2 digest (the header's salt and iterations) is compared in constant time
-    /// with the header's. Every intermediate key is zeroized when dropped.
+    /// Recovers the master key with `password` and returns the payload's sector cipher
+    /// ([`LuksHeader::master_key`], then the cipher keyed with it).
     ///
     /// Errors: QEMU's header checks, unsupported algorithms, read failures, and
     /// [`LuksError::InvalidPassword`] when no slot opens.
@@ -527,56 +547,127 @@ impl LuksHeader {
         password: &[u8],
         read: &mut ReadFn<'_>,
     ) -> Result<Box<dyn SectorCipher>, LuksError> {
+        let key = self.master_key(password, read)?;
+        Ok(self.cipher_spec()?.new_cipher(&key)?)
+    }
+
+    /// Recovers the master key with `password`: every active key slot in order is tried
+    /// ([`LuksHeader::load_key`]) until one opens (QEMU's `qcrypto_block_luks_find_key`).
+    pub fn master_key(
+        &self,
+        password: &[u8],
+        read: &mut ReadFn<'_>,
+    ) -> Result<Zeroizing<Vec<u8>>, LuksError> {
         self.check()?;
-        let spec = self.cipher_spec()?;
-        let hash = self.hash_alg()?;
-        let limit = |slot: usize, what: &'static str, value: u32, limit: u32| {
-            if value > limit {
-                Err(LuksError::SlotTooExpensive {
-                    slot,
-                    what,
-                    value,
-                    limit,
-                })
-            } else {
-                Ok(())
-            }
-        };
-        limit(8, "iterations", self.mk_digest_iterations, MAX_ITERATIONS)?;
-        let key_len = spec.key_len();
-        for (i, slot) in self.key_slots.iter().enumerate() {
-            if !slot.is_active() {
-                continue;
-            }
-            limit(i, "iterations", slot.iterations, MAX_ITERATIONS)?;
-            limit(i, "stripes", slot.stripes, MAX_STRIPES)?;
-            // Bounded: key_len <= 64 and stripes <= MAX_STRIPES.
-            let split_len = key_len * slot.stripes as usize;
-            let mut slot_key = Zeroizing::new(vec![0u8; key_len]);
-            hash.pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
-            let mut split = Zeroizing::new(vec![0u8; split_len]);
-            read(
-                u64::from(slot.key_offset_sector) * LUKS_SECTOR_SIZE,
-                &mut split,
-            )?;
-            spec.new_cipher(&slot_key)?.decrypt(0, &mut split)?;
-            let mut candidate = Zeroizing::new(vec![0u8; key_len]);
-            af_merge(hash, slot.stripes, &split, &mut candidate).map_err(|e| LuksError::Read {
-                reason: e.to_string(),
-            })?;
-            let mut digest = [0u8; LUKS_DIGEST_LEN];
-            hash.pbkdf2(
-                &candidate,
-                &self.mk_digest_salt,
-                self.mk_digest_iterations,
-                &mut digest,
-            );
-            if bool::from(digest.ct_eq(&self.mk_digest)) {
-                return Ok(spec.new_cipher(&candidate)?);
+        self.cipher_spec()?;
+        self.hash_alg()?;
+        check_cost(8, self.mk_digest_iterations, 0)?;
+        for slot in 0..self.key_slots.len() {
+            if let Some(key) = self.load_key(slot, password, read)? {
+                return Ok(key);
             }
         }
         Err(LuksError::InvalidPassword)
     }
+
+    /// Tries one key slot: `None` when it is inactive or `password` does not open it,
+    /// the master key when it does. PBKDF2 of the password with the slot's salt and
+    /// iterations keys the decryption of the slot's anti-forensic material (read through
+    /// `read`, sector numbers from 0), the merged stripes are a candidate master key, and
+    /// its PBKDF2 digest (the header's salt and iterations) is compared in constant time
+    /// with the header's. Every intermediate key is zeroized when dropped.
+    pub fn load_key(
+        &self,
+        slot_index: usize,
+        password: &[u8],
+        read: &mut ReadFn<'_>,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, LuksError> {
+        let Some(slot) = self.key_slots.get(slot_index).filter(|s| s.is_active()) else {
+            return Ok(None);
+        };
+        let spec = self.cipher_spec()?;
+        let hash = self.hash_alg()?;
+        check_cost(8, self.mk_digest_iterations, 0)?;
+        check_cost(slot_index, slot.iterations, slot.stripes)?;
+        let key_len = spec.key_len();
+        // Bounded: key_len <= 64 and stripes <= MAX_STRIPES.
+        let split_len = key_len * slot.stripes as usize;
+        let mut slot_key = Zeroizing::new(vec![0u8; key_len]);
+        hash.pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
+        let mut split = Zeroizing::new(vec![0u8; split_len]);
+        read(
+            u64::from(slot.key_offset_sector) * LUKS_SECTOR_SIZE,
+            &mut split,
+        )?;
+        spec.new_cipher(&slot_key)?.decrypt(0, &mut split)?;
+        let mut candidate = Zeroizing::new(vec![0u8; key_len]);
+        af_merge(hash, slot.stripes, &split, &mut candidate).map_err(|e| LuksError::Read {
+            reason: e.to_string(),
+        })?;
+        let mut digest = Zeroizing::new([0u8; LUKS_DIGEST_LEN]);
+        hash.pbkdf2(
+            &candidate,
+            &self.mk_digest_salt,
+            self.mk_digest_iterations,
+            &mut digest[..],
+        );
+        if bool::from(digest.ct_eq(&self.mk_digest)) {
+            Ok(Some(candidate))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The 592 bytes of the header as QEMU stores it (`qcrypto_block_luks_store_header`):
+    /// big-endian numbers, NUL-padded text fields.
+    pub fn to_bytes(&self) -> [u8; LUKS_HEADER_SIZE] {
+        let mut b = [0u8; LUKS_HEADER_SIZE];
+        let put_text = |b: &mut [u8], s: &str| {
+            // Text longer than its field is cut one short so the NUL stays (creation
+            // refuses such names before they get here).
+            let n = s.len().min(b.len() - 1);
+            b[..n].copy_from_slice(&s.as_bytes()[..n]);
+        };
+        b[..6].copy_from_slice(&LUKS_MAGIC);
+        b[6..8].copy_from_slice(&self.version.to_be_bytes());
+        put_text(&mut b[8..40], &self.cipher_name);
+        put_text(&mut b[40..72], &self.cipher_mode);
+        put_text(&mut b[72..104], &self.hash_spec);
+        b[104..108].copy_from_slice(&self.payload_offset_sector.to_be_bytes());
+        b[108..112].copy_from_slice(&self.key_bytes.to_be_bytes());
+        b[112..132].copy_from_slice(&self.mk_digest);
+        b[132..164].copy_from_slice(&self.mk_digest_salt);
+        b[164..168].copy_from_slice(&self.mk_digest_iterations.to_be_bytes());
+        put_text(&mut b[168..208], &self.uuid);
+        for (i, s) in self.key_slots.iter().take(LUKS_NUM_KEY_SLOTS).enumerate() {
+            let o = KEY_SLOTS_OFFSET + i * KEY_SLOT_SIZE;
+            b[o..o + 4].copy_from_slice(&s.active.to_be_bytes());
+            b[o + 4..o + 8].copy_from_slice(&s.iterations.to_be_bytes());
+            b[o + 8..o + 40].copy_from_slice(&s.salt);
+            b[o + 40..o + 44].copy_from_slice(&s.key_offset_sector.to_be_bytes());
+            b[o + 44..o + 48].copy_from_slice(&s.stripes.to_be_bytes());
+        }
+        b
+    }
+}
+
+/// Refuses work beyond [`MAX_ITERATIONS`] and [`MAX_STRIPES`] before any is done (slot 8
+/// names the master key digest).
+fn check_cost(slot: usize, iterations: u32, stripes: u32) -> Result<(), LuksError> {
+    for (what, value, limit) in [
+        ("iterations", iterations, MAX_ITERATIONS),
+        ("stripes", stripes, MAX_STRIPES),
+    ] {
+        if value > limit {
+            return Err(LuksError::SlotTooExpensive {
+                slot,
+                what,
+                value,
+                limit,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// QEMU's name of a LUKS cipher with a key of `key_bytes` bytes (`aes` + 32 → `aes-256`).

@@ -58,6 +58,13 @@ pub struct AmendOptions {
     /// `data_file_raw=on|off`: `off` drops the raw promise; `on` is refused on existing
     /// images that do not have it.
     pub data_file_raw: Option<bool>,
+    /// `encrypt.*`: LUKS key-slot changes (see [`crate::KeyslotAmend`]).
+    pub encrypt: Option<crate::KeyslotAmend>,
+    /// `--force`: allow erasing the last active key slot and overwriting an active one.
+    pub force: bool,
+    /// The secrets `encrypt.new-secret` / `encrypt.old-secret` name, by id (QEMU's
+    /// `--object secret` objects).
+    pub secrets: Vec<(String, qcow2_crypto::Secret)>,
 }
 
 /// `qcow2_create_opts` names that `amend` refuses with "This option is only supported for
@@ -71,7 +78,6 @@ const CREATION_ONLY: &[&str] = &[
     "encrypt.ivgen-alg",
     "encrypt.ivgen-hash-alg",
     "encrypt.hash-alg",
-    "encrypt.iter-time",
     "cluster_size",
     "extended_l2",
     "preallocation",
@@ -169,6 +175,11 @@ impl AmendOptions {
                 "backing_fmt" => o.backing_format = Some(value.to_owned()),
                 "data_file" => o.data_file = Some(value.to_owned()),
                 "data_file_raw" => o.data_file_raw = Some(parse_bool(key, value)?),
+                "encrypt.state" | "encrypt.keyslot" | "encrypt.new-secret"
+                | "encrypt.old-secret" | "encrypt.iter-time" => o
+                    .encrypt
+                    .get_or_insert_with(Default::default)
+                    .set(key, value)?,
                 k if CREATION_ONLY.contains(&k) => {
                     return Err(refused(
                         format!("Invalid parameter '{k}'"),
@@ -277,6 +288,9 @@ impl Image {
         if let Some(bits) = opts.refcount_bits {
             validate_refcount_bits(bits)?;
         }
+        if opts.encrypt.is_some() {
+            crate::keyslots::check_amendable(self.fc.header.crypt_method)?;
+        }
         if opts.data_file.is_some() && self.data.is_none() {
             return Err(refused(
                 "data-file can only be set for images that use an external data file",
@@ -315,7 +329,9 @@ impl Image {
         let new_bits = opts.refcount_bits.unwrap_or(old_bits);
         let mut p = Progress {
             cb: progress,
-            total_ops: u64::from(new_version != old_version) + u64::from(new_bits != old_bits),
+            total_ops: u64::from(new_version != old_version)
+                + u64::from(new_bits != old_bits)
+                + u64::from(opts.encrypt.is_some()),
             done_ops: 0,
             offset_completed: 0,
             last_work: 0,
@@ -326,6 +342,11 @@ impl Image {
         if new_version > old_version {
             p.start(1);
             self.upgrade(&mut p)?;
+        }
+        // QEMU changes key slots right after the upgrade, before the refcount width.
+        if let Some(e) = &opts.encrypt {
+            p.start(3);
+            self.amend_keyslots(e, &opts.secrets, opts.force)?;
         }
         if new_bits != old_bits {
             if new_version < 3 && new_bits != 16 {

@@ -47,6 +47,15 @@ pub trait BackingImage: Send + 'static {
         Ok(st)
     }
 
+    /// Whether one of the top `levels` layers of this chain (this image is the first)
+    /// holds the run at `offset`, and how long the run of equal answer is (at most `len`;
+    /// 0 when `offset` lies at or beyond [`size`](BackingImage::size)). The default, for
+    /// layers that cannot tell (raw files), holds everything as data.
+    fn held_above(&mut self, offset: u64, len: u64, levels: u32) -> Result<(Held, u64)> {
+        let len = len.min(self.size().saturating_sub(offset));
+        Ok((if levels > 0 { Held::Data } else { Held::No }, len))
+    }
+
     /// This image as the concurrent read paths of [`SharedImage`](crate::SharedImage) use
     /// it: reads through `&self`, so they run without the overlay's metadata lock and, for
     /// qcow2 and raw images, in parallel. The default serializes reads behind a lock.
@@ -59,6 +68,18 @@ pub trait BackingImage: Send + 'static {
     fn as_shared(&self) -> Option<Arc<SharedBacking>> {
         None
     }
+}
+
+/// Which kind of allocation holds a run in the top layers of a chain (QEMU's
+/// `bdrv_is_allocated_above` with the zero flag of the layer that holds it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// No layer among those asked holds the run: it reads from below them.
+    No,
+    /// A layer holds data (normal or compressed clusters; raw images hold everything).
+    Data,
+    /// A layer holds it as zeros (zero clusters or subclusters).
+    Zero,
 }
 
 /// A backing image that only reads through `&mut self`, boxed for the lock around it.
@@ -76,6 +97,9 @@ impl<T: BackingImage + ?Sized> BackingImage for Unshared<T> {
     }
     fn status_above(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
         self.0.status_above(offset, len)
+    }
+    fn held_above(&mut self, offset: u64, len: u64, levels: u32) -> Result<(Held, u64)> {
+        self.0.held_above(offset, len, levels)
     }
     fn into_shared(self: Box<Self>) -> SharedBacking {
         SharedBacking::Locked(crate::sync::Mutex::new(self))
@@ -161,6 +185,18 @@ impl BackingImage for SharedHandle {
             SharedBacking::Image(i) => i.layer_status(offset, len),
             SharedBacking::Raw(r) => r.clone_status(offset, len),
             SharedBacking::Locked(_) => self.shared.locked()?.status(offset, len),
+        }
+    }
+    fn held_above(&mut self, offset: u64, len: u64, levels: u32) -> Result<(Held, u64)> {
+        // The shared form must answer as the image it replaced: rebase and commit walk
+        // the chain's allocation through it.
+        match &*self.shared {
+            SharedBacking::Image(i) => i.exclusive(|img| img.held_above(offset, len, levels))?,
+            SharedBacking::Raw(_) => {
+                let len = len.min(self.size.saturating_sub(offset));
+                Ok((if levels > 0 { Held::Data } else { Held::No }, len))
+            }
+            SharedBacking::Locked(_) => self.shared.locked()?.held_above(offset, len, levels),
         }
     }
     fn as_shared(&self) -> Option<Arc<SharedBacking>> {
@@ -278,6 +314,33 @@ impl BackingImage for Image {
 
     fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
         self.layer_status(offset, len)
+    }
+
+    fn held_above(&mut self, offset: u64, len: u64, levels: u32) -> Result<(Held, u64)> {
+        let len = len.min(self.virtual_size().saturating_sub(offset));
+        if len == 0 || levels == 0 {
+            return Ok((Held::No, len));
+        }
+        let chunk = self.lookup(crate::Op::Map, offset, len)?;
+        let n = chunk.len.clamp(1, len);
+        Ok(match chunk.kind {
+            crate::image::MapKind::Data(_) | crate::image::MapKind::Compressed(_) => {
+                (Held::Data, n)
+            }
+            crate::image::MapKind::Zero(_) => (Held::Zero, n),
+            crate::image::MapKind::Unallocated(_) => match self.backing.as_mut() {
+                Some(b) if levels > 1 => {
+                    let (held, m) = b.held_above(offset, n, levels - 1)?;
+                    // Beyond a shorter backing file no lower layer holds anything.
+                    if m == 0 {
+                        (Held::No, n)
+                    } else {
+                        (held, m.min(n))
+                    }
+                }
+                _ => (Held::No, n),
+            },
+        })
     }
 
     fn into_shared(self: Box<Self>) -> SharedBacking {

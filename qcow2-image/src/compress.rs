@@ -1,7 +1,6 @@
 //! Compressed clusters: raw deflate (no zlib header, 4 KiB window, as QEMU writes) and zstd,
 //! reading and whole-cluster compressed writes through the byte allocator.
 
-use crate::bitmaps::Staleness;
 use crate::error::{ImageError, Op, Result};
 use crate::Image;
 use qcow2_cache::CacheId;
@@ -148,7 +147,7 @@ impl Image {
         let op = Op::WriteCompressed;
         self.check_writable(op)?;
         self.check_compressed_target(op, offset, data.len() as u64)?;
-        self.invalidate_bitmaps(op, Staleness::Content)?;
+        self.track_change(op, offset, data.len() as u64)?;
         match compress_cluster(self.compression_type(), self.geo.cluster_size(), data) {
             Some(out) => self.link_compressed(op, offset, &out),
             None => self.write_internal(op, offset, data),
@@ -178,7 +177,7 @@ impl Image {
         let cs = self.geo.cluster_size();
         let len = self.virtual_size().saturating_sub(offset).min(cs);
         self.check_compressed_target(op, offset, len.max(1))?;
-        self.invalidate_bitmaps(op, Staleness::Content)?;
+        self.track_change(op, offset, len)?;
         if compressed.is_empty() || compressed.len() as u64 >= cs {
             return Err(ImageError::InvalidArgument {
                 op,

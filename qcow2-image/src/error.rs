@@ -40,6 +40,12 @@ pub enum Op {
     SnapshotDelete,
     /// Changing image options in place (`qemu-img amend`).
     Amend,
+    /// Changing the backing file, copying what differs first (`qemu-img rebase`).
+    Rebase,
+    /// Writing an overlay's data into an image below it (`qemu-img commit`).
+    Commit,
+    /// A persistent-bitmap operation (add, remove, clear, enable, disable, merge, store).
+    Bitmap,
 }
 
 impl std::fmt::Display for Op {
@@ -60,6 +66,9 @@ impl std::fmt::Display for Op {
             Op::SnapshotApply => "snapshot apply",
             Op::SnapshotDelete => "snapshot delete",
             Op::Amend => "amend",
+            Op::Rebase => "rebase",
+            Op::Commit => "commit",
+            Op::Bitmap => "bitmap",
         })
     }
 }

@@ -103,9 +103,15 @@ pub struct Image {
     /// The image file's own storage (`storage` wraps it when there is a data file); a
     /// reopen starts from it.
     pub(crate) image_file: Arc<dyn Storage>,
-    /// The bitmap directory of a writable open with valid bitmaps; bitmaps that a change
-    /// would make stale are marked IN_USE first (see `bitmaps.rs`).
+    /// The bitmap directory as on disk, when the image has valid bitmaps (see
+    /// `bitmaps/mod.rs`).
     pub(crate) bitmap_dir: Option<crate::bitmaps::BitmapDir>,
+    /// The bitmaps in memory once a change concerned them (loaded, IN_USE on disk,
+    /// tracking writes); stored at close.
+    pub(crate) bitmap_session: Option<crate::bitmaps::Session>,
+    /// A stored bitmap read for block-status queries outside a session (NBD exports of
+    /// `qemu:dirty-bitmap:NAME`), so that each query does not read it again.
+    pub(crate) bitmap_cache: Option<(String, crate::bitmaps::DirtyBitmap)>,
     /// The image file and its name when the library opened it and holds QEMU's locks on
     /// it (see `locking.rs`); the locks go with the last reference to the file.
     pub(crate) locked: Option<(Arc<FileStorage>, std::path::PathBuf)>,
@@ -117,6 +123,8 @@ pub struct Image {
     /// encrypted per 512-byte sector with the host offset / 512 as the IV's sector number
     /// (QEMU's `crypt_physical_offset`).
     pub(crate) crypto: Option<Arc<dyn qcow2_crypto::SectorCipher>>,
+    /// Legacy AES (`crypt_method` 1): IVs count guest sectors, not host sectors.
+    pub(crate) crypt_iv_guest: bool,
 }
 
 impl std::fmt::Debug for Image {
@@ -252,6 +260,18 @@ impl Image {
     /// nothing is read or written. Backing files and the data file that the library opens
     /// by name are locked the same way. The locks last until the image is dropped.
     pub fn open_file(file: FileStorage, path: &Path, opts: &OpenOptions) -> Result<Image> {
+        Self::open_file_wrapped(file, path, opts, |f| f)
+    }
+
+    /// [`Image::open_file`], with the engine's I/O going through the storage `wrap` builds
+    /// around the locked file (a fault-injecting layer, as QEMU's blkdebug above its file
+    /// node). The locks are taken on `file` itself, before `wrap` runs.
+    pub fn open_file_wrapped(
+        file: FileStorage,
+        path: &Path,
+        opts: &OpenOptions,
+        wrap: impl FnOnce(Arc<FileStorage>) -> Arc<dyn Storage>,
+    ) -> Result<Image> {
         if opts.force_share && !opts.read_only {
             return Err(crate::locking::force_share_refused());
         }
@@ -263,7 +283,7 @@ impl Image {
             !opts.read_only,
             opts,
         )?;
-        let mut img = Self::open(file.clone(), opts)?;
+        let mut img = Self::open(wrap(file.clone()), opts)?;
         img.locked = Some((file, path.to_path_buf()));
         Ok(img)
     }
@@ -327,6 +347,7 @@ impl Image {
         let crypto = match h.crypt_method {
             header::CRYPT_NONE => None,
             header::CRYPT_LUKS => Some(crate::crypto::unlock(storage.as_ref(), &fc, opts)?),
+            header::CRYPT_AES => Some(crate::crypto::legacy_aes(opts)?),
             m => {
                 return Err(ImageError::Unsupported {
                     op,
@@ -334,6 +355,7 @@ impl Image {
                 })
             }
         };
+        let crypt_iv_guest = h.crypt_method == header::CRYPT_AES;
         // External data file: guest data goes there; the image file's storage is wrapped
         // so that its flushes make the data durable first.
         let image_file = storage.clone();
@@ -448,9 +470,12 @@ impl Image {
             data_file_raw,
             image_file,
             bitmap_dir: None,
+            bitmap_session: None,
+            bitmap_cache: None,
             locked: None,
             metadata_prealloc: None,
             crypto,
+            crypt_iv_guest,
         };
         img.messages = messages;
         if img.fc.extensions.stale_bitmaps && depth == 0 && kind != OpenKind::Reopen {
@@ -646,7 +671,22 @@ impl Image {
                     .into(),
             });
         }
-        let fresh = qcow2_format::layout::fresh_image(&opts.layout)?;
+        let preallocation = match opts.preallocation {
+            Preallocation::Off if opts.data_file_raw => Preallocation::Metadata,
+            p => p,
+        };
+        // QEMU preallocates while it creates the image (the truncate with the preallocation
+        // mode) and sets up encryption after that: a LUKS area then lands after the
+        // preallocated clusters, not right after the L1 table.
+        let luks_later = match &opts.luks_area {
+            Some(area) if preallocation != Preallocation::Off => Some(area.clone()),
+            _ => None,
+        };
+        let mut layout = opts.layout.clone();
+        if luks_later.is_some() {
+            layout.luks_area = None;
+        }
+        let fresh = qcow2_format::layout::fresh_image(&layout)?;
         let io = |e| ImageError::io(op, "write new image", 0, e);
         storage.set_len(0).map_err(io)?;
         for (off, bytes) in &fresh.writes {
@@ -656,16 +696,17 @@ impl Image {
         storage.flush().map_err(io)?;
         let mut open = open.clone();
         open.read_only = false;
-        let mut img = Self::open(storage, &open)?;
+        let mut img = Self::open(storage.clone(), &open)?;
         // The data file covers the disk; a raw one implies metadata preallocation (QEMU),
         // so that every cluster maps to its own offset in it.
         img.resize_data_file(op, img.virtual_size())?;
-        let preallocation = match opts.preallocation {
-            Preallocation::Off if opts.data_file_raw => Preallocation::Metadata,
-            p => p,
-        };
         if preallocation != Preallocation::Off {
             img.preallocate(preallocation)?;
+        }
+        if let Some(area) = luks_later {
+            img.place_luks_area(op, &area.0)?;
+            img.close()?;
+            img = Self::open(storage, &open)?;
         }
         Ok(img)
     }
@@ -715,6 +756,12 @@ impl Image {
     /// The backing file name stored in the image, if any.
     pub fn backing_file(&self) -> Option<String> {
         self.fc.backing_file_str()
+    }
+
+    /// The backing file's format stored in the image (its backing format extension), if
+    /// any.
+    pub fn backing_format(&self) -> Option<String> {
+        self.fc.backing_format_str()
     }
 
     /// Whether a backing image is attached.
@@ -1035,6 +1082,8 @@ impl Image {
                 cause: cause.clone(),
             });
         }
+        // The bitmaps first: their store allocates and frees clusters.
+        self.store_bitmaps()?;
         self.flush_caches(Op::Close, true)?;
         self.engine.release_quarantine(&mut self.caches);
         self.mark_clean(Op::Close)
@@ -1058,6 +1107,8 @@ impl Image {
                 &self.opts,
             )?;
         }
+        // The reopen reads the bitmaps from disk: store the session first.
+        self.store_bitmaps()?;
         self.flush_caches(op, true)?;
         self.engine.release_quarantine(&mut self.caches);
         self.mark_clean(op)?;
@@ -1340,13 +1391,25 @@ impl Image {
 
     /// Reads guest data stored at `host` in the data storage, decrypting it when the image
     /// is encrypted (whole sectors are read and decrypted, `dst` gets its part).
-    pub(crate) fn read_data(&self, op: Op, host: u64, dst: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_data(&self, op: Op, host: u64, guest: u64, dst: &mut [u8]) -> Result<()> {
         let io = |e| ImageError::io(op, "read guest data", host, e);
         let Some(c) = &self.crypto else {
             return self.data_storage().read_at(dst, host).map_err(io);
         };
-        crate::crypto::read_decrypted(self.data_storage().as_ref(), c.as_ref(), host, dst)
+        let iv = self.iv_offset(host, guest);
+        crate::crypto::read_decrypted(self.data_storage().as_ref(), c.as_ref(), host, iv, dst)
             .map_err(io)
+    }
+
+    /// The offset whose sector numbers the IVs of data at `host` (guest `guest`) use:
+    /// the host offset for LUKS (QEMU's `crypt_physical_offset`), the guest offset for
+    /// legacy AES.
+    pub(crate) fn iv_offset(&self, host: u64, guest: u64) -> u64 {
+        if self.crypt_iv_guest {
+            guest
+        } else {
+            host
+        }
     }
 
     /// Reads with bytes beyond the virtual size as zeros (backing-file reads).
@@ -1372,7 +1435,7 @@ impl Image {
             match chunk.kind {
                 MapKind::Data(host) => {
                     self.storage.event(Event::ReadAio);
-                    self.read_data(op, host, dst)?;
+                    self.read_data(op, host, guest, dst)?;
                 }
                 MapKind::Zero(_) => dst.fill(0),
                 MapKind::Unallocated(_) => {

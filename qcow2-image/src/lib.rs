@@ -26,6 +26,7 @@
 mod amend;
 mod backing;
 mod bitmaps;
+mod commit;
 mod compare;
 mod compress;
 mod crypto;
@@ -34,12 +35,14 @@ mod dd;
 mod error;
 mod image;
 mod inflight;
+mod keyslots;
 pub mod locking;
 mod map;
 mod options;
 mod overlap;
 mod plan;
 mod queue;
+mod rebase;
 #[cfg(all(test, shuttle))]
 mod schedule_tests;
 mod shared;
@@ -47,17 +50,22 @@ mod shrink;
 mod snapshot;
 mod status;
 mod sync;
+mod vmstate;
 mod write;
 mod zero;
 
 pub use amend::AmendOptions;
-pub use backing::{BackingImage, BackingOpener, RawBacking, SharedBacking};
-pub use bitmaps::{stale_extension_warning, BitmapInfo};
+pub use backing::{BackingImage, BackingOpener, Held, RawBacking, SharedBacking};
+pub use bitmaps::{
+    stale_extension_warning, BitmapAddOptions, BitmapInfo, DirtyBitmap, DirtyRanges,
+};
+pub use commit::{CommitError, CommitOptions, CommitTarget, RawTarget, SharedTarget};
 pub use compare::{compare, CompareError, CompareOptions, CompareOutcome, CompareReport, Side};
 pub use compress::compress_cluster;
 pub use dd::{dd_copy, DdError, DdParams, DdPlan, DdWrite};
 pub use error::{ImageError, Op, Result};
 pub use image::Image;
+pub use keyslots::{KeyslotAmend, KeyslotState};
 pub use map::{Extent, ExtentKind};
 pub use options::{
     BackingPolicy, CreateOptions, DataFileStorage, OpenOptions, OverlapLevel, Preallocation,
@@ -68,7 +76,9 @@ pub use qcow2_format::layout::Compat;
 pub use qcow2_io::{Locking, Perms};
 pub use qcow2_snapshot::{NewSnapshot, SnapshotEntry};
 pub use queue::{Done, RequestQueue};
+pub use rebase::{RebaseError, RebaseOptions};
 pub use shared::SharedImage;
+pub use snapshot::open_error as snapshot_open_error;
 pub use status::{BlockStatus, RawDisk};
 
 #[cfg(test)]

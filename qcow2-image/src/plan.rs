@@ -56,21 +56,27 @@ pub(crate) struct ReadSources {
     /// The image file (compressed clusters).
     image: Arc<dyn Storage>,
     pub cipher: Option<Arc<dyn qcow2_crypto::SectorCipher>>,
+    /// Legacy AES: IVs count guest sectors, not host ones.
+    iv_guest: bool,
     backing: Option<Arc<SharedBacking>>,
     compression: qcow2_format::features::CompressionType,
     cluster_size: u64,
 }
 
 impl ReadSources {
-    /// Moves the data of `piece` into the request's buffer `buf`.
-    pub(crate) fn fill(&self, op: Op, piece: &ReadPiece, buf: &mut [u8]) -> Result<()> {
+    /// Moves the data of `piece` into the request's buffer `buf`, which starts at guest
+    /// offset `guest`.
+    pub(crate) fn fill(&self, op: Op, guest: u64, piece: &ReadPiece, buf: &mut [u8]) -> Result<()> {
         match *piece {
             ReadPiece::Done => Ok(()),
             ReadPiece::Host { at, len, host } => {
                 let dst = &mut buf[at as usize..(at + len) as usize];
                 match &self.cipher {
                     // Planned pieces of encrypted images are whole sectors.
-                    Some(c) => crate::crypto::read_decrypted(&*self.data, c.as_ref(), host, dst),
+                    Some(c) => {
+                        let iv = if self.iv_guest { guest + at } else { host };
+                        crate::crypto::read_decrypted(&*self.data, c.as_ref(), host, iv, dst)
+                    }
                     None => self.data.read_at(dst, host),
                 }
                 .map_err(|e| ImageError::io(op, "read guest data", host, e))
@@ -279,6 +285,7 @@ impl Image {
             data: self.data_storage().clone(),
             image: self.storage.clone(),
             cipher: self.crypto.clone(),
+            iv_guest: self.crypt_iv_guest,
             backing: crate::backing::share_backing(&mut self.backing),
             compression: self.compression_type(),
             cluster_size: self.geo.cluster_size(),

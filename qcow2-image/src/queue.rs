@@ -149,7 +149,7 @@ impl<'a> RequestQueue<'a> {
             match *p {
                 ReadPiece::Host { at, len, host } => hosts.push((at, len, host)),
                 _ => {
-                    if let Err(e) = sources.fill(op, p, &mut buf) {
+                    if let Err(e) = sources.fill(op, offset, p, &mut buf) {
                         return self.done_now(tag, Err(e), None);
                     }
                 }
@@ -197,7 +197,7 @@ impl<'a> RequestQueue<'a> {
             }
             core.check_writable(op)?;
             core.check_range(op, offset, len)?;
-            core.invalidate_bitmaps(op, crate::bitmaps::Staleness::Content)?;
+            core.track_change(op, offset, len)?;
             if let Some(pieces) = core.plan_rewrite(offset, len)? {
                 let moving = image.in_flight.register(start, end, Moving::Data);
                 drop(core);

@@ -124,7 +124,7 @@ impl SharedImage {
         drop(core);
         crate::sync::data_moves();
         for p in &pieces {
-            sources.fill(op, p, buf)?;
+            sources.fill(op, offset, p, buf)?;
         }
         Ok(())
     }
@@ -147,10 +147,11 @@ impl SharedImage {
             let mut core = self.lock_clear(op, start, end, Moving::Alloc)?;
             core.check_writable(op)?;
             core.check_range(op, offset, len)?;
-            core.invalidate_bitmaps(op, crate::bitmaps::Staleness::Content)?;
+            core.track_change(op, offset, len)?;
             if let Some(pieces) = core.plan_rewrite(offset, len)? {
                 let storage = core.data_storage_arc();
                 let cipher = core.crypto_arc();
+                let iv_guest = core.crypt_iv_guest;
                 let _moving = self.in_flight.register(start, end, Moving::Data);
                 drop(core);
                 crate::sync::data_moves();
@@ -159,8 +160,8 @@ impl SharedImage {
                     let io = |e| ImageError::io(op, "write guest data", p.host, e);
                     match &cipher {
                         Some(c) => {
-                            let enc =
-                                crate::crypto::encrypted(c.as_ref(), p.host, src).map_err(io)?;
+                            let iv = if iv_guest { offset + p.at } else { p.host };
+                            let enc = crate::crypto::encrypted(c.as_ref(), iv, src).map_err(io)?;
                             storage.write_at(&enc, p.host)
                         }
                         None => storage.write_at(src, p.host),
@@ -276,6 +277,12 @@ impl SharedImage {
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         let _req = self.requests(Op::Map)?;
         self.core(Op::Map)?.block_status(offset, len)
+    }
+
+    /// Dirty and clean runs of a persistent bitmap (see [`Image::dirty_bitmap_runs`]).
+    pub fn dirty_bitmap_runs(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let _req = self.requests(Op::Map)?;
+        self.core(Op::Map)?.dirty_bitmap_runs(name, offset, len)
     }
 
     /// The block status of this image's own layer (see `Image::layer_status`), for an

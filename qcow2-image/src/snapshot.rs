@@ -25,8 +25,9 @@ use qcow2_snapshot::{Addend, L1Source, NewSnapshot, Snapshots};
 use qcow2_snapshot::{Error as SnapError, HostError, HostParts, MetadataWrite, SnapshotHost};
 
 /// QEMU's open-time errors of the snapshot table (reference §1.11 step 18), with the hint
-/// QEMU prints after some of them.
-pub(crate) fn open_error(e: SnapError) -> ImageError {
+/// QEMU prints after some of them. Public so that tools reading the table on their own
+/// (before opening the image) word the failure as the open does.
+pub fn open_error(e: SnapError) -> ImageError {
     let refused = |message: String, hint: Option<String>, errno: i32| ImageError::Refused {
         op: Op::Open,
         message,
@@ -101,6 +102,13 @@ impl SnapshotHost for Image {
         // A later full header rewrite must keep the switch.
         self.fc.header.nb_snapshots = nb_snapshots;
         self.fc.header.snapshots_offset = snapshots_offset;
+    }
+
+    fn free_failed(&mut self, errno: i32) {
+        self.messages.push(format!(
+            "qcow2_free_clusters failed: {}",
+            crate::image::strerror(errno)
+        ));
     }
 
     fn resize(&mut self, new_size: u64) -> Result<(), HostError> {

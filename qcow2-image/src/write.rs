@@ -12,7 +12,6 @@
 //!    entries are updated (COPIED: refcount 1, invariant 6) and the old clusters freed
 //!    (the refcount cache then depends on the L2 cache, invariant 1).
 
-use crate::bitmaps::Staleness;
 use crate::error::{ImageError, Op, Result};
 use crate::image::{HDR_L1, HDR_SIZE};
 use crate::options::Preallocation;
@@ -57,7 +56,7 @@ impl Image {
         let op = Op::Write;
         self.check_writable(op)?;
         self.check_range(op, offset, buf.len() as u64)?;
-        self.invalidate_bitmaps(op, Staleness::Content)?;
+        self.track_change(op, offset, buf.len() as u64)?;
         self.write_internal(op, offset, buf)
     }
 
@@ -125,13 +124,13 @@ impl Image {
                 errno: qcow2_io::errno::EINVAL,
             });
         }
+        if new_size != old {
+            // Refused with inconsistent bitmaps, as QEMU; the others follow the new size.
+            self.resize_bitmaps(op, new_size)?;
+        }
         if new_size < old {
-            self.invalidate_bitmaps(op, Staleness::Size)?;
             self.shrink(op, new_size)?;
             return self.resize_data_file(op, new_size);
-        }
-        if new_size != old {
-            self.invalidate_bitmaps(op, Staleness::Size)?;
         }
         let needed = self.geo.l1_entries_for(new_size);
         if needed > MAX_L1_SIZE / 8 {
@@ -610,7 +609,8 @@ impl Image {
 
     /// Writes `data` at host `host` after the overlap check (invariant 5). Data write
     /// failures do not poison: nothing references the target yet, or the target is ours.
-    fn write_data(&mut self, op: Op, host: u64, data: &[u8], cow: bool) -> Result<()> {
+    /// `guest` is the guest offset of `data` (the IVs of legacy AES count guest sectors).
+    fn write_data(&mut self, op: Op, host: u64, guest: u64, data: &[u8], cow: bool) -> Result<()> {
         // Data in an external data file cannot overwrite metadata of the image file.
         if self.data.is_none() {
             if let Err(e) = self.overlap.check(host, data.len() as u64, 0) {
@@ -624,7 +624,8 @@ impl Image {
         let io = |e| ImageError::io(op, "write guest data", host, e);
         match &self.crypto {
             Some(c) => {
-                let enc = crate::crypto::encrypted(c.as_ref(), host, data).map_err(io)?;
+                let iv = if self.crypt_iv_guest { guest } else { host };
+                let enc = crate::crypto::encrypted(c.as_ref(), iv, data).map_err(io)?;
                 self.data_storage().write_at(&enc, host).map_err(io)
             }
             None => self.data_storage().write_at(data, host).map_err(io),
@@ -703,7 +704,7 @@ impl Image {
                 }
                 self.put(op, h)?;
                 let n = len.min(run * cs - in_cluster);
-                self.write_data(op, host0 + in_cluster, &data[..n as usize], false)?;
+                self.write_data(op, host0 + in_cluster, guest, &data[..n as usize], false)?;
                 Ok(n as usize)
             }
             Need::KeepOld(host) => {
@@ -735,7 +736,7 @@ impl Image {
                     &data[..n as usize],
                 )?;
                 let cow = start < in_cluster || end > in_cluster + n;
-                self.write_data(op, host + start, &buf, cow)?;
+                self.write_data(op, host + start, cluster_guest + start, &buf, cow)?;
                 // The entry must not reach the disk before the data (QEMU: depends_on_flush).
                 self.caches.set_depends_on_flush(CacheId::L2);
                 let (h, idx) = self.get_slice(op, l2_offset, l2_index)?;
@@ -838,11 +839,19 @@ impl Image {
             None => Ok(false),
         };
         let result = zeroed.and_then(|zeroed| match direct {
-            Some((at, data)) if zeroed => self.write_data(op, host + at, data, false),
+            Some((at, data)) if zeroed => {
+                self.write_data(op, host + at, cluster_guest + at, data, false)
+            }
             _ => fill(self).and_then(|buf| {
                 let whole = buf.len() as u64 == run * cs;
                 let cow_flag = !whole;
-                self.write_data(op, host + cow.start, &buf, cow_flag)
+                self.write_data(
+                    op,
+                    host + cow.start,
+                    cluster_guest + cow.start,
+                    &buf,
+                    cow_flag,
+                )
             }),
         });
         if let Err(e) = result {
@@ -944,7 +953,7 @@ impl Image {
             let host = self.alloc_data_clusters(op, guest, n)?;
             if mode == Preallocation::Full {
                 let zeros = vec![0u8; (n * cs) as usize];
-                self.write_data(op, host, &zeros, false)?;
+                self.write_data(op, host, guest, &zeros, false)?;
             }
             if self.lazy {
                 self.mark_dirty(op)?;

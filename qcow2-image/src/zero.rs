@@ -3,7 +3,6 @@
 //! refcount cache depends on the L2 cache (invariant 1) and freed clusters wait in
 //! quarantine until a flush (invariant 2).
 
-use crate::bitmaps::Staleness;
 use crate::error::{Op, Result};
 use crate::image::MapKind;
 use crate::Image;
@@ -26,10 +25,11 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
+        // QEMU's block layer marks the range dirty even when the driver ignores it.
+        self.track_change(op, offset, len)?;
         if self.fc.header.version < 3 && self.fc.backing_file.is_some() {
             return Ok(());
         }
-        self.invalidate_bitmaps(op, Staleness::Content)?;
         let cs = self.geo.cluster_size();
         let size = self.virtual_size();
         let start = offset.div_ceil(cs) * cs;
@@ -43,7 +43,7 @@ impl Image {
         }
         let mut guest = start;
         while guest < end {
-            let n = self.discard_in_slice(op, guest, end - guest)?;
+            let n = self.discard_in_slice(op, guest, end - guest, false)?;
             guest += n;
         }
         self.zero_raw_data_file(op, start, end - start)
@@ -61,8 +61,16 @@ impl Image {
     }
 
     /// Discards clusters from `guest` (cluster aligned) within one L2 slice; returns the
-    /// bytes covered.
-    fn discard_in_slice(&mut self, op: Op, guest: u64, len: u64) -> Result<u64> {
+    /// bytes covered. A `full` discard (QEMU's `full_discard`, used to empty an image)
+    /// leaves the entries unallocated, so that the backing file shows through again, and
+    /// always gives the clusters back.
+    pub(crate) fn discard_in_slice(
+        &mut self,
+        op: Op,
+        guest: u64,
+        len: u64,
+        full: bool,
+    ) -> Result<u64> {
         let g = self.geo;
         let cs = g.cluster_size();
         let se = self.slice_entries();
@@ -72,7 +80,7 @@ impl Image {
         let has_backing = self.fc.backing_file.is_some();
         // Nothing to do where no L2 table exists and nothing can show through.
         let l1_index = g.l1_index(guest);
-        if self.l2_offset(op, l1_index)? == 0 && !has_backing {
+        if self.l2_offset(op, l1_index)? == 0 && (full || !has_backing) {
             return Ok(covered);
         }
         let l2_offset = self.l2_for_write(op, guest)?;
@@ -89,10 +97,13 @@ impl Image {
                 ClusterType::Compressed | ClusterType::Normal | ClusterType::ZeroAlloc
             );
             // Compressed clusters are always unreferenced (no host cluster to keep).
-            let keep = keep_reference && ty != ClusterType::Compressed;
+            let keep = keep_reference && ty != ClusterType::Compressed && !full;
             let mut word = old.raw_entry();
             let mut bitmap = old.bitmap();
-            if has_backing || allocated {
+            if full {
+                word = 0;
+                bitmap = 0;
+            } else if has_backing || allocated {
                 if ext {
                     if !keep {
                         word = 0;
@@ -116,7 +127,12 @@ impl Image {
             }
         }
         self.put(op, h)?;
-        self.free_entries(op, &frees, DiscardType::Request);
+        let kind = if full {
+            DiscardType::Snapshot
+        } else {
+            DiscardType::Request
+        };
+        self.free_entries(op, &frees, kind);
         Ok(covered)
     }
 
@@ -207,7 +223,7 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
-        self.invalidate_bitmaps(op, Staleness::Content)?;
+        self.track_change(op, offset, len)?;
         if self.fc.header.version < 3 {
             return self.write_zero_buffer(op, offset, len);
         }

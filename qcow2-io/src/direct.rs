@@ -3,7 +3,7 @@
 //! buffer ([`IoBuf`]).
 
 use crate::file::DIRECT_ALIGN;
-use crate::queue::IoBuf;
+use crate::IoBuf;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;

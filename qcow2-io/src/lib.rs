@@ -14,6 +14,7 @@
 //!   may be lost in any subset, or torn at 512-byte sector granularity).
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+mod aligned;
 mod direct;
 mod event;
 mod file;
@@ -25,14 +26,15 @@ mod uring;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod crash;
-#[cfg(any(test, feature = "test-utils"))]
+#[cfg(any(test, feature = "fault"))]
 pub mod fault;
 
+pub use aligned::IoBuf;
 pub use event::{Event, UnknownEvent};
 pub use file::{CacheMode, FileStorage, DIRECT_ALIGN};
 pub use lock::{LockError, Locking, Perms};
 pub use mem::MemStorage;
-pub use queue::{queue, Completion, Dir, IoBuf, IoQueue, Transfer};
+pub use queue::{queue, Completion, Dir, IoQueue, Transfer};
 pub use sparse::SparseStorage;
 
 use std::io;

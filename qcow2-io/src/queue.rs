@@ -10,59 +10,9 @@
 //! [`FileStorage`]: crate::FileStorage
 //! [`FileStorage::enable_io_uring`]: crate::FileStorage::enable_io_uring
 
-use crate::file::DIRECT_ALIGN;
-use crate::Storage;
+use crate::{IoBuf, Storage};
 use std::io;
 use std::sync::Arc;
-
-/// A zeroed byte buffer whose start is aligned to [`DIRECT_ALIGN`] (what `O_DIRECT`
-/// transfers need), carved out of an ordinary allocation; its memory never moves while
-/// the buffer lives, even when the `IoBuf` itself is moved.
-pub struct IoBuf {
-    mem: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl IoBuf {
-    /// A zeroed buffer of `len` bytes.
-    pub fn new(len: usize) -> Self {
-        let mem = vec![0u8; len + DIRECT_ALIGN];
-        let start = mem.as_ptr().align_offset(DIRECT_ALIGN);
-        IoBuf { mem, start, len }
-    }
-
-    /// A buffer holding a copy of `data`.
-    pub fn from_slice(data: &[u8]) -> Self {
-        let mut b = IoBuf::new(data.len());
-        b.copy_from_slice(data);
-        b
-    }
-
-    /// Shortens the buffer to `len` bytes (no-op when it is not longer).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-}
-
-impl std::ops::Deref for IoBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.mem[self.start..self.start + self.len]
-    }
-}
-
-impl std::ops::DerefMut for IoBuf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.mem[self.start..self.start + self.len]
-    }
-}
-
-impl std::fmt::Debug for IoBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IoBuf").field("len", &self.len).finish()
-    }
-}
 
 /// Which way a transfer moves data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +127,7 @@ impl IoQueue for SyncQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DIRECT_ALIGN;
 
     #[test]
     fn buffers_are_aligned_and_zeroed() {

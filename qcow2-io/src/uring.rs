@@ -8,7 +8,8 @@
 //! file fills the rest with zeros (the [`Storage`](crate::Storage) contract).
 
 use crate::file::DIRECT_ALIGN;
-use crate::queue::{Completion, Dir, IoBuf, IoQueue, Transfer};
+use crate::queue::{Completion, Dir, IoQueue, Transfer};
+use crate::IoBuf;
 use io_uring::{opcode, squeue, types, IoUring};
 use std::collections::VecDeque;
 use std::fs::File;

@@ -12,10 +12,12 @@ use std::sync::mpsc;
 use std::sync::{Condvar, Mutex};
 
 use crate::export::{Allocation, ExportError, NbdExport};
-use crate::handshake::{Session, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID};
+use crate::handshake::{Session, ALLOCATION_DEPTH_ID, BASE_ALLOCATION_ID, DIRTY_BITMAP_ID};
 use crate::net::Stream;
-use crate::proto::{self, cflag, chunk, cmd, NbdErrno, Request, REPLY_FLAG_DONE, REQUEST_LEN};
-use crate::server::{ConnError, Export, Server, MAX_REQUEST};
+use crate::proto::{
+    self, cflag, chunk, cmd, NbdErrno, Request, EXTENDED_REQUEST_LEN, REPLY_FLAG_DONE, REQUEST_LEN,
+};
+use crate::server::{ConnError, DetectZeroes, Export, Server, MAX_REQUEST};
 
 /// Bytes the reader buffers from the socket.
 const READ_BUFFER: usize = 128 << 10;
@@ -254,25 +256,40 @@ impl Conn<'_> {
         reader: &mut io::BufReader<&mut Stream>,
         tx: &mpsc::SyncSender<Job>,
     ) -> Result<(), ConnError> {
+        let extended = self.session.extended;
+        let header_len = if extended {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
+        };
         loop {
-            let mut h = [0u8; REQUEST_LEN];
-            match read_full(reader, &mut h)? {
+            let mut h = [0u8; EXTENDED_REQUEST_LEN];
+            match read_full(reader, &mut h[..header_len])? {
                 0 => return Ok(()),
-                n if n < REQUEST_LEN => {
+                n if n < header_len => {
                     return Err(ConnError::Io(io::ErrorKind::UnexpectedEof.into()))
                 }
                 _ => {}
             }
-            let req = Request::parse(&h)?;
+            let req = if extended {
+                Request::parse_extended(&h)?
+            } else {
+                let mut compact = [0u8; REQUEST_LEN];
+                compact.copy_from_slice(&h[..REQUEST_LEN]);
+                Request::parse(&compact)?
+            };
             if req.kind == cmd::DISC {
                 return Ok(());
             }
+            let payload = req.has_payload(extended);
+            // A compact payload is at most 4 GiB and can be skipped; an extended one
+            // longer than any request served is not worth reading (QEMU hangs up too).
+            if payload && extended && req.length > u64::from(MAX_REQUEST) {
+                return Err(ConnError::PayloadTooLong(req.length));
+            }
             if let Err(errno) = self.check(&req) {
-                if req.has_payload() {
-                    io::copy(
-                        &mut reader.by_ref().take(u64::from(req.length)),
-                        &mut io::sink(),
-                    )?;
+                if payload {
+                    io::copy(&mut reader.by_ref().take(req.length), &mut io::sink())?;
                 }
                 server.log(format_args!(
                     "request {} (type {}, flags {:#x}, offset {}, length {}) refused: {:?}",
@@ -287,7 +304,7 @@ impl Conn<'_> {
             };
             self.budget.acquire(cost);
             let mut payload = Vec::new();
-            if req.has_payload() {
+            if req.kind == cmd::WRITE {
                 // What the buffer holds, then the rest straight from the socket into spare
                 // capacity (no zero-fill, no copy through the buffer).
                 let len = req.length as usize;
@@ -299,7 +316,7 @@ impl Conn<'_> {
                 let got = Read::by_ref(reader.get_mut())
                     .take((len - n) as u64)
                     .read_to_end(&mut payload);
-                if got.is_err() || payload.len() != req.length as usize {
+                if got.is_err() || payload.len() != len {
                     self.budget.release(cost);
                     return Err(got
                         .err()
@@ -320,6 +337,9 @@ impl Conn<'_> {
         let allowed = match r.kind {
             cmd::READ if self.session.structured => cflag::FUA | cflag::DF,
             cmd::READ => cflag::FUA,
+            // With extended headers a write says that its length is its payload's;
+            // any other payload is read, then the request refused for the flag.
+            cmd::WRITE if self.session.extended => cflag::FUA | cflag::PAYLOAD_LEN,
             cmd::WRITE | cmd::TRIM | cmd::FLUSH | cmd::CACHE => cflag::FUA,
             cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO,
             cmd::BLOCK_STATUS => cflag::FUA | cflag::REQ_ONE,
@@ -328,18 +348,20 @@ impl Conn<'_> {
         if r.flags & !allowed != 0 {
             return refuse(NbdErrno::Inval);
         }
-        let end = r.offset.checked_add(u64::from(r.length));
+        let end = r.offset.checked_add(r.length);
         let inside = end.is_some_and(|end| end <= e.size);
         let writes = matches!(r.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
         if writes && e.read_only {
             return refuse(NbdErrno::Perm);
         }
         match r.kind {
-            cmd::READ | cmd::WRITE if r.length > MAX_REQUEST => refuse(NbdErrno::Inval),
+            cmd::READ | cmd::WRITE if r.length > u64::from(MAX_REQUEST) => refuse(NbdErrno::Inval),
             cmd::WRITE | cmd::WRITE_ZEROES if !inside => refuse(NbdErrno::NoSpc),
             cmd::READ | cmd::TRIM | cmd::CACHE if !inside => refuse(NbdErrno::Inval),
             cmd::BLOCK_STATUS
-                if !(self.session.base_allocation || self.session.allocation_depth)
+                if !(self.session.base_allocation
+                    || self.session.allocation_depth
+                    || self.session.dirty_bitmap)
                     || r.length == 0
                     || !inside =>
             {
@@ -355,18 +377,31 @@ impl Conn<'_> {
         self.writer.send(parts);
     }
 
+    /// Whether `r` is answered with reply chunks: always with extended headers (which
+    /// have no simple reply), and for reads and block status with structured replies.
     fn structured_reply(&self, r: &Request) -> bool {
-        self.session.structured && matches!(r.kind, cmd::READ | cmd::BLOCK_STATUS)
+        self.session.extended
+            || (self.session.structured && matches!(r.kind, cmd::READ | cmd::BLOCK_STATUS))
+    }
+
+    /// A reply chunk header in the negotiated format (`len` bytes of payload follow).
+    fn chunk(&self, r: &Request, flags: u16, kind: u16, len: usize) -> ChunkHeader {
+        let mut b = [0u8; 32];
+        if self.session.extended {
+            b = proto::extended_chunk_header(r.cookie, flags, kind, r.offset, len as u64);
+            ChunkHeader { b, n: 32 }
+        } else {
+            // Compact payloads are bounded by the largest request (plus its chunk
+            // fields) and by the extent limit: far below 4 GiB.
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            b[..20].copy_from_slice(&proto::chunk_header(r.cookie, flags, kind, len));
+            ChunkHeader { b, n: 20 }
+        }
     }
 
     fn reply_ok(&self, r: &Request) {
         if self.structured_reply(r) {
-            self.send(&[&proto::chunk_header(
-                r.cookie,
-                REPLY_FLAG_DONE,
-                chunk::NONE,
-                0,
-            )]);
+            self.send(&[self.chunk(r, REPLY_FLAG_DONE, chunk::NONE, 0).bytes()]);
         } else {
             self.send(&[&proto::simple_reply(r.cookie, 0)]);
         }
@@ -379,8 +414,8 @@ impl Conn<'_> {
             p.extend_from_slice(&(errno as u32).to_be_bytes());
             p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
             p.extend_from_slice(msg);
-            let h = proto::chunk_header(r.cookie, REPLY_FLAG_DONE, chunk::ERROR, p.len() as u32);
-            self.send(&[&h, &p]);
+            let h = self.chunk(r, REPLY_FLAG_DONE, chunk::ERROR, p.len());
+            self.send(&[h.bytes(), &p]);
         } else {
             self.send(&[&proto::simple_reply(r.cookie, errno as u32)]);
         }
@@ -398,13 +433,26 @@ impl Conn<'_> {
         let r = &job.req;
         let b: &dyn NbdExport = &*self.export.backend;
         let fua = r.flags & cflag::FUA != 0;
-        let (off, len) = (r.offset, u64::from(r.length));
+        let (off, len) = (r.offset, r.length);
         let after = |res: Result<(), ExportError>| match res {
             Ok(()) if fua => b.flush(),
             other => other,
         };
         match r.kind {
             cmd::READ => self.read(r),
+            cmd::WRITE
+                if self.export.detect_zeroes != DetectZeroes::Off && is_zero(&job.payload) =>
+            {
+                // QEMU's detect-zeroes: the write becomes a zero write; deallocating only
+                // with `unmap` and when discards reach the image.
+                let may_trim = self.export.detect_zeroes == DetectZeroes::Unmap && self.export.trim;
+                let res = if len == 0 {
+                    Ok(())
+                } else {
+                    b.write_zeroes(off, len, may_trim, false)
+                };
+                self.reply_result(r, after(res));
+            }
             cmd::WRITE => self.reply_result(r, b.write(off, &job.payload, fua)),
             cmd::WRITE_ZEROES => {
                 let may_trim = r.flags & cflag::NO_HOLE == 0 && self.export.trim;
@@ -471,48 +519,49 @@ impl Conn<'_> {
         }
         let df = r.flags & cflag::DF != 0;
         if df || pieces.iter().all(|p| !p.2) {
-            let h = proto::chunk_header(
-                r.cookie,
-                REPLY_FLAG_DONE,
-                chunk::OFFSET_DATA,
-                (len + 8) as u32,
-            );
-            return self.send(&[&h, &r.offset.to_be_bytes(), &buf]);
+            let h = self.chunk(r, REPLY_FLAG_DONE, chunk::OFFSET_DATA, len + 8);
+            return self.send(&[h.bytes(), &r.offset.to_be_bytes(), &buf]);
         }
-        // Several chunks, sent under one lock: headers first, then the slices.
-        let headers: Vec<[u8; 32]> = pieces
+        // Several chunks, sent under one lock: headers first, then the slices. A header
+        // is the chunk header, the offset, and for a hole its length.
+        let headers: Vec<([u8; 44], usize)> = pieces
             .iter()
             .map(|&(start, n, zero)| {
-                let mut h = [0u8; 32];
                 let (kind, length) = if zero {
                     (chunk::OFFSET_HOLE, 12)
                 } else {
-                    (chunk::OFFSET_DATA, (n + 8) as u32)
+                    (chunk::OFFSET_DATA, n + 8)
                 };
-                h[..20].copy_from_slice(&proto::chunk_header(r.cookie, 0, kind, length));
-                h[20..28].copy_from_slice(&(r.offset + start as u64).to_be_bytes());
-                h[28..32].copy_from_slice(&(n as u32).to_be_bytes());
-                h
+                let c = self.chunk(r, 0, kind, length);
+                let mut h = [0u8; 44];
+                let at = c.n;
+                h[..at].copy_from_slice(c.bytes());
+                h[at..at + 8].copy_from_slice(&(r.offset + start as u64).to_be_bytes());
+                if zero {
+                    // Pieces are inside one read request: at most 32 MiB.
+                    h[at + 8..at + 12].copy_from_slice(&(n as u32).to_be_bytes());
+                    (h, at + 12)
+                } else {
+                    (h, at + 8)
+                }
             })
             .collect();
-        let done = proto::chunk_header(r.cookie, REPLY_FLAG_DONE, chunk::NONE, 0);
+        let done = self.chunk(r, REPLY_FLAG_DONE, chunk::NONE, 0);
         let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * headers.len() + 1);
-        for (h, &(start, n, zero)) in headers.iter().zip(&pieces) {
-            if zero {
-                parts.push(&h[..]);
-            } else {
-                parts.push(&h[..28]);
+        for ((h, hn), &(start, n, zero)) in headers.iter().zip(&pieces) {
+            parts.push(&h[..*hn]);
+            if !zero {
                 parts.push(&buf[start..start + n]);
             }
         }
-        parts.push(&done);
+        parts.push(done.bytes());
         self.send(&parts);
     }
 
     /// One block-status chunk per selected metadata context, the last one with DONE.
     fn block_status(&self, r: &Request) {
         let b = &*self.export.backend;
-        let len = u64::from(r.length);
+        let len = r.length;
         let mut chunks: Vec<(u32, Vec<Allocation>)> = Vec::with_capacity(2);
         if self.session.base_allocation {
             match b.block_status(r.offset, len) {
@@ -526,33 +575,70 @@ impl Conn<'_> {
                 Err(e) => return self.reply_error(r, e.errno(), &e.to_string()),
             }
         }
+        if let (true, Some(name)) = (self.session.dirty_bitmap, &self.export.dirty_bitmap) {
+            match b.dirty_bitmap(name, r.offset, len) {
+                Ok(runs) => chunks.push((DIRTY_BITMAP_ID, clip(runs, len))),
+                Err(e) => return self.reply_error(r, e.errno(), &e.to_string()),
+            }
+        }
         let max = if r.flags & cflag::REQ_ONE != 0 {
             1
         } else {
             MAX_EXTENTS
         };
+        let extended = self.session.extended;
         let count = chunks.len();
-        let mut bodies: Vec<([u8; 20], Vec<u8>)> = Vec::with_capacity(count);
-        for (i, (id, runs)) in chunks.into_iter().enumerate() {
-            let mut p = Vec::with_capacity(4 + 8 * runs.len().min(max));
-            p.extend_from_slice(&id.to_be_bytes());
-            for x in runs.iter().take(max) {
-                // Runs are clipped to the request's u32 length.
-                p.extend_from_slice(&(x.length as u32).to_be_bytes());
-                p.extend_from_slice(&x.flags.to_be_bytes());
-            }
-            if p.len() == 4 {
+        let mut bodies: Vec<(ChunkHeader, Vec<u8>)> = Vec::with_capacity(count);
+        for (i, (id, mut runs)) in chunks.into_iter().enumerate() {
+            runs.truncate(max);
+            if runs.is_empty() {
                 // The backend described nothing: the whole range, as data / depth 1.
-                p.extend_from_slice(&r.length.to_be_bytes());
-                let flags = if id == ALLOCATION_DEPTH_ID { 1u32 } else { 0 };
-                p.extend_from_slice(&flags.to_be_bytes());
+                let flags = if id == ALLOCATION_DEPTH_ID { 1 } else { 0 };
+                runs.push(Allocation { length: len, flags });
             }
+            let (kind, p) = if extended {
+                // 64-bit lengths and flags, after the context and the count.
+                let mut p = Vec::with_capacity(8 + 16 * runs.len());
+                p.extend_from_slice(&id.to_be_bytes());
+                p.extend_from_slice(&(runs.len() as u32).to_be_bytes());
+                for x in &runs {
+                    p.extend_from_slice(&x.length.to_be_bytes());
+                    p.extend_from_slice(&u64::from(x.flags).to_be_bytes());
+                }
+                (chunk::BLOCK_STATUS_EXT, p)
+            } else {
+                let mut p = Vec::with_capacity(4 + 8 * runs.len());
+                p.extend_from_slice(&id.to_be_bytes());
+                for x in &runs {
+                    // Runs are clipped to the request's length, 32 bits without
+                    // extended headers.
+                    let n = u32::try_from(x.length).unwrap_or(u32::MAX);
+                    p.extend_from_slice(&n.to_be_bytes());
+                    p.extend_from_slice(&x.flags.to_be_bytes());
+                }
+                (chunk::BLOCK_STATUS, p)
+            };
             let done = if i + 1 == count { REPLY_FLAG_DONE } else { 0 };
-            let h = proto::chunk_header(r.cookie, done, chunk::BLOCK_STATUS, p.len() as u32);
+            let h = self.chunk(r, done, kind, p.len());
             bodies.push((h, p));
         }
-        let parts: Vec<&[u8]> = bodies.iter().flat_map(|(h, p)| [&h[..], &p[..]]).collect();
+        let parts: Vec<&[u8]> = bodies
+            .iter()
+            .flat_map(|(h, p)| [h.bytes(), &p[..]])
+            .collect();
         self.send(&parts);
+    }
+}
+
+/// A reply chunk header: compact (20 bytes) or extended (32).
+struct ChunkHeader {
+    b: [u8; 32],
+    n: usize,
+}
+
+impl ChunkHeader {
+    fn bytes(&self) -> &[u8] {
+        &self.b[..self.n]
     }
 }
 
@@ -576,6 +662,16 @@ fn clip(runs: Vec<Allocation>, len: u64) -> Vec<Allocation> {
     out
 }
 
+/// Whether every byte of `buf` is zero (16 bytes at a time: this runs on every write when
+/// zero detection is on).
+fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(16);
+    let body = chunks
+        .by_ref()
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0);
+    body && chunks.remainder().iter().all(|&b| b == 0)
+}
+
 /// Reads until `buf` is full or end of file; returns the bytes read.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
@@ -588,4 +684,23 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_detection_sees_one_nonzero_byte_anywhere() {
+        assert!(is_zero(&[]));
+        for len in [1usize, 15, 16, 17, 4096, 4099] {
+            let mut b = vec![0u8; len];
+            assert!(is_zero(&b), "{len}");
+            for at in [0, len / 2, len - 1] {
+                b[at] = 0x80;
+                assert!(!is_zero(&b), "{len} {at}");
+                b[at] = 0;
+            }
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::io;
 use qcow2_image::{ExtentKind, ImageError, SharedImage};
 use qcow2_io::{FileStorage, Storage};
 
-use crate::proto::{NbdErrno, STATE_HOLE, STATE_ZERO};
+use crate::proto::{NbdErrno, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 
 /// A failed export operation; [`ExportError::errno`] is what the client is told.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +113,22 @@ pub trait NbdExport: Send + Sync {
         }])
     }
 
+    /// `qemu:dirty-bitmap:NAME` status of the runs from `offset`, covering at most `len`
+    /// bytes: flags [`STATE_DIRTY`](crate::proto::STATE_DIRTY) where bitmap `name` is
+    /// dirty, 0 where clean. The default: no bitmap, everything clean.
+    fn dirty_bitmap(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Allocation>, ExportError> {
+        let _ = (name, offset);
+        Ok(vec![Allocation {
+            length: len,
+            flags: 0,
+        }])
+    }
+
     /// Whether `write_zeroes` with `fast` can ever succeed (`NBD_FLAG_SEND_FAST_ZERO`).
     fn can_fast_zero(&self) -> bool {
         true
@@ -195,6 +211,19 @@ impl NbdExport for SharedImage {
                 ExtentKind::DataHole => STATE_ZERO,
             };
             push_run(&mut out, x.length, flags);
+        }
+        Ok(out)
+    }
+
+    fn dirty_bitmap(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Allocation>, ExportError> {
+        let mut out = Vec::new();
+        for (length, dirty) in self.dirty_bitmap_runs(name, offset, len)? {
+            push_run(&mut out, length, if dirty { STATE_DIRTY } else { 0 });
         }
         Ok(out)
     }

@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 
+use crate::net::Stream;
 use crate::proto::{self, info, opt, rep, Cursor};
 use crate::server::{ConnError, Export, Server, MAX_REQUEST};
 
@@ -21,18 +22,34 @@ const BASE_ALLOCATION: &str = "base:allocation";
 /// The metadata context ID of `qemu:allocation-depth`.
 pub(crate) const ALLOCATION_DEPTH_ID: u32 = 2;
 const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+/// The metadata context ID of `qemu:dirty-bitmap:NAME`.
+pub(crate) const DIRTY_BITMAP_ID: u32 = 3;
+const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// What the handshake agreed on.
 #[derive(Debug, Clone)]
 pub(crate) struct Session {
     /// Index of the chosen export.
     pub export: usize,
-    /// Structured replies were negotiated.
+    /// Structured replies were negotiated (also true with extended headers).
     pub structured: bool,
+    /// Extended headers were negotiated: 32-byte requests with 64-bit lengths, every
+    /// reply an extended chunk.
+    pub extended: bool,
     /// `base:allocation` was selected for block status.
     pub base_allocation: bool,
     /// `qemu:allocation-depth` was selected for block status.
     pub allocation_depth: bool,
+    /// `qemu:dirty-bitmap:NAME` was selected for block status.
+    pub dirty_bitmap: bool,
+}
+
+/// The metadata contexts selected (or listed).
+#[derive(Debug, Clone, Copy, Default)]
+struct Selected {
+    base: bool,
+    depth: bool,
+    bitmap: bool,
 }
 
 struct Negotiation<'a> {
@@ -40,16 +57,20 @@ struct Negotiation<'a> {
     fixed: bool,
     no_zeroes: bool,
     structured: bool,
-    /// The export `SET_META_CONTEXT` selected contexts for, and which: (export,
-    /// base:allocation, qemu:allocation-depth).
-    meta: Option<(usize, bool, bool)>,
+    extended: bool,
+    /// TLS is running (only with a TLS-configured server).
+    tls_active: bool,
+    /// The export `SET_META_CONTEXT` selected contexts for, and which.
+    meta: Option<(usize, Selected)>,
 }
 
-/// Runs the handshake; `Ok(None)` when the client aborted.
-pub(crate) fn negotiate<S: Read + Write>(
+/// Runs the handshake on `stream`; `Ok(None)` when the client aborted. Returns the
+/// stream transmission goes on: `stream` itself, or its TLS session.
+pub(crate) fn negotiate(
     server: &Server,
-    s: &mut S,
-) -> Result<Option<Session>, ConnError> {
+    mut stream: Stream,
+) -> Result<Option<(Session, Stream)>, ConnError> {
+    let s = &mut stream;
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&proto::NBD_MAGIC.to_be_bytes());
     hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -66,6 +87,8 @@ pub(crate) fn negotiate<S: Read + Write>(
         fixed: client & proto::FLAG_C_FIXED_NEWSTYLE != 0,
         no_zeroes: client & proto::FLAG_C_NO_ZEROES != 0,
         structured: false,
+        extended: false,
+        tls_active: false,
         meta: None,
     };
     for _ in 0..MAX_OPTIONS {
@@ -90,8 +113,33 @@ pub(crate) fn negotiate<S: Read + Write>(
         }
         let mut data = vec![0u8; length as usize];
         s.read_exact(&mut data)?;
+        if let (Some(tls), false) = (&server.config().tls, n.tls_active) {
+            // FORCEDTLS: nothing but STARTTLS (or ABORT) before TLS.
+            match option {
+                _ if !n.fixed => return Err(ConnError::TlsRequired(option)),
+                opt::STARTTLS if data.is_empty() => {
+                    reply(s, option, rep::ACK, &[])?;
+                    // The handshake runs on another handle of the socket; the plain
+                    // handle is dropped when the TLS stream takes its place.
+                    let plain = s.try_clone()?;
+                    *s = Stream::Tls(tls.accept(plain).map_err(ConnError::Tls)?);
+                    n.tls_active = true;
+                }
+                opt::STARTTLS | opt::EXPORT_NAME => return Err(ConnError::TlsRequired(option)),
+                _ => {
+                    let msg = format!("Option {option:#x} not permitted before TLS");
+                    // The client may already be gone after ABORT.
+                    let sent = reply_error(s, option, rep::ERR_TLS_REQD, &msg);
+                    if option == opt::ABORT {
+                        return Ok(None);
+                    }
+                    sent?;
+                }
+            }
+            continue;
+        }
         if let Some(end) = n.option(s, option, &data)? {
-            return Ok(end);
+            return Ok(end.map(|session| (session, stream)));
         }
     }
     Err(ConnError::TooManyOptions)
@@ -139,6 +187,10 @@ impl Negotiation<'_> {
         data: &[u8],
     ) -> Result<Option<Option<Session>>, ConnError> {
         match option {
+            opt::EXPORT_NAME if self.extended => {
+                // Its reply cannot say that transmission uses extended headers.
+                Err(ConnError::ExportNameWithExtendedHeaders)
+            }
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(data).into_owned();
                 let Some(i) = self.find(&name) else {
@@ -191,13 +243,54 @@ impl Negotiation<'_> {
                         rep::ERR_INVALID,
                         "STRUCTURED_REPLY takes no data",
                     )?;
+                } else if self.extended {
+                    reply_error(
+                        s,
+                        option,
+                        rep::ERR_EXT_HEADER_REQD,
+                        "extended headers already negotiated",
+                    )?;
                 } else {
                     self.structured = true;
                     reply(s, option, rep::ACK, &[])?;
                 }
                 Ok(None)
             }
+            opt::EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    reply_error(
+                        s,
+                        option,
+                        rep::ERR_INVALID,
+                        "EXTENDED_HEADERS takes no data",
+                    )?;
+                } else if self.extended {
+                    reply_error(
+                        s,
+                        option,
+                        rep::ERR_INVALID,
+                        "extended headers already negotiated",
+                    )?;
+                } else {
+                    // Extended headers imply structured replies.
+                    self.extended = true;
+                    self.structured = true;
+                    reply(s, option, rep::ACK, &[])?;
+                }
+                Ok(None)
+            }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => self.meta(s, option, data),
+            opt::STARTTLS => {
+                let (kind, msg) = if !data.is_empty() {
+                    (rep::ERR_INVALID, "STARTTLS takes no data")
+                } else if self.tls_active {
+                    (rep::ERR_INVALID, "TLS already enabled")
+                } else {
+                    (rep::ERR_POLICY, "TLS not configured")
+                };
+                reply_error(s, option, kind, msg)?;
+                Ok(None)
+            }
             _ => {
                 if !self.fixed {
                     return Err(ConnError::UnknownOption(option));
@@ -212,10 +305,13 @@ impl Negotiation<'_> {
         Session {
             export,
             structured: self.structured,
+            extended: self.extended,
             base_allocation: self.structured
-                && matches!(self.meta, Some((e, true, _)) if e == export),
+                && matches!(self.meta, Some((e, m)) if e == export && m.base),
             allocation_depth: self.structured
-                && matches!(self.meta, Some((e, _, true)) if e == export),
+                && matches!(self.meta, Some((e, m)) if e == export && m.depth),
+            dirty_bitmap: self.structured
+                && matches!(self.meta, Some((e, m)) if e == export && m.bitmap),
         }
     }
 
@@ -316,28 +412,41 @@ impl Negotiation<'_> {
             return Ok(None);
         };
         let depth_offered = self.server.exports()[i].allocation_depth;
-        let (base, depth) = if set {
-            (
-                queries.iter().any(|q| q == BASE_ALLOCATION),
-                depth_offered && queries.iter().any(|q| q == ALLOCATION_DEPTH),
-            )
+        let bitmap_context = self.server.exports()[i]
+            .dirty_bitmap
+            .as_ref()
+            .map(|b| format!("{DIRTY_BITMAP_PREFIX}{b}"));
+        let is_bitmap = |q: &str| bitmap_context.as_deref() == Some(q);
+        let sel = if set {
+            Selected {
+                base: queries.iter().any(|q| q == BASE_ALLOCATION),
+                depth: depth_offered && queries.iter().any(|q| q == ALLOCATION_DEPTH),
+                bitmap: queries.iter().any(|q| is_bitmap(q)),
+            }
         } else {
             let all = queries.is_empty();
-            (
-                all || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION),
-                depth_offered
+            Selected {
+                base: all || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION),
+                depth: depth_offered
                     && (all
                         || queries
                             .iter()
                             .any(|q| q == "qemu:" || q == ALLOCATION_DEPTH)),
-            )
+                bitmap: bitmap_context.is_some()
+                    && (all
+                        || queries
+                            .iter()
+                            .any(|q| q == "qemu:" || q == DIRTY_BITMAP_PREFIX || is_bitmap(q))),
+            }
         };
         if set {
-            self.meta = Some((i, base, depth));
+            self.meta = Some((i, sel));
         }
+        let bitmap_name = bitmap_context.unwrap_or_default();
         for (on, id, name) in [
-            (base, BASE_ALLOCATION_ID, BASE_ALLOCATION),
-            (depth, ALLOCATION_DEPTH_ID, ALLOCATION_DEPTH),
+            (sel.base, BASE_ALLOCATION_ID, BASE_ALLOCATION),
+            (sel.depth, ALLOCATION_DEPTH_ID, ALLOCATION_DEPTH),
+            (sel.bitmap, DIRTY_BITMAP_ID, bitmap_name.as_str()),
         ] {
             if on {
                 let mut p = id.to_be_bytes().to_vec();

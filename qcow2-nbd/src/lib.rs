@@ -4,8 +4,10 @@
 //!
 //! Protocol (NetworkBlockDevice/nbd `doc/proto.md`): fixed newstyle handshake with
 //! `NBD_OPT_EXPORT_NAME`, `ABORT`, `LIST`, `INFO`/`GO` (export, name, description and
-//! block-size information), `STRUCTURED_REPLY`, `LIST_META_CONTEXT`/`SET_META_CONTEXT`
-//! (`base:allocation`); other options get `NBD_REP_ERR_UNSUP`. Commands `READ` (structured
+//! block-size information), `STRUCTURED_REPLY`, `EXTENDED_HEADERS` (32-byte requests with
+//! 64-bit lengths, extended reply chunks, `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`),
+//! `LIST_META_CONTEXT`/`SET_META_CONTEXT` (`base:allocation`, `qemu:allocation-depth`,
+//! `qemu:dirty-bitmap:NAME`); other options get `NBD_REP_ERR_UNSUP`. Commands `READ` (structured
 //! replies with data and hole chunks), `WRITE` (FUA), `WRITE_ZEROES` (`NO_HOLE`,
 //! `FAST_ZERO`), `TRIM`, `FLUSH`, `CACHE`, `BLOCK_STATUS` (`REQ_ONE`) and `DISC`.
 //!
@@ -36,7 +38,11 @@ mod handshake;
 mod net;
 pub mod proto;
 mod server;
+mod tls;
 
 pub use export::{Allocation, ExportError, NbdExport, RawExport};
 pub use net::{Listener, Stream};
-pub use server::{ConnError, Export, Server, ServerConfig, ServerError, ServerHandle, MAX_REQUEST};
+pub use server::{
+    ConnError, DetectZeroes, Export, Server, ServerConfig, ServerError, ServerHandle, MAX_REQUEST,
+};
+pub use tls::{TlsConfig, TlsError, TlsStream};

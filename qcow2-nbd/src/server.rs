@@ -23,6 +23,22 @@ pub struct Export {
     pub(crate) read_only: bool,
     pub(crate) trim: bool,
     pub(crate) allocation_depth: bool,
+    /// The persistent bitmap offered as `qemu:dirty-bitmap:NAME` (qemu-nbd's `-B`).
+    pub(crate) dirty_bitmap: Option<String>,
+    pub(crate) detect_zeroes: DetectZeroes,
+}
+
+/// QEMU's `detect-zeroes`: what a write whose payload is all zeros becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Written as it is.
+    #[default]
+    Off,
+    /// A zero write that keeps the range allocated.
+    On,
+    /// A zero write that may deallocate the range (when trims reach the backend, see
+    /// [`Export::with_trim`]; otherwise as [`DetectZeroes::On`]).
+    Unmap,
 }
 
 impl std::fmt::Debug for Export {
@@ -47,6 +63,8 @@ impl Export {
             backend,
             trim: true,
             allocation_depth: false,
+            dirty_bitmap: None,
+            detect_zeroes: DetectZeroes::Off,
         })
     }
 
@@ -72,6 +90,19 @@ impl Export {
     /// Offers the `qemu:allocation-depth` metadata context (qemu-nbd's `-A`).
     pub fn with_allocation_depth(mut self, on: bool) -> Self {
         self.allocation_depth = on;
+        self
+    }
+
+    /// Offers bitmap `name` of the backend as the `qemu:dirty-bitmap:NAME` metadata
+    /// context (qemu-nbd's `-B NAME`); its status comes from [`NbdExport::dirty_bitmap`].
+    pub fn with_dirty_bitmap(mut self, name: Option<String>) -> Self {
+        self.dirty_bitmap = name;
+        self
+    }
+
+    /// Turns writes of all-zero payloads into zero writes (qemu-nbd's `--detect-zeroes`).
+    pub fn with_detect_zeroes(mut self, mode: DetectZeroes) -> Self {
+        self.detect_zeroes = mode;
         self
     }
 
@@ -129,6 +160,9 @@ pub struct ServerConfig {
     pub reply_timeout: Option<Duration>,
     /// Log connections and protocol errors on stderr.
     pub verbose: bool,
+    /// TLS credentials: clients must start TLS before any other option (FORCEDTLS, as
+    /// qemu-nbd with `--tls-creds`).
+    pub tls: Option<crate::TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -142,6 +176,7 @@ impl Default for ServerConfig {
             handshake_timeout: Some(Duration::from_secs(10)),
             reply_timeout: Some(Duration::from_secs(60)),
             verbose: false,
+            tls: None,
         }
     }
 }
@@ -172,9 +207,23 @@ pub enum ConnError {
     /// `NBD_OPT_EXPORT_NAME` with a name that is not exported.
     #[error("no export named {0:?}")]
     UnknownExport(String),
+    /// A TLS server got an option that cannot be refused (`NBD_OPT_EXPORT_NAME`), a
+    /// malformed `NBD_OPT_STARTTLS`, or a client without fixed newstyle.
+    #[error("option {0} not permitted before TLS")]
+    TlsRequired(u32),
+    /// The TLS handshake failed.
+    #[error("TLS handshake: {0}")]
+    Tls(#[source] io::Error),
     /// An unknown option without fixed newstyle (no way to answer).
     #[error("unknown option {0} without fixed newstyle")]
     UnknownOption(u32),
+    /// `NBD_OPT_EXPORT_NAME` after extended headers were negotiated.
+    #[error("NBD_OPT_EXPORT_NAME after extended headers")]
+    ExportNameWithExtendedHeaders,
+    /// With extended headers, a request announced a payload longer than any request
+    /// the server takes.
+    #[error("request payload of {0} bytes is too long")]
+    PayloadTooLong(u64),
     /// A request header with the wrong magic.
     #[error(transparent)]
     BadRequest(#[from] crate::proto::BadMagic),
@@ -339,14 +388,28 @@ impl Server {
 
     /// Serves one connected client in this thread (handshake, then transmission) until it
     /// disconnects. For embedding with a custom accept loop.
-    pub fn serve_stream(&self, mut stream: Stream) -> Result<(), ConnError> {
+    pub fn serve_stream(&self, stream: Stream) -> Result<(), ConnError> {
         if self.stopping() {
             return Err(ConnError::Shutdown);
         }
         stream.set_read_timeout(self.config.handshake_timeout)?;
-        let Some(session) = crate::handshake::negotiate(self, &mut stream)? else {
+        // The handshake may replace the stream (by its TLS session).
+        let Some((session, stream)) = crate::handshake::negotiate(self, stream)? else {
             return Ok(());
         };
+        self.log(format_args!(
+            "transmission on export {:?} with {}",
+            self.exports
+                .get(session.export)
+                .map_or("", |e| e.name.as_str()),
+            if session.extended {
+                "extended headers"
+            } else if session.structured {
+                "structured replies"
+            } else {
+                "simple replies"
+            }
+        ));
         stream.set_read_timeout(None)?;
         stream.set_write_timeout(self.config.reply_timeout)?;
         crate::conn::transmission(self, stream, session)

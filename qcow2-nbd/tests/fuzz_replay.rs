@@ -1,7 +1,8 @@
 //! The CI-sized run of the `nbd_session` fuzz target (`fuzz/fuzz_targets/nbd_session.rs`):
 //! generated client sessions (greeting, options, requests with payloads), each also
-//! mutated (flipped bytes, truncation, inserted garbage), run through the same body. The
-//! server must answer every session and close it: no panic, no hang.
+//! mutated (flipped bytes, truncation, inserted garbage), run through the same body; a
+//! third of them with extended headers. The server must answer every session and close
+//! it: no panic, no hang.
 
 use qcow2_nbd::fuzzing::{session, EXPORT_SIZE};
 use qcow2_nbd::proto::{self, cmd, opt, Request};
@@ -50,8 +51,16 @@ fn transcript(r: &mut Rng) -> Vec<u8> {
             ),
         }
     }
+    // Extended headers in a third of the sessions (then requests are 32 bytes with
+    // 64-bit lengths).
+    let extended = r.below(3) == 0;
+    if extended {
+        option(&mut out, opt::EXTENDED_HEADERS, &[]);
+    }
     if r.below(5) > 0 {
-        option(&mut out, opt::STRUCTURED_REPLY, &[]);
+        if !extended {
+            option(&mut out, opt::STRUCTURED_REPLY, &[]);
+        }
         let mut q = 1u32.to_be_bytes().to_vec();
         q.extend_from_slice(&15u32.to_be_bytes());
         q.extend_from_slice(b"base:allocation");
@@ -75,12 +84,13 @@ fn transcript(r: &mut Rng) -> Vec<u8> {
         };
         let length = match r.below(8) {
             0 => 0,
-            1 => r.next() as u32,
-            _ => (r.below(128 << 10) as u32).max(1),
+            1 if extended => r.next(),
+            1 => u64::from(r.next() as u32),
+            _ => r.below(128 << 10).max(1),
         };
         let offset = match r.below(8) {
             0 => r.next(),
-            1 => EXPORT_SIZE - u64::from(length.min(4096)),
+            1 => EXPORT_SIZE - length.min(4096),
             _ => r.below(EXPORT_SIZE),
         };
         let flags = if r.below(4) == 0 {
@@ -95,13 +105,17 @@ fn transcript(r: &mut Rng) -> Vec<u8> {
             offset,
             length,
         };
-        out.extend_from_slice(&req.encode());
-        if kind == cmd::WRITE {
+        if extended {
+            out.extend_from_slice(&req.encode_extended());
+        } else {
+            out.extend_from_slice(&req.encode());
+        }
+        if req.has_payload(extended) {
             // Usually the full payload, sometimes a short one.
             let n = if r.below(6) == 0 {
-                r.below(u64::from(length))
+                r.below(length)
             } else {
-                u64::from(length)
+                length
             };
             let n = n.min(256 << 10) as usize;
             out.extend(std::iter::repeat_n(i as u8, n));
@@ -115,7 +129,11 @@ fn transcript(r: &mut Rng) -> Vec<u8> {
             offset: 0,
             length: 0,
         };
-        out.extend_from_slice(&req.encode());
+        if extended {
+            out.extend_from_slice(&req.encode_extended());
+        } else {
+            out.extend_from_slice(&req.encode());
+        }
     }
     out
 }

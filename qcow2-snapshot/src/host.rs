@@ -86,6 +86,14 @@ pub trait SnapshotHost {
     /// (available from the [`Snapshots`](crate::Snapshots) value after the operation).
     fn snapshot_table_switched(&mut self, nb_snapshots: u32, snapshots_offset: u64);
 
+    /// Freeing clusters that are no longer referenced failed with `errno`; the clusters
+    /// leak and the operation goes on, as QEMU's does after printing
+    /// "qcow2_free_clusters failed: STRERROR". The default ignores it; an image keeps the
+    /// message for its caller.
+    fn free_failed(&mut self, errno: i32) {
+        let _ = errno;
+    }
+
     /// Changes the virtual disk size to exactly `new_size` bytes, as QEMU's
     /// `blk_truncate(.., exact = true, PREALLOC_MODE_OFF)` does for a qcow2 image (called by
     /// apply when the snapshot's `disk_size` differs from the current size, before anything

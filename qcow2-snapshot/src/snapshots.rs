@@ -269,10 +269,7 @@ impl Snapshots {
         };
         let free_new = |host: &mut H| {
             if len > 0 {
-                let p = host.parts();
-                let _ = p
-                    .refcounts
-                    .free_clusters(p.caches, new_offset, len, DiscardType::Always);
+                free_or_report(host, new_offset, len, DiscardType::Always);
             }
         };
         let staged = (|| -> Result<(), Error> {
@@ -317,10 +314,7 @@ impl Snapshots {
         if old_size > 0 {
             // Unreferenced durably by the header write; a failure here only leaks (QEMU
             // prints "qcow2_free_clusters failed" and goes on).
-            let p = host.parts();
-            let _ =
-                p.refcounts
-                    .free_clusters(p.caches, old_offset, old_size, DiscardType::Snapshot);
+            free_or_report(host, old_offset, old_size, DiscardType::Snapshot);
         }
         Ok(())
     }
@@ -384,10 +378,7 @@ impl Snapshots {
                     .alloc_clusters(p.caches, geometry.size_to_clusters(l1_len))?
             };
             let free_copy = |host: &mut H| {
-                let p = host.parts();
-                let _ = p
-                    .refcounts
-                    .free_clusters(p.caches, offset, l1_len, DiscardType::Never);
+                free_or_report(host, offset, l1_len, DiscardType::Never);
             };
             let written = host
                 .check_overlap(offset, l1_len, MetadataWrite::NewSnapshotL1)
@@ -488,13 +479,7 @@ impl Snapshots {
         .map_err(|f| Error::stage("Failed to free the cluster and L1 table", f.error))?;
         let l1_len = u64::from(entry.l1_size) * ENTRY_SIZE;
         if l1_len > 0 {
-            let p = host.parts();
-            let _ = p.refcounts.free_clusters(
-                p.caches,
-                entry.l1_table_offset,
-                l1_len,
-                DiscardType::Snapshot,
-            );
+            free_or_report(host, entry.l1_table_offset, l1_len, DiscardType::Snapshot);
         }
         walk::walk(host, L1Source::Active, Addend::Recompute)
             .map_err(|f| Error::stage("Failed to update snapshot status in disk", f.error))?;
@@ -627,6 +612,27 @@ fn finish<H: SnapshotHost + ?Sized>(host: &mut H) -> Result<(), Error> {
     let p = host.parts();
     p.refcounts.release_quarantine(p.caches);
     Ok(())
+}
+
+/// Frees clusters where a failure only leaks them, as QEMU's `qcow2_free_clusters` (which
+/// prints "qcow2_free_clusters failed: ..." and goes on): the failure goes to
+/// [`SnapshotHost::free_failed`].
+fn free_or_report<H: SnapshotHost + ?Sized>(
+    host: &mut H,
+    offset: u64,
+    len: u64,
+    discard: DiscardType,
+) {
+    let failed = {
+        let p = host.parts();
+        p.refcounts
+            .free_clusters(p.caches, offset, len, discard)
+            .err()
+            .map(|e| e.errno())
+    };
+    if let Some(errno) = failed {
+        host.free_failed(errno);
+    }
 }
 
 #[cfg(test)]

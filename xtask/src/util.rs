@@ -1,5 +1,8 @@
-//! Small helpers shared by the tasks: dates, number formatting, statistics.
+//! Small helpers shared by the tasks: dates, number formatting, statistics, building the
+//! `qcow2` binary.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The current UTC time as `(date "YYYY-MM-DD", time "HH:MM")`.
@@ -118,6 +121,61 @@ pub fn fmt_ratio(r: f64) -> String {
     } else {
         format!("{r:.2}")
     }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
+}
+
+/// Builds `qcow2-cli` (release or dev profile) and returns the path of the `qcow2`
+/// executable that cargo reports.
+pub fn build_ours(root: &Path, release: bool) -> Result<PathBuf, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut args = vec!["build"];
+    if release {
+        args.push("--release");
+    }
+    args.extend(["-p", "qcow2-cli"]);
+    let shown = format!("cargo {}", args.join(" "));
+    eprintln!("== {shown}");
+    args.push("--message-format=json-render-diagnostics");
+    let out = Command::new(cargo)
+        .current_dir(root)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{shown} failed (see above); fix the build or use --no-build"
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "qcow2" {
+            if let Some(exe) = v["executable"].as_str() {
+                return Ok(PathBuf::from(exe));
+            }
+        }
+    }
+    Err("cargo built qcow2-cli but reported no `qcow2` executable".to_string())
+}
+
+/// The `qcow2` binary's default location in the target directory, for --no-build.
+pub fn default_binary(root: &Path, release: bool) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { root.join(t) })
+        .unwrap_or_else(|| root.join("target"));
+    target
+        .join(if release { "release" } else { "debug" })
+        .join("qcow2")
 }
 
 #[cfg(test)]

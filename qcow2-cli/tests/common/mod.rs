@@ -1,8 +1,13 @@
 //! Helpers for running `qcow2` and its peers `qemu-img` / `qemu-io` side by side.
 #![allow(dead_code)]
 
+pub mod qemu_io_setup;
+pub mod served;
+
 use std::path::Path;
 use std::process::Command;
+
+pub mod luks;
 
 /// What a command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +30,8 @@ impl Run {
     }
 }
 
-fn run_in(program: &str, dir: &Path, args: &[&str]) -> Run {
+/// Runs `program ARGS` in `dir`.
+pub fn run_in(program: &str, dir: &Path, args: &[&str]) -> Run {
     let out = Command::new(program)
         .args(args)
         .current_dir(dir)
@@ -170,4 +176,49 @@ pub fn backing_chain_fixture(d: &Path) {
             "top.qcow2",
         ],
     ));
+}
+
+/// `qemu-img map --output=json` of `file` in `d`. Without `offsets`, host offsets are
+/// dropped and neighbours that then look alike are merged: QEMU's commit job copies with
+/// several requests in flight, so where (and how contiguously) the base's new clusters
+/// land varies from run to run (and so with convert -W).
+pub fn map_json(d: &Path, file: &str, offsets: bool) -> String {
+    let r = qemu_img(d, &["map", "--output=json", file]);
+    ok(&r);
+    if offsets {
+        return r.stdout;
+    }
+    let v: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    for mut e in v {
+        e.as_object_mut().unwrap().remove("offset");
+        if let Some(last) = out.last_mut() {
+            let same = ["depth", "present", "zero", "data", "compressed"]
+                .iter()
+                .all(|k| last[k] == e[k]);
+            let end = last["start"].as_u64().unwrap() + last["length"].as_u64().unwrap();
+            if same && end == e["start"].as_u64().unwrap() {
+                let len = last["length"].as_u64().unwrap() + e["length"].as_u64().unwrap();
+                last["length"] = len.into();
+                continue;
+            }
+        }
+        out.push(e);
+    }
+    serde_json::to_string_pretty(&out).unwrap()
+}
+
+/// Same exit code and text; a usage error differs only in the pointer to the help
+/// ("(see 'qcow2 CMD --help')" where qemu-img adds a "Try ..." line).
+pub fn same_output(ours: &Run, qemu: &Run, what: &str) {
+    assert_eq!(ours.code, qemu.code, "{what}: {ours:?} vs {qemu:?}");
+    let q = qemu.text();
+    if let Some((first, _)) = q.split_once("\nTry 'qemu-img ") {
+        assert!(
+            ours.text().starts_with(&format!("{first} (see 'qcow2 ")),
+            "{what}: {ours:?} vs {qemu:?}"
+        );
+    } else {
+        assert_eq!(ours.text(), q, "{what}");
+    }
 }

@@ -7,6 +7,7 @@
 
 mod files;
 mod machine;
+mod nbd;
 mod process;
 mod report;
 mod scaling;
@@ -15,7 +16,7 @@ mod workloads;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use machine::Machine;
@@ -309,59 +310,6 @@ fn remove_stale_dirs(parent: &Path) {
     }
 }
 
-/// The workspace root (xtask lives one level below it).
-fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
-}
-
-/// Builds `qcow2-cli` in release mode and returns the path of the `qcow2` executable that
-/// cargo reports.
-fn build_ours(root: &Path) -> Result<PathBuf, String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("== cargo build --release -p qcow2-cli");
-    let out = Command::new(cargo)
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "qcow2-cli",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !out.status.success() {
-        return Err(
-            "cargo build --release -p qcow2-cli failed (see above); fix the build or use --no-build / --ours PATH"
-                .to_string(),
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    for line in stdout.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "qcow2" {
-            if let Some(exe) = v["executable"].as_str() {
-                return Ok(PathBuf::from(exe));
-            }
-        }
-    }
-    Err("cargo built qcow2-cli but reported no `qcow2` executable".to_string())
-}
-
-/// The release binary's default location, for --no-build.
-fn default_binary(root: &Path) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| if t.is_absolute() { t } else { root.join(t) })
-        .unwrap_or_else(|| root.join("target"));
-    target.join("release").join("qcow2")
-}
-
 /// What our binary says it can do: the subcommands listed by `qcow2 --help`, or why none.
 #[derive(Debug, Clone)]
 struct Capabilities {
@@ -504,6 +452,28 @@ impl Context {
     }
 }
 
+/// Puts the companions of `template` into `run_dir`: fresh copies of the ones a run
+/// modifies, links to the others.
+fn place_companions(
+    template: &Path,
+    companions: &[(String, String, bool)],
+    run_dir: &Path,
+) -> Result<(), String> {
+    let dir = template.parent().unwrap_or(Path::new("."));
+    for (file, name, writable) in companions {
+        let src = dir.join(file);
+        let dst = run_dir.join(name);
+        let _ = std::fs::remove_file(&dst);
+        if *writable {
+            files::fresh_copy(&src, &dst)?;
+        } else {
+            std::os::unix::fs::symlink(&src, &dst)
+                .map_err(|e| format!("{}: {e}", dst.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Fingerprint of a shared read-only input, to notice a run that modified it.
 fn fingerprint(p: &Path) -> Option<(u64, std::time::SystemTime)> {
     let m = std::fs::metadata(p).ok()?;
@@ -512,16 +482,17 @@ fn fingerprint(p: &Path) -> Option<(u64, std::time::SystemTime)> {
 
 /// Runs one pair workload: warm-up and measured pairs, alternating ours and QEMU.
 fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> WorkloadResult {
-    let Kind::Pair {
-        fresh_copy,
-        output,
-        evict_input,
-        ..
-    } = &w.kind
-    else {
-        unreachable!("run_pair is only called for pair workloads")
+    let (fresh_copy, has_output, evict_input, served) = match &w.kind {
+        Kind::Pair {
+            fresh_copy,
+            output,
+            evict_input,
+            ..
+        } => (*fresh_copy, *output, *evict_input, None),
+        // A served workload writes into its export unless it is read-only.
+        Kind::Served { args, read_only } => (!*read_only, false, false, Some((args, *read_only))),
+        _ => unreachable!("run_pair is only called for pair and served workloads"),
     };
-    let (fresh_copy, has_output, evict_input) = (*fresh_copy, *output, *evict_input);
     let mut ours = SideResult::new(w.command_text("qcow2"));
     let mut qemu = SideResult::new(w.command_text("qemu-img"));
     let mut result = WorkloadResult {
@@ -565,6 +536,13 @@ fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> Work
             if res.status != Status::Ok {
                 continue;
             }
+            // Images the input names relatively sit beside it in the run directory.
+            if let (Some(t), Some(spec)) = (&template, &w.template) {
+                if let Err(e) = place_companions(t, &spec.companions(), &run_dir) {
+                    res.status = Status::SetupFailed(e);
+                    continue;
+                }
+            }
             let image = match (&template, fresh_copy) {
                 (Some(t), true) => {
                     let copy = run_dir.join(format!("{}.img", side.label()));
@@ -588,7 +566,25 @@ fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> Work
             let args = w.command_args(side == Side::Qemu, &image, &out);
             let log = run_dir.join(format!("{}-{}", w.name, side.label()));
             let cpu_before = process::children_cpu_secs();
-            let outcome = process::run_timed(&program, &args, &log, ctx.timeout);
+            let outcome = match served {
+                Some((client_args, read_only)) => {
+                    let server = match side {
+                        Side::Ours => program.clone(),
+                        Side::Qemu => PathBuf::from("qemu-nbd"),
+                    };
+                    nbd::run_served(
+                        &server,
+                        side == Side::Ours,
+                        &ctx.qemu_img,
+                        client_args,
+                        read_only,
+                        &image,
+                        &log,
+                        ctx.timeout,
+                    )
+                }
+                None => process::run_timed(&program, &args, &log, ctx.timeout),
+            };
             let cpu = match (cpu_before, process::children_cpu_secs()) {
                 (Some(a), Some(b)) => Some(((b - a) * 100.0).round() / 100.0),
                 _ => None,
@@ -832,11 +828,11 @@ fn run(opts: &Options) -> Result<ExitCode, String> {
         .map(|v| first_line(&v))
         .map_err(|e| format!("qemu-img does not run: {e}"))?;
 
-    let root = workspace_root();
+    let root = crate::util::workspace_root();
     let ours = match (&opts.ours, opts.build) {
         (Some(p), _) => p.clone(),
-        (None, true) => build_ours(&root)?,
-        (None, false) => default_binary(&root),
+        (None, true) => crate::util::build_ours(&root, true)?,
+        (None, false) => crate::util::default_binary(&root, true),
     };
     if !ours.is_file() {
         return Err(format!(

@@ -63,6 +63,34 @@ pub enum Template {
         /// File size in bytes.
         size: u64,
     },
+    /// A backing chain (64 KiB clusters): the template file is the overlay; the other
+    /// images sit beside it and are named relatively (see [`Template::companions`]).
+    Chain {
+        /// Which chain.
+        kind: ChainKind,
+        /// Virtual size of every image in bytes.
+        size: u64,
+    },
+}
+
+/// The chains of the rebase, commit and convert -B workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainKind {
+    /// `rb-old` (written in full) <- overlay (an eighth written); `rb-new` (the first half
+    /// as `rb-old`, the second half different) to rebase onto.
+    Rebase,
+    /// `cm-base` (the first half written) <- overlay (a quarter written across the middle),
+    /// committed into the base.
+    Commit,
+}
+
+impl ChainKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            ChainKind::Rebase => "rb",
+            ChainKind::Commit => "cm",
+        }
+    }
 }
 
 impl Template {
@@ -82,6 +110,31 @@ impl Template {
             Template::Snapshots { size, count } => format!("snapshots-{count}-{size}.qcow2"),
             Template::Compressible { size } => format!("compressible-{size}.raw"),
             Template::Raw { size } => format!("pattern-{size}.raw"),
+            Template::Chain { kind, size } => format!("{}-top-{size}.qcow2", kind.prefix()),
+        }
+    }
+
+    /// Images the template's file names by relative name, as (file name in the templates
+    /// directory, name the run directory needs it under, whether a run modifies it: then
+    /// each run gets a fresh copy, else a symbolic link).
+    pub fn companions(&self) -> Vec<(String, String, bool)> {
+        match self {
+            Template::Chain {
+                kind: ChainKind::Rebase,
+                size,
+            } => vec![
+                (format!("rb-old-{size}.qcow2"), "rb-old.qcow2".into(), false),
+                (format!("rb-new-{size}.qcow2"), "rb-new.qcow2".into(), false),
+            ],
+            Template::Chain {
+                kind: ChainKind::Commit,
+                size,
+            } => vec![(
+                format!("cm-base-{size}.qcow2"),
+                "cm-base.qcow2".into(),
+                true,
+            )],
+            _ => Vec::new(),
         }
     }
 
@@ -119,6 +172,20 @@ impl Template {
                 format!("{} raw file of compressible text", fmt_bytes(*size))
             }
             Template::Raw { size } => format!("{} raw file", fmt_bytes(*size)),
+            Template::Chain {
+                kind: ChainKind::Rebase,
+                size,
+            } => format!(
+                "{0} overlay (an eighth written) on a fully written {0} base, and a second {0} base differing in its second half",
+                fmt_bytes(*size)
+            ),
+            Template::Chain {
+                kind: ChainKind::Commit,
+                size,
+            } => format!(
+                "{0} overlay (a quarter written) on a {0} base (first half written)",
+                fmt_bytes(*size)
+            ),
         }
     }
 
@@ -195,6 +262,74 @@ impl Template {
             }
             Template::Compressible { size } => files::write_compressible(path, *size)?,
             Template::Raw { size } => files::write_pattern(path, *size, 0xa5)?,
+            Template::Chain { kind, size } => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let other = |name: &str| dir.join(name).to_string_lossy().into_owned();
+                let fill_at = |file: &str, from: u64, len: u64, pattern: u32| {
+                    run_str(
+                        qemu_img,
+                        &[
+                            "bench",
+                            "-q",
+                            "-w",
+                            "-t",
+                            "writeback",
+                            "-s",
+                            "65536",
+                            "-o",
+                            &from.to_string(),
+                            "-c",
+                            &(len / (64 * KIB)).to_string(),
+                            "--pattern",
+                            &pattern.to_string(),
+                            file,
+                        ],
+                    )
+                };
+                let create_in = |file: &str, backing: Option<&str>| {
+                    let mut a = vec!["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"];
+                    if let Some(b) = backing {
+                        a.extend(["-b", b, "-F", "qcow2"]);
+                    }
+                    let sz = size.to_string();
+                    a.extend([file, sz.as_str()]);
+                    run_str(qemu_img, &a)
+                };
+                let companions = self.companions();
+                let (cfile, cname) = (&companions[0].0, &companions[0].1);
+                let base = other(cfile);
+                create_in(&base, None)?;
+                let half = (size / 2) / (64 * KIB) * (64 * KIB);
+                match kind {
+                    ChainKind::Rebase => {
+                        fill_at(&base, 0, *size, 1)?;
+                        let new = other(&companions[1].0);
+                        create_in(&new, None)?;
+                        fill_at(&new, 0, half, 1)?;
+                        fill_at(&new, half, size - half, 2)?;
+                    }
+                    ChainKind::Commit => {
+                        fill_at(&base, 0, half, 1)?;
+                    }
+                }
+                // The overlay names its base by the name it has in the run directory; the
+                // templates directory holds the same name as a link.
+                let link = dir.join(cname);
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(cfile, &link)
+                    .map_err(|e| format!("{}: {e}", link.display()))?;
+                create_in(&p, Some(cname))?;
+                let (from, len) = match kind {
+                    ChainKind::Rebase => (size / 4, size / 8),
+                    ChainKind::Commit => (size * 3 / 8, size / 4),
+                };
+                let from = from / (64 * KIB) * (64 * KIB);
+                let len = (len / (64 * KIB) * (64 * KIB)).max(64 * KIB);
+                fill(from, len, 3)?;
+                for (file, _, _) in &companions {
+                    files::fsync_path(&dir.join(file))?;
+                }
+            }
         }
         files::fsync_path(path)
     }
@@ -238,6 +373,15 @@ pub enum Kind {
         /// mode `none`: a side that reads through the page cache reads from the disk too).
         evict_input: bool,
     },
+    /// The same client command line (`qemu-img bench` on an NBD URI, `Arg::Image` standing
+    /// for it) timed against `qcow2 serve` and `qemu-nbd`, each serving a fresh copy of the
+    /// template (see `nbd.rs`).
+    Served {
+        /// The client's argument list.
+        args: Vec<Arg>,
+        /// The export is read-only (`-r`); its template is then shared, not copied.
+        read_only: bool,
+    },
     /// The physical floor: a plain file written with buffered writes plus fdatasync.
     FloorWrite,
     /// The physical floor: the template raw file read from a cold page cache.
@@ -266,6 +410,7 @@ impl Workload {
     pub fn needs(&self) -> Option<&'static str> {
         match &self.kind {
             Kind::Pair { needs, .. } => Some(needs),
+            Kind::Served { .. } => Some("serve"),
             _ => None,
         }
     }
@@ -289,6 +434,33 @@ impl Workload {
     /// The command line as text, with `IMG` / `OUT` placeholders.
     pub fn command_text(&self, program: &str) -> String {
         match &self.kind {
+            Kind::Served { args, read_only } => {
+                let server = if program == "qcow2" {
+                    "qcow2 serve"
+                } else {
+                    "qemu-nbd"
+                };
+                let mut s = String::from("qemu-img");
+                for a in args {
+                    s.push(' ');
+                    s.push_str(match a {
+                        Arg::Lit(l) => l,
+                        Arg::PerSide { ours, qemu } => {
+                            if program == "qcow2" {
+                                ours
+                            } else {
+                                qemu
+                            }
+                        }
+                        Arg::Image | Arg::Output => "nbd+unix:///?socket=SOCK",
+                    });
+                }
+                s.push_str(&format!(
+                    " (SOCK: {server} -t -f qcow2 -k SOCK{} IMG)",
+                    if *read_only { " -r" } else { "" }
+                ));
+                s
+            }
             Kind::Pair { args, .. } => {
                 let mut s = program.to_string();
                 for a in args {
@@ -330,18 +502,18 @@ pub struct Params {
 }
 
 /// `base * scale`, rounded to a multiple of `align` and at least `min`.
-fn scaled(base: u64, scale: f64, align: u64, min: u64) -> u64 {
+pub(super) fn scaled(base: u64, scale: f64, align: u64, min: u64) -> u64 {
     let v = (base as f64 * scale).round() as u64;
     (v / align * align).max(min)
 }
 
-fn lits(items: &[&str]) -> Vec<Arg> {
+pub(super) fn lits(items: &[&str]) -> Vec<Arg> {
     items.iter().map(|s| Arg::Lit((*s).to_string())).collect()
 }
 
 /// A multiplier for the scattering step of random writes that is coprime to `m` (small
 /// enough that 64 KiB times it fits qemu-img bench's step limit of 2^31 - 1).
-fn coprime_multiplier(m: u64) -> u64 {
+pub(super) fn coprime_multiplier(m: u64) -> u64 {
     fn gcd(a: u64, b: u64) -> u64 {
         if b == 0 {
             a
@@ -618,6 +790,9 @@ pub fn all(params: &Params) -> Vec<Workload> {
         });
     }
 
+    // Serving over NBD (issue 16): the same QEMU client against qcow2 serve and qemu-nbd.
+    w.extend(super::nbd::workloads(params));
+
     // compare and measure (issue 18): whole-image reads and block-status walks.
     for (name, what, mut args) in [
         (
@@ -653,6 +828,77 @@ pub fn all(params: &Params) -> Vec<Workload> {
             floor: None,
         });
     }
+
+    // rebase, commit and convert -B (issue 18): backing chains.
+    let chain = |kind| Template::Chain { kind, size: big };
+    let mut args = lits(&["rebase", "-b", "rb-new.qcow2", "-F", "qcow2"]);
+    args.push(Arg::Image);
+    w.push(Workload {
+        name: "rebase",
+        title: format!(
+            "safe rebase of an overlay onto a different base (half of it differs), {}",
+            fmt_bytes(big)
+        ),
+        template: Some(chain(ChainKind::Rebase)),
+        kind: Kind::Pair {
+            needs: "rebase",
+            args,
+            fresh_copy: true,
+            output: false,
+            evict_input: false,
+        },
+        bytes: big,
+        floor: None,
+    });
+    let mut args = lits(&["commit"]);
+    args.push(Arg::Image);
+    w.push(Workload {
+        name: "commit",
+        title: format!(
+            "commit of an overlay with {} written into its base, {}",
+            fmt_bytes(big / 4),
+            fmt_bytes(big)
+        ),
+        template: Some(chain(ChainKind::Commit)),
+        kind: Kind::Pair {
+            needs: "commit",
+            args,
+            fresh_copy: true,
+            output: false,
+            evict_input: false,
+        },
+        bytes: big / 4,
+        floor: None,
+    });
+    let mut args = lits(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "cm-base.qcow2",
+        "-F",
+        "qcow2",
+    ]);
+    args.push(Arg::Image);
+    args.push(Arg::Output);
+    w.push(Workload {
+        name: "convert-B",
+        title: format!(
+            "convert -B of an overlay ({} written) onto its base, output fsynced, {}",
+            fmt_bytes(big / 4),
+            fmt_bytes(big)
+        ),
+        template: Some(chain(ChainKind::Commit)),
+        kind: Kind::Pair {
+            needs: "convert",
+            args,
+            fresh_copy: false,
+            output: true,
+            evict_input: false,
+        },
+        bytes: big / 4,
+        floor: None,
+    });
 
     for (name, zstd) in [("convert-zlib", false), ("convert-zstd", true)] {
         let mut args = lits(&["convert", "-c", "-O", "qcow2"]);
