@@ -30,8 +30,10 @@ pub struct Done {
     pub data: Option<IoBuf>,
 }
 
-/// Transfers of one request are tagged `slot << PIECE_BITS | piece`.
-const PIECE_BITS: u32 = 24;
+/// Transfers of one request are tagged `slot << PIECE_BITS | piece`. A request has at most
+/// one transfer per cluster it touches (at least 512 bytes of its in-memory buffer each),
+/// so far fewer than 2^32.
+const PIECE_BITS: u32 = 32;
 
 enum Kind {
     /// A read: `buf` is the guest buffer (holding what was filled under the lock), unless
@@ -299,14 +301,6 @@ impl<'a> RequestQueue<'a> {
     ) -> Result<()> {
         let n = transfers.len();
         let slot_tag = (slot as u64) << PIECE_BITS;
-        if n >= 1 << PIECE_BITS {
-            return Err(ImageError::io(
-                Op::Read,
-                "queue a request",
-                0,
-                std::io::Error::other("too many pieces in one request"),
-            ));
-        }
         self.requests[slot] = Some(Request {
             tag,
             kind,
