@@ -133,6 +133,9 @@ pub struct OpenParams {
     /// `detect-zeroes=off|on|unmap`: writes of all-zero buffers become zero writes
     /// (`unmap`: allowed to deallocate, with `discard=unmap`).
     pub detect_zeroes: DetectZeroes,
+    /// `driver=compress` above the format: every write goes down compressed, in whole
+    /// clusters.
+    pub compress: bool,
     /// `-f`, or `driver=` of an option list.
     pub format: Option<String>,
     /// Block driver options (`-o`, `--image-opts`), in order.
@@ -460,6 +463,8 @@ struct Device {
     copy_on_read: bool,
     /// `detect-zeroes`.
     detect_zeroes: DetectZeroes,
+    /// Writes go down compressed, cluster by cluster (QEMU's `compress` filter).
+    compress: bool,
     /// A raw image whose format was probed: writes that would make its first sector look
     /// like another format are refused (EPERM), as QEMU's raw driver refuses them.
     probed_raw: bool,
@@ -486,6 +491,40 @@ impl Device {
         } else {
             Ok(())
         }
+    }
+
+    /// QEMU's `compress` filter under the block layer: its request alignment is the
+    /// cluster size, so a write is widened to whole clusters (the edges read first) and
+    /// each cluster goes down as a compressed write (the image's last cluster may be
+    /// partial).
+    fn write_compressed_clusters(&mut self, offset: u64, buf: &[u8]) -> Result<(), i32> {
+        let cluster = self.inner.info().0;
+        if cluster == 0 || buf.is_empty() {
+            return self.inner.write_compressed(offset, buf);
+        }
+        let len = self.inner.length()?;
+        let end = offset.checked_add(buf.len() as u64).ok_or(io::EIO)?;
+        let mut pos = offset - offset % cluster;
+        while pos < end {
+            let this = cluster.min(len.saturating_sub(pos));
+            if this == 0 {
+                break;
+            }
+            let n = usize::try_from(this).map_err(|_| io::EIO)?;
+            let mut data = vec![0u8; n];
+            let lo = offset.max(pos);
+            let hi = end.min(pos + this);
+            if lo > pos || hi < pos + this {
+                self.inner.read(pos, &mut data)?;
+            }
+            let from = usize::try_from(lo - offset).map_err(|_| io::EIO)?;
+            let to = usize::try_from(hi - offset).map_err(|_| io::EIO)?;
+            let at = usize::try_from(lo - pos).map_err(|_| io::EIO)?;
+            data[at..at + (to - from)].copy_from_slice(&buf[from..to]);
+            self.inner.write_compressed(pos, &data)?;
+            pos += this;
+        }
+        Ok(())
     }
 
     /// Refuses a write of `buf` at `offset` that would turn the first sector of a probed
@@ -530,6 +569,10 @@ impl BlockDev for Device {
         self.probe_guard(offset, buf)?;
         // As QEMU's block layer: with detect-zeroes, a buffer of zeros is written as a
         // zero write (unmapping only when both detect-zeroes=unmap and discard=unmap).
+        if self.compress {
+            let r = self.write_compressed_clusters(offset, buf);
+            return self.after_write(r);
+        }
         let r = if self.detect_zeroes != DetectZeroes::Off
             && !buf.is_empty()
             && buf.iter().all(|&b| b == 0)
@@ -639,6 +682,31 @@ fn apply_options(path: Option<&str>, params: &mut OpenParams) -> Result<Applied,
         options = all;
         file = None;
         path = None;
+    }
+    if options
+        .iter()
+        .any(|(k, v)| k == "driver" && v == "compress")
+    {
+        // QEMU's compress filter: its child (`file.*`) is the format below.
+        let mut below = Vec::new();
+        for (k, v) in options {
+            if k == "driver" {
+                continue;
+            }
+            match k.strip_prefix("file.") {
+                Some(fk) => below.push((fk.to_string(), v)),
+                None => {
+                    return Err(format!(
+                        "Block format 'compress' does not support the option '{k}'"
+                    ))
+                }
+            }
+        }
+        if !below.iter().any(|(k, _)| k == "driver") {
+            params.format = None;
+        }
+        params.compress = true;
+        options = below;
     }
     if options
         .iter()
@@ -870,6 +938,9 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
             probed
         }
     };
+    if params.compress && format == Format::Raw {
+        return Err("Compression is not supported for underlying format: raw".into());
+    }
     if format == Format::Raw {
         if let Some((k, _)) = driver_opts.first() {
             return Err(format!(
@@ -936,6 +1007,7 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
         discard_unmap: params.discard_unmap,
         copy_on_read: params.copy_on_read,
         detect_zeroes: params.detect_zeroes,
+        compress: params.compress,
         probed_raw: probed_raw && !params.snapshot,
         params: reopen,
     })
@@ -967,6 +1039,7 @@ fn open_null(name: Option<&str>, params: &mut OpenParams) -> Result<Option<Devic
         discard_unmap: params.discard_unmap,
         copy_on_read: params.copy_on_read,
         detect_zeroes: params.detect_zeroes,
+        compress: false,
         probed_raw: false,
         params: None,
     }))

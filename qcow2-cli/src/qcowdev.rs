@@ -323,6 +323,10 @@ fn open_image_extras_uring(
         ..OpenOptions::default()
     };
     let mut opts = opts;
+    // A qemu-img --image-opts list's runtime options first; the caller's override them.
+    let mut all = crate::secrets::command_runtime();
+    all.extend(runtime.iter().cloned());
+    let runtime = &all[..];
     for (k, v) in runtime {
         if !apply_runtime_option(&mut opts, k, v)? {
             return Err(format!(

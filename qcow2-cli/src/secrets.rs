@@ -22,6 +22,18 @@ pub fn command_secret() -> Option<Secret> {
         .clone()
 }
 
+/// qcow2 runtime options of a qemu-img `--image-opts` list (`l2-cache-entry-size=...`),
+/// applied by the command's qcow2 opens as the key secret is.
+static COMMAND_RUNTIME: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+/// The command's qcow2 runtime options (see [`image_opts`]).
+pub fn command_runtime() -> Vec<(String, String)> {
+    COMMAND_RUNTIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
 /// What a qemu-img `--image-opts` option list says: the file name and the driver, and
 /// `encrypt.key-secret` (looked up now and kept as the command's key secret). Options
 /// this tool does not take are refused with QEMU's message.
@@ -69,9 +81,17 @@ pub fn image_opts(list: &str) -> Result<(String, Option<String>), String> {
             }
             _ => {
                 let d = driver.as_deref().unwrap_or("qcow2");
-                return Err(format!(
-                    "Block format '{d}' does not support the option '{k}'"
-                ));
+                // qcow2's runtime options go to the command's qcow2 opens.
+                let mut probe = qcow2_image::OpenOptions::default();
+                if d != "qcow2" || !crate::qcowdev::apply_runtime_option(&mut probe, &k, &v)? {
+                    return Err(format!(
+                        "Block format '{d}' does not support the option '{k}'"
+                    ));
+                }
+                COMMAND_RUNTIME
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((k, v));
             }
         }
     }

@@ -119,13 +119,10 @@ fn blkdebug_bad_configurations_are_refused() {
         ),
         ("no-event.conf", "[inject-error]\nerrno = \"5\"\n"),
         ("unquoted.conf", "[inject-error]\nevent = l2_load\n"),
+        ("no-group.conf", "[frobnicate]\nevent = \"l2_load\"\n"),
         (
             "set-state.conf",
-            "[set-state]\nevent = \"l2_load\"\nstate = \"1\"\nnew_state = \"2\"\n",
-        ),
-        (
-            "other-state.conf",
-            "[inject-error]\nevent = \"l2_load\"\nstate = \"2\"\n",
+            "[set-state]\nstate = \"1\"\nnew_state = \"2\"\n",
         ),
     ] {
         std::fs::write(s.dir("ours").join(name), text).expect("write");
@@ -557,4 +554,152 @@ fn snapshot_delete_reports_failed_frees() {
         out.merged
     );
     same_img(&s, &["snapshot", "-l", "t.qcow2"]);
+}
+
+#[test]
+fn blkdebug_states() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    // QEMU's test 066's machine: the first write_aio moves to state 2, where the next
+    // write_aio arms the error. (066 itself writes over data, zero and data clusters in
+    // one request, where QEMU reuses the clusters in one write and this engine writes
+    // each run: its second write_aio fails there.)
+    s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "192k"]);
+    s.same(
+        &c_args(&["write -P 42 0 192k", "write -z 64k 64k"], &["t.qcow2"]),
+        None,
+    );
+    let json = "json:{'driver': 'qcow2', 'file': {'driver': 'blkdebug', \
+                'image.filename': 't.qcow2', \
+                'set-state': [{'event': 'write_aio', 'new_state': 2}], \
+                'inject-error': [{'event': 'write_aio', 'state': 2, 'once': true}]}}";
+    // Two requests: the second fails. (A rule still armed at close ends differently:
+    // QEMU reports each cache flush, this engine's close stops at the first failure.)
+    s.same(
+        &c_args(&["write -P 1 0 4k", "write -P 2 64k 4k"], &[json]),
+        None,
+    );
+    same_img(&s, &["map", "--output=json", "t.qcow2"]);
+    // A config file with the same machine, state 1 -> 2 on l2_load.
+    s.file_both(
+        "s.conf",
+        b"[set-state]\nevent = \"l2_load\"\nstate = \"1\"\nnew_state = \"2\"\n\n[inject-error]\nevent = \"read_aio\"\nstate = \"2\"\nonce = \"on\"\n",
+    );
+    s.same(
+        &c_args(
+            &["read -P 1 0 4k", "read -P 1 0 4k", "read -P 1 0 4k"],
+            &["blkdebug:s.conf:t.qcow2"],
+        ),
+        None,
+    );
+}
+
+#[test]
+fn qemu_img_image_opts_take_qcow2_runtime_options() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    s.qemu_img_both(&["create", "-f", "qcow2", "t.qcow2", "1M"]);
+    // QEMU's test 061 amends through an option list with a cache option.
+    same_img(
+        &s,
+        &[
+            "amend",
+            "-o",
+            "compat=0.10",
+            "--image-opts",
+            "driver=qcow2,file.filename=t.qcow2,l2-cache-entry-size=4096",
+        ],
+    );
+    same_img(&s, &["info", "t.qcow2"]);
+    // A bad value fails the open (QEMU names the option list, this tool the file).
+    for side in ["ours", "qemu"] {
+        let prog = if side == "ours" {
+            s.ours_bin("qemu-img")
+        } else {
+            "qemu-img".into()
+        };
+        let out = s.run(
+            &prog,
+            side,
+            &[
+                "amend",
+                "-o",
+                "compat=1.1",
+                "--image-opts",
+                "driver=qcow2,file.filename=t.qcow2,l2-cache-entry-size=100",
+            ],
+            None,
+        );
+        assert_eq!(out.code, 1, "{side}: {}", out.merged);
+        assert!(out
+            .merged
+            .contains("L2 cache entry size must be a power of two"));
+    }
+    same_img(&s, &["info", "t.qcow2"]);
+}
+
+#[test]
+fn compress_filter_writes_whole_compressed_clusters() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Setup::new();
+    // QEMU's test 214: through the compress filter, writes are widened to clusters and
+    // each goes down compressed.
+    s.qemu_img_both(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=64k",
+        "t.qcow2",
+        "2M",
+    ]);
+    s.same(
+        &c_args(
+            &["write -P 0xbb 0 229376"],
+            &[
+                "--image-opts",
+                "driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename=t.qcow2",
+            ],
+        ),
+        None,
+    );
+    let json = "json:{'driver': 'compress', 'file': {'driver': 'qcow2', \
+                'file': {'driver': 'file', 'filename': 't.qcow2'}}}";
+    s.same(&c_args(&["write -P 0xcc 278528 229376"], &[json]), None);
+    s.same(
+        &c_args(
+            &[
+                "read -P 0xbb 0 229376",
+                "read -P 0 229376 49152",
+                "read -P 0xcc 278528 229376",
+            ],
+            &["t.qcow2"],
+        ),
+        None,
+    );
+    let out = same_img(&s, &["check", "--output=json", "t.qcow2"]);
+    assert!(
+        out.merged.contains("\"compressed-clusters\": 8"),
+        "{}",
+        out.merged
+    );
+    same_img(&s, &["map", "--output=json", "t.qcow2"]);
+    // Not over raw.
+    s.file_both("r.img", &[0u8; 65536]);
+    s.same(
+        &c_args(
+            &["write 0 4k"],
+            &[
+                "--image-opts",
+                "driver=compress,file.driver=raw,file.file.filename=r.img",
+            ],
+        ),
+        None,
+    );
 }
