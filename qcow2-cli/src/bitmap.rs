@@ -150,6 +150,10 @@ fn parse(args: &[String]) -> Result<Request, CliError> {
                         )))
                     }
                 }
+            } else if inline.is_some() {
+                return Err(usage_error(format!(
+                    "option '--{name}' doesn't allow an argument"
+                )));
             } else {
                 None
             };

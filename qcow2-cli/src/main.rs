@@ -40,6 +40,7 @@ mod size;
 mod snapshot;
 mod source;
 mod stdio;
+mod tlsopts;
 
 use std::process::ExitCode;
 
@@ -893,7 +894,7 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     bench::run(&bench::RawFile(storage), &params)
                 }
                 Format::Qcow2 => {
-                    let image = qcowdev::open_image_aio(
+                    let (image, uring) = qcowdev::open_image_aio(
                         &file,
                         !params.write,
                         false,
@@ -904,7 +905,8 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     )
                     .map_err(|e| image::open_error(&file, e))?;
                     let shared = qcow2_image::SharedImage::new(image);
-                    if aio.queued() {
+                    // Without a usable io_uring (the message is printed), the thread pool.
+                    if aio.queued() && uring {
                         bench::run_queued(&shared, &params)?;
                     } else {
                         bench::run(&shared, &params)?;

@@ -240,12 +240,12 @@ pub fn open_image_aio(
     locking: Locking,
     runtime: &[(String, String)],
     io_uring: bool,
-) -> Result<Image, String> {
+) -> Result<(Image, bool), String> {
     let extras = OpenExtras {
         io_uring,
         ..OpenExtras::default()
     };
-    open_image_extras(path, read_only, unmap, cache, locking, runtime, extras)
+    open_image_extras_uring(path, read_only, unmap, cache, locking, runtime, extras)
 }
 
 /// [`open_image_full`] with [`OpenExtras`].
@@ -258,6 +258,21 @@ pub fn open_image_extras(
     runtime: &[(String, String)],
     extras: OpenExtras<'_>,
 ) -> Result<Image, String> {
+    open_image_extras_uring(path, read_only, unmap, cache, locking, runtime, extras).map(|(i, _)| i)
+}
+
+/// [`open_image_extras`], also saying whether the image file's data transfers go through
+/// io_uring. Where the kernel has no usable io_uring: QEMU 10's message and its fallback,
+/// the thread pool.
+fn open_image_extras_uring(
+    path: &str,
+    read_only: bool,
+    unmap: bool,
+    cache: CacheMode,
+    locking: Locking,
+    runtime: &[(String, String)],
+    extras: OpenExtras<'_>,
+) -> Result<(Image, bool), String> {
     let OpenExtras {
         backing,
         io_uring,
@@ -274,13 +289,15 @@ pub fn open_image_extras(
         FileStorage::open_cached(crate::image::file_name(file_path), !read_only, cache)
             .map_err(|e| format!("Could not open '{path}': {}", crate::image::strerror(&e)))?;
     if io_uring {
-        storage.enable_io_uring().map_err(|e| {
-            format!(
-                "Could not open '{path}': Unable to use io_uring: failed to init linux io_uring ring: {}",
+        if let Err(e) = storage.enable_io_uring() {
+            eprintln!(
+                "{}Unable to use linux io_uring, falling back to thread pool: failed to init linux io_uring ring: {}",
+                crate::prog::prefix(),
                 crate::image::strerror(&e)
-            )
-        })?;
+            );
+        }
     }
+    let uses_io_uring = storage.uses_io_uring();
     let path = file_path;
     let base_dir = std::path::Path::new(path)
         .parent()
@@ -341,7 +358,7 @@ pub fn open_image_extras(
             eprintln!("{m}");
         }
     }
-    Ok(image)
+    Ok((image, uses_io_uring))
 }
 
 /// QEMU's "Could not open backing file: Could not open 'PATH': REASON" when the backing

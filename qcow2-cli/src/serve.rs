@@ -85,6 +85,16 @@ pub struct ServeArgs {
     /// Go on in the background once the server listens.
     #[arg(long = "fork")]
     fork: bool,
+    /// Define an object: `tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=
+    /// on|off]`, `authz-simple,id=ID,identity=DN` or `secret,id=ID,data=...`.
+    #[arg(long = "object", value_name = "OBJECTDEF")]
+    object: Vec<String>,
+    /// Require TLS with the x509 credentials of this object.
+    #[arg(long = "tls-creds", value_name = "ID")]
+    tls_creds: Option<String>,
+    /// Admit only TLS clients whose certificate subject this authz-simple object names.
+    #[arg(long = "tls-authz", value_name = "ID")]
+    tls_authz: Option<String>,
     /// Write the server's process ID to this file (removed at exit).
     #[arg(long = "pid-file", value_name = "PATH")]
     pid_file: Option<String>,
@@ -314,6 +324,8 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
         m => return Err(CliError::new(format!("Invalid discard mode '{m}'"))),
     };
     let detect_zeroes = detect_zeroes(a.detect_zeroes.as_deref(), unmap)?;
+    let tls = crate::tlsopts::define(&a.object)?
+        .server_config(a.tls_creds.as_deref(), a.tls_authz.as_deref())?;
     // As qemu-nbd, a loaded internal snapshot is exported read-only.
     let read_only = a.read_only || a.load_snapshot.is_some();
     let shared = match a.shared.as_deref() {
@@ -403,6 +415,7 @@ pub fn run(a: ServeArgs) -> Result<(), CliError> {
         max_connections: shared,
         persistent: a.persistent,
         verbose: a.verbose,
+        tls,
         ..ServerConfig::default()
     };
     let server = Server::new(vec![export], config);

@@ -12,7 +12,7 @@ use std::path::Path;
 
 /// The messages with the program prefix and QEMU's generated node names normalised.
 fn text(r: &Run) -> String {
-    let t = r.text();
+    let t = r.text().replace("qemu-img bitmap", "qcow2 bitmap");
     let mut out = String::new();
     let mut rest = t.as_str();
     while let Some(i) = rest.find("#block") {
@@ -231,6 +231,10 @@ fn command_line_errors_as_qemu_img() {
         &["--add", "-g", "-5", "IMG", "x"][..],
         &["--add", "IMG", ""][..],
         &["--add", "IMG", "enabled"][..],
+        &["--bogus", "IMG", "x"][..],
+        &["-z", "IMG", "x"][..],
+        &["--add=1", "IMG", "x"][..],
+        &["IMG", "x", "--merge"][..],
     ] {
         assert_eq!(same(d, "used.qcow2", case), 1, "{case:?}");
     }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A read-only image below another one.
-pub trait BackingImage: Send {
+pub trait BackingImage: Send + 'static {
     /// Virtual size in bytes; reads beyond it return zeros.
     fn size(&self) -> u64;
     /// Reads `buf.len()` bytes at `offset` (guest offsets of the backing image). Bytes
@@ -55,6 +55,19 @@ pub trait BackingImage: Send {
         let len = len.min(self.size().saturating_sub(offset));
         Ok((if levels > 0 { Held::Data } else { Held::No }, len))
     }
+
+    /// This image as the concurrent read paths of [`SharedImage`](crate::SharedImage) use
+    /// it: reads through `&self`, so they run without the overlay's metadata lock and, for
+    /// qcow2 and raw images, in parallel. The default serializes reads behind a lock.
+    fn into_shared(self: Box<Self>) -> SharedBacking {
+        SharedBacking::Locked(crate::sync::Mutex::new(Box::new(Unshared(self))))
+    }
+
+    /// The shared form this image already is, if [`BackingImage::into_shared`] made it.
+    #[doc(hidden)]
+    fn as_shared(&self) -> Option<Arc<SharedBacking>> {
+        None
+    }
 }
 
 /// Which kind of allocation holds a run in the top layers of a chain (QEMU's
@@ -67,6 +80,145 @@ pub enum Held {
     Data,
     /// A layer holds it as zeros (zero clusters or subclusters).
     Zero,
+}
+
+/// A backing image that only reads through `&mut self`, boxed for the lock around it.
+struct Unshared<T: ?Sized>(Box<T>);
+
+impl<T: BackingImage + ?Sized> BackingImage for Unshared<T> {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0.read(offset, buf)
+    }
+    fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        self.0.status(offset, len)
+    }
+    fn status_above(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        self.0.status_above(offset, len)
+    }
+    fn held_above(&mut self, offset: u64, len: u64, levels: u32) -> Result<(Held, u64)> {
+        self.0.held_above(offset, len, levels)
+    }
+    fn into_shared(self: Box<Self>) -> SharedBacking {
+        SharedBacking::Locked(crate::sync::Mutex::new(self))
+    }
+}
+
+/// A backing image readable through `&self` (see [`BackingImage::into_shared`]).
+pub enum SharedBacking {
+    /// A qcow2 image: reads in parallel, metadata behind its own lock.
+    Image(Box<crate::SharedImage>),
+    /// A raw file: positioned reads.
+    Raw(RawBacking),
+    /// Any other backing image: one read at a time.
+    Locked(crate::sync::Mutex<Box<dyn BackingImage>>),
+}
+
+impl std::fmt::Debug for SharedBacking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SharedBacking::Image(_) => "SharedBacking::Image",
+            SharedBacking::Raw(_) => "SharedBacking::Raw",
+            SharedBacking::Locked(_) => "SharedBacking::Locked",
+        })
+    }
+}
+
+impl SharedBacking {
+    fn locked(&self) -> Result<crate::sync::MutexGuard<'_, Box<dyn BackingImage>>> {
+        match self {
+            SharedBacking::Locked(m) => m
+                .lock()
+                .map_err(|_| crate::shared::lock_failed(crate::Op::Read)),
+            _ => Err(crate::shared::lock_failed(crate::Op::Read)),
+        }
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            SharedBacking::Image(i) => i.virtual_size().unwrap_or(0),
+            SharedBacking::Raw(r) => r.size,
+            SharedBacking::Locked(_) => self.locked().map(|b| b.size()).unwrap_or(0),
+        }
+    }
+
+    /// Reads `buf` at `offset`; what lies beyond the image reads as zeros.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if let SharedBacking::Locked(_) = self {
+            let mut b = self.locked()?;
+            return read_backing_from(&mut **b, offset, buf);
+        }
+        let size = self.size();
+        let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        tail.fill(0);
+        if head.is_empty() {
+            return Ok(());
+        }
+        match self {
+            SharedBacking::Image(i) => i.read(offset, head),
+            SharedBacking::Raw(r) => r.read_at(offset, head),
+            SharedBacking::Locked(_) => Ok(()),
+        }
+    }
+}
+
+/// The handle an image keeps in place of a backing image it shares with the concurrent
+/// read paths.
+struct SharedHandle {
+    shared: Arc<SharedBacking>,
+    size: u64,
+}
+
+impl BackingImage for SharedHandle {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.shared.read(offset, buf)
+    }
+    fn status(&mut self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        match &*self.shared {
+            SharedBacking::Image(i) => i.layer_status(offset, len),
+            SharedBacking::Raw(r) => r.clone_status(offset, len),
+            SharedBacking::Locked(_) => self.shared.locked()?.status(offset, len),
+        }
+    }
+    fn held_above(&mut self, offset: u64, len: u64, levels: u32) -> Result<(Held, u64)> {
+        // The shared form must answer as the image it replaced: rebase and commit walk
+        // the chain's allocation through it.
+        match &*self.shared {
+            SharedBacking::Image(i) => i.exclusive(|img| img.held_above(offset, len, levels))?,
+            SharedBacking::Raw(_) => {
+                let len = len.min(self.size.saturating_sub(offset));
+                Ok((if levels > 0 { Held::Data } else { Held::No }, len))
+            }
+            SharedBacking::Locked(_) => self.shared.locked()?.held_above(offset, len, levels),
+        }
+    }
+    fn as_shared(&self) -> Option<Arc<SharedBacking>> {
+        Some(self.shared.clone())
+    }
+}
+
+/// Replaces `backing` by a handle to its shared form (once) and returns that form.
+pub(crate) fn share_backing(
+    backing: &mut Option<Box<dyn BackingImage>>,
+) -> Option<Arc<SharedBacking>> {
+    if let Some(s) = backing.as_ref()?.as_shared() {
+        return Some(s);
+    }
+    let b = backing.take()?;
+    let size = b.size();
+    let shared = Arc::new(b.into_shared());
+    *backing = Some(Box::new(SharedHandle {
+        shared: shared.clone(),
+        size,
+    }));
+    Some(shared)
 }
 
 /// Opens backing files on behalf of an image (see [`BackingPolicy::Custom`]).
@@ -95,15 +247,33 @@ impl RawBacking {
     }
 }
 
+impl RawBacking {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.storage
+            .read_at(buf, offset)
+            .map_err(|e| ImageError::io(crate::Op::Read, "read from raw backing file", offset, e))
+    }
+
+    fn clone_status(&self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        RawBacking {
+            storage: self.storage.clone(),
+            size: self.size,
+        }
+        .status(offset, len)
+    }
+}
+
 impl BackingImage for RawBacking {
     fn size(&self) -> u64 {
         self.size
     }
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.storage
-            .read_at(buf, offset)
-            .map_err(|e| ImageError::io(crate::Op::Read, "read from raw backing file", offset, e))
+        self.read_at(offset, buf)
+    }
+
+    fn into_shared(self: Box<Self>) -> SharedBacking {
+        SharedBacking::Raw(*self)
     }
 
     /// Holes the file system reports read as zeros (QEMU's file driver); a storage that
@@ -172,6 +342,10 @@ impl BackingImage for Image {
             },
         })
     }
+
+    fn into_shared(self: Box<Self>) -> SharedBacking {
+        SharedBacking::Image(Box::new(crate::SharedImage::new(*self)))
+    }
 }
 
 /// Reads `buf` at `offset` from an optional backing image, zero-filling what lies beyond it.
@@ -184,6 +358,10 @@ pub(crate) fn read_backing(
         buf.fill(0);
         return Ok(());
     };
+    read_backing_from(&mut **b, offset, buf)
+}
+
+fn read_backing_from(b: &mut dyn BackingImage, offset: u64, buf: &mut [u8]) -> Result<()> {
     let size = b.size();
     let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
     let (head, tail) = buf.split_at_mut(avail);

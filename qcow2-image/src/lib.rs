@@ -43,16 +43,19 @@ mod overlap;
 mod plan;
 mod queue;
 mod rebase;
+#[cfg(all(test, shuttle))]
+mod schedule_tests;
 mod shared;
 mod shrink;
 mod snapshot;
 mod status;
+mod sync;
 mod vmstate;
 mod write;
 mod zero;
 
 pub use amend::AmendOptions;
-pub use backing::{BackingImage, BackingOpener, Held, RawBacking};
+pub use backing::{BackingImage, BackingOpener, Held, RawBacking, SharedBacking};
 pub use bitmaps::{
     stale_extension_warning, BitmapAddOptions, BitmapInfo, DirtyBitmap, DirtyRanges,
 };

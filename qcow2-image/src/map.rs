@@ -228,6 +228,12 @@ impl Image {
     /// block status ask the host file which parts are holes. Any error answers "no", as
     /// QEMU's does.
     pub(crate) fn metadata_preallocated(&mut self) -> bool {
+        // Encrypted images report no host offsets (QEMU's block status has no
+        // OFFSET_VALID for them), so the host file's holes are never asked: zeros on disk
+        // decrypt to noise, not to zeros.
+        if self.crypto.is_some() {
+            return false;
+        }
         if let Some(v) = self.metadata_prealloc {
             return v;
         }

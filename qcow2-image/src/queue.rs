@@ -14,10 +14,10 @@
 use crate::error::{ImageError, Op, Result};
 use crate::inflight::{InFlightGuard, Moving};
 use crate::plan::{AllocPlan, ReadPiece};
+use crate::sync::RwLockReadGuard;
 use crate::SharedImage;
 use qcow2_io::{Completion, Dir, IoBuf, IoQueue, Transfer};
 use std::collections::VecDeque;
-use std::sync::RwLockReadGuard;
 
 /// A finished request.
 #[derive(Debug)]
@@ -30,8 +30,10 @@ pub struct Done {
     pub data: Option<IoBuf>,
 }
 
-/// Transfers of one request are tagged `slot << PIECE_BITS | piece`.
-const PIECE_BITS: u32 = 24;
+/// Transfers of one request are tagged `slot << PIECE_BITS | piece`. A request has at most
+/// one transfer per cluster it touches (at least 512 bytes of its in-memory buffer each),
+/// so far fewer than 2^32.
+const PIECE_BITS: u32 = 32;
 
 enum Kind {
     /// A read: `buf` is the guest buffer (holding what was filled under the lock), unless
@@ -131,20 +133,32 @@ impl<'a> RequestQueue<'a> {
         }
         let mut core = image.core(op)?;
         let pieces = core.plan_read(offset, &mut buf)?;
-        let hosts: Vec<(u64, u64, u64)> = pieces
-            .iter()
-            .filter_map(|p| match *p {
-                ReadPiece::Host { at, len, host } => Some((at, len, host)),
-                ReadPiece::Done => None,
-            })
-            .collect();
-        if hosts.is_empty() {
+        if !pieces.iter().any(ReadPiece::pending) {
             drop(core);
             return self.done_now(tag, Ok(()), Some(buf));
         }
+        let sources = core.read_sources();
         let (start, end) = image.clusters(offset, len as u64);
         let moving = image.in_flight.register(start, end, Moving::Data);
         drop(core);
+        crate::sync::data_moves();
+        // Data clusters through the queue; compressed and backing pieces here, without
+        // the lock (their clusters are registered as the data ones are).
+        let mut hosts: Vec<(u64, u64, u64)> = Vec::new();
+        for p in &pieces {
+            match *p {
+                ReadPiece::Host { at, len, host } => hosts.push((at, len, host)),
+                _ => {
+                    if let Err(e) = sources.fill(op, offset, p, &mut buf) {
+                        return self.done_now(tag, Err(e), None);
+                    }
+                }
+            }
+        }
+        if hosts.is_empty() {
+            drop(moving);
+            return self.done_now(tag, Ok(()), Some(buf));
+        }
         let slot = self.slot();
         let whole = hosts.len() == 1 && hosts[0].0 == 0 && hosts[0].1 == len as u64;
         let mut transfers = Vec::with_capacity(hosts.len());
@@ -187,6 +201,7 @@ impl<'a> RequestQueue<'a> {
             if let Some(pieces) = core.plan_rewrite(offset, len)? {
                 let moving = image.in_flight.register(start, end, Moving::Data);
                 drop(core);
+                crate::sync::data_moves();
                 let slot = self.slot();
                 let transfers = pieces
                     .iter()
@@ -219,22 +234,18 @@ impl<'a> RequestQueue<'a> {
             let storage = core.data_storage_arc();
             let allocating = image.in_flight.register(start, end, Moving::Alloc);
             drop(core);
-            let (at, zlen) = plan.zero;
-            // Zeroing is one quick call (fallocate); the data then moves through the queue.
-            let (host, buf) = match storage.zero_fast(at, zlen) {
-                Ok(true) => (plan.data_at, IoBuf::from_slice(data)),
-                Ok(false) => {
-                    let mut whole = IoBuf::new(zlen as usize);
-                    let d = (plan.data_at - at) as usize;
-                    whole[d..d + data.len()].copy_from_slice(data);
-                    (at, whole)
-                }
+            crate::sync::data_moves();
+            // Zeroing is one quick call (fallocate) and backing COW data a read; the data
+            // then moves through the queue.
+            let (host, buf) = match plan.prepare(op, &*storage, data) {
+                Ok(None) => (plan.data_at, IoBuf::from_slice(data)),
+                Ok(Some(whole)) => (plan.zero.0, whole),
                 Err(e) => {
                     let mut core = image.core(op)?;
                     core.abort_alloc(&plan);
                     drop(core);
                     drop(allocating);
-                    return Err(ImageError::io(op, "write guest data", at, e));
+                    return Err(e);
                 }
             };
             let slot = self.slot();
@@ -290,14 +301,6 @@ impl<'a> RequestQueue<'a> {
     ) -> Result<()> {
         let n = transfers.len();
         let slot_tag = (slot as u64) << PIECE_BITS;
-        if n >= 1 << PIECE_BITS {
-            return Err(ImageError::io(
-                Op::Read,
-                "queue a request",
-                0,
-                std::io::Error::other("too many pieces in one request"),
-            ));
-        }
         self.requests[slot] = Some(Request {
             tag,
             kind,

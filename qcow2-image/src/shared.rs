@@ -14,7 +14,7 @@
 //!   `inflight.rs`). So a host cluster is never freed, reused or moved while data is read from or
 //!   written to it for another request; unrelated requests proceed.
 //! - **In-flight allocations** (QEMU's `QCowL2Meta`). A write into fresh clusters whose
-//!   copy-on-write areas read as zero allocates them under the lock (refcounts taken,
+//!   copy-on-write areas read as zero (or come from the backing file) allocates them under the lock (refcounts taken,
 //!   overlap-checked), registers its guest clusters as allocating, writes its data without
 //!   the lock (one fast zeroing of the new clusters and the guest bytes), and links the L2
 //!   entries under the lock again. Every write, zero write, discard or compressed write that
@@ -29,16 +29,18 @@
 //!
 //! Which methods may run in parallel: `read`, `write`, `write_zeroes`, `discard`,
 //! `write_compressed`, `flush`, `map`, `block_status` and the accessors, from any number
-//! of threads. Reads, in-place writes and zero-COW allocating writes overlap their data
-//! movement; the other requests that change metadata run one at a time under the lock. Whole-image operations
-//! run alone.
+//! of threads. Reads (of data, compressed and backing clusters), in-place writes and
+//! allocating writes whose copy-on-write bytes are zeros or backing data overlap their data
+//! movement; the other requests that change metadata run one at a time under the lock.
+//! Whole-image operations run alone. [`SharedImage::queue`] keeps many requests in flight
+//! from one thread (io_uring where the file has it).
 
 use crate::error::{ImageError, Op, Result};
 use crate::inflight::{InFlight, Moving};
 use crate::map::Extent;
 use crate::plan::ReadPiece;
+use crate::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use crate::Image;
-use std::sync::{Mutex, MutexGuard, RwLock};
 
 /// An image shared by many threads: guest I/O takes `&self` (see the module docs for what
 /// may run in parallel).
@@ -55,25 +57,6 @@ impl std::fmt::Debug for SharedImage {
             .field("cluster_size", &self.cluster_size)
             .finish_non_exhaustive()
     }
-}
-
-/// Writes the data of a planned allocation: the new clusters' range `zero` is zeroed by
-/// the storage where it can do that fast and the data written into it; otherwise the
-/// whole range is written, zeros around the data.
-pub(crate) fn write_fresh(
-    storage: &dyn qcow2_io::Storage,
-    zero: (u64, u64),
-    data_at: u64,
-    data: &[u8],
-) -> std::io::Result<()> {
-    let (at, len) = zero;
-    if storage.zero_fast(at, len)? {
-        return storage.write_at(data, data_at);
-    }
-    let mut whole = vec![0u8; len as usize];
-    let d = (data_at - at) as usize;
-    whole[d..d + data.len()].copy_from_slice(data);
-    storage.write_at(&whole, at)
 }
 
 pub(crate) fn lock_failed(op: Op) -> ImageError {
@@ -99,7 +82,7 @@ impl SharedImage {
         self.core.lock().map_err(|_| lock_failed(op))
     }
 
-    pub(crate) fn requests(&self, op: Op) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
+    pub(crate) fn requests(&self, op: Op) -> Result<RwLockReadGuard<'_, ()>> {
         self.drain.read().map_err(|_| lock_failed(op))
     }
 
@@ -130,29 +113,18 @@ impl SharedImage {
         let op = Op::Read;
         let mut core = self.core(op)?;
         let pieces = core.plan_read(offset, buf)?;
-        if !pieces.iter().any(|p| matches!(p, ReadPiece::Host { .. })) {
+        if !pieces.iter().any(ReadPiece::pending) {
             return Ok(());
         }
-        let storage = core.data_storage_arc();
-        let cipher = core.crypto_arc();
-        let iv_guest = core.crypt_iv_guest;
+        let sources = core.read_sources();
         let (start, end) = self.clusters(offset, buf.len() as u64);
+        // Data, compressed and backing clusters alike: their mapping stays while the
+        // bytes are read (writers that would change it wait for this range).
         let _moving = self.in_flight.register(start, end, Moving::Data);
         drop(core);
-        for p in pieces {
-            if let ReadPiece::Host { at, len, host } = p {
-                let dst = &mut buf[at as usize..(at + len) as usize];
-                let io = |e| ImageError::io(op, "read guest data", host, e);
-                match &cipher {
-                    // Planned pieces of encrypted images are whole sectors.
-                    Some(c) => {
-                        let iv = if iv_guest { offset + at } else { host };
-                        crate::crypto::read_decrypted(&*storage, c.as_ref(), host, iv, dst)
-                    }
-                    None => storage.read_at(dst, host),
-                }
-                .map_err(io)?;
-            }
+        crate::sync::data_moves();
+        for p in &pieces {
+            sources.fill(op, offset, p, buf)?;
         }
         Ok(())
     }
@@ -182,6 +154,7 @@ impl SharedImage {
                 let iv_guest = core.crypt_iv_guest;
                 let _moving = self.in_flight.register(start, end, Moving::Data);
                 drop(core);
+                crate::sync::data_moves();
                 for p in pieces {
                     let src = &buf[p.at as usize..(p.at + p.len) as usize];
                     let io = |e| ImageError::io(op, "write guest data", p.host, e);
@@ -210,13 +183,22 @@ impl SharedImage {
         let storage = core.data_storage_arc();
         let _allocating = self.in_flight.register(start, end, Moving::Alloc);
         drop(core);
-        let written = write_fresh(&*storage, plan.zero, plan.data_at, buf);
+        crate::sync::data_moves();
+        let written = plan.prepare(op, &*storage, buf).and_then(|whole| {
+            let (at, bytes) = match &whole {
+                Some(w) => (plan.zero.0, &w[..]),
+                None => (plan.data_at, buf),
+            };
+            storage
+                .write_at(bytes, at)
+                .map_err(|e| ImageError::io(op, "write guest data", at, e))
+        });
         let mut core = self.core(op)?;
         match written {
             Ok(()) => core.finish_alloc(plan),
             Err(e) => {
                 core.abort_alloc(&plan);
-                Err(ImageError::io(op, "write guest data", plan.data_at, e))
+                Err(e)
             }
         }
     }
@@ -303,6 +285,12 @@ impl SharedImage {
         self.core(Op::Map)?.dirty_bitmap_runs(name, offset, len)
     }
 
+    /// The block status of this image's own layer (see `Image::layer_status`), for an
+    /// overlay above it.
+    pub(crate) fn layer_status(&self, offset: u64, len: u64) -> Result<crate::BlockStatus> {
+        self.core(Op::Map)?.layer_status(offset, len)
+    }
+
     /// Virtual disk size in bytes.
     pub fn virtual_size(&self) -> Result<u64> {
         Ok(self.core(Op::Map)?.virtual_size())
@@ -341,7 +329,7 @@ impl SharedImage {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(shuttle)))]
 mod tests {
     use super::*;
 
@@ -466,5 +454,100 @@ mod tests {
         let after = qcow2_io::Storage::len(&storage.inner).unwrap();
         assert_eq!(after - before, 4 * 65536);
         img.close().unwrap();
+    }
+
+    fn slow() -> std::sync::Arc<Slow> {
+        std::sync::Arc::new(Slow {
+            inner: qcow2_io::MemStorage::new(),
+            now: 0.into(),
+            max: 0.into(),
+            slow: false.into(),
+        })
+    }
+
+    #[test]
+    fn compressed_reads_move_data_in_parallel() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let storage = slow();
+        let mut img = Image::create(storage.clone(), &crate::CreateOptions::new(8 << 20)).unwrap();
+        for t in 0..4u64 {
+            let cluster: Vec<u8> = (0..65536u32).map(|i| (i / 512) as u8 ^ t as u8).collect();
+            img.write_compressed(t << 20, &cluster).unwrap();
+        }
+        img.flush().unwrap();
+        let shared = SharedImage::new(img);
+        storage.slow.store(true, SeqCst);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let shared = &shared;
+                s.spawn(move || {
+                    let mut b = vec![0u8; 4096];
+                    shared.read((t << 20) + 8192, &mut b).unwrap();
+                    let want: Vec<u8> = (8192..12288u32)
+                        .map(|i| (i / 512) as u8 ^ t as u8)
+                        .collect();
+                    assert_eq!(b, want);
+                });
+            }
+        });
+        assert!(
+            storage.max.load(SeqCst) >= 2,
+            "compressed reads never overlapped"
+        );
+    }
+
+    /// Reads through to a slow backing image, and allocating writes whose copy-on-write
+    /// bytes come from it, move those bytes without the overlay's lock (and without the
+    /// backing image's: it is shared too).
+    #[test]
+    fn backing_reads_and_cow_move_data_in_parallel() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let storage = slow();
+        let mut base = Image::create(storage.clone(), &crate::CreateOptions::new(8 << 20)).unwrap();
+        let pattern = |t: u64| vec![0x10 + t as u8; 65536];
+        for t in 0..8u64 {
+            base.write(t << 20, &pattern(t)).unwrap();
+        }
+        base.flush().unwrap();
+        let mut img = Image::create(
+            std::sync::Arc::new(qcow2_io::MemStorage::new()),
+            &crate::CreateOptions::new(8 << 20),
+        )
+        .unwrap();
+        img.backing = Some(Box::new(base));
+        // The overlay's L2 table exists; its data clusters are all unallocated.
+        img.write((7 << 20) + 65536, &[0u8; 512]).unwrap();
+        let shared = SharedImage::new(img);
+        storage.slow.store(true, SeqCst);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let shared = &shared;
+                s.spawn(move || {
+                    let mut b = vec![0u8; 4096];
+                    shared.read((t << 20) + 4096, &mut b).unwrap();
+                    assert!(b.iter().all(|&x| x == 0x10 + t as u8));
+                    // A partial write into the unallocated cluster of another region: the
+                    // rest of the cluster is copied from the backing image.
+                    shared.write(((t + 4) << 20) + 1000, &[0xee; 100]).unwrap();
+                });
+            }
+        });
+        assert!(
+            storage.max.load(SeqCst) >= 2,
+            "backing reads never overlapped"
+        );
+        storage.slow.store(false, SeqCst);
+        for t in 4..8u64 {
+            let mut b = vec![0u8; 65536];
+            shared.read(t << 20, &mut b).unwrap();
+            assert!(b[..1000].iter().all(|&x| x == 0x10 + t as u8));
+            assert!(b[1000..1100].iter().all(|&x| x == 0xee));
+            assert!(b[1100..].iter().all(|&x| x == 0x10 + t as u8));
+            let m = shared.map(t << 20, 65536).unwrap();
+            assert!(
+                m[0].host_offset.is_some(),
+                "cluster {t} not allocated: {m:?}"
+            );
+        }
     }
 }

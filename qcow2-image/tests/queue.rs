@@ -255,3 +255,51 @@ fn qemu_written_image_read_through_io_uring() {
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
+
+/// A data transfer that fails in a queue fails its request only: the allocation it was
+/// for is given back (no leak, nothing linked), the other requests in flight complete.
+#[test]
+fn a_failed_transfer_fails_only_its_request() {
+    use qcow2_io::fault::{FaultStorage, IoKind, Rule};
+    use qcow2_io::{errno, Event};
+    let fault = Arc::new(FaultStorage::new(qcow2_io::MemStorage::new()));
+    let storage: Arc<dyn Storage> = fault.clone();
+    let mut img = Image::create(storage.clone(), &CreateOptions::new(8 << 20)).unwrap();
+    img.write(0, &[7u8; 65536]).unwrap();
+    img.flush().unwrap();
+    let shared = SharedImage::new(img);
+    {
+        let mut q = shared.queue(8).unwrap();
+        // Armed by the first allocation's plan; fails the next write request: that
+        // allocation's data.
+        fault.add_rule(
+            Rule::on_event(Event::WriteAio, errno::EIO)
+                .once(true)
+                .kinds(IoKind::Write),
+        );
+        q.write(1, 1 << 20, &[1u8; 4096]).unwrap();
+        q.write(2, 2 << 20, &[2u8; 4096]).unwrap();
+        q.write(3, 4096, &[3u8; 4096]).unwrap();
+        let mut done = Vec::new();
+        q.complete(3, &mut done).unwrap();
+        done.sort_by_key(|d| d.tag);
+        let e = done[0].result.as_ref().unwrap_err();
+        assert_eq!(e.errno(), errno::EIO, "{e}");
+        assert!(done[1].result.is_ok() && done[2].result.is_ok());
+    }
+    let mut b = vec![0u8; 4096];
+    shared.read(1 << 20, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "the failed write is visible");
+    shared.read(2 << 20, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 2));
+    shared.read(4096, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 3));
+    shared.close().unwrap();
+    let r = qcow2_check::check(storage, &qcow2_check::CheckOptions::default()).unwrap();
+    assert_eq!(
+        (r.result.corruptions, r.result.leaks),
+        (0, 0),
+        "{:?}",
+        r.findings
+    );
+}

@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 
+use crate::net::Stream;
 use crate::proto::{self, info, opt, rep, Cursor};
 use crate::server::{ConnError, Export, Server, MAX_REQUEST};
 
@@ -57,15 +58,19 @@ struct Negotiation<'a> {
     no_zeroes: bool,
     structured: bool,
     extended: bool,
+    /// TLS is running (only with a TLS-configured server).
+    tls_active: bool,
     /// The export `SET_META_CONTEXT` selected contexts for, and which.
     meta: Option<(usize, Selected)>,
 }
 
-/// Runs the handshake; `Ok(None)` when the client aborted.
-pub(crate) fn negotiate<S: Read + Write>(
+/// Runs the handshake on `stream`; `Ok(None)` when the client aborted. Returns the
+/// stream transmission goes on: `stream` itself, or its TLS session.
+pub(crate) fn negotiate(
     server: &Server,
-    s: &mut S,
-) -> Result<Option<Session>, ConnError> {
+    mut stream: Stream,
+) -> Result<Option<(Session, Stream)>, ConnError> {
+    let s = &mut stream;
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&proto::NBD_MAGIC.to_be_bytes());
     hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -83,6 +88,7 @@ pub(crate) fn negotiate<S: Read + Write>(
         no_zeroes: client & proto::FLAG_C_NO_ZEROES != 0,
         structured: false,
         extended: false,
+        tls_active: false,
         meta: None,
     };
     for _ in 0..MAX_OPTIONS {
@@ -107,8 +113,33 @@ pub(crate) fn negotiate<S: Read + Write>(
         }
         let mut data = vec![0u8; length as usize];
         s.read_exact(&mut data)?;
+        if let (Some(tls), false) = (&server.config().tls, n.tls_active) {
+            // FORCEDTLS: nothing but STARTTLS (or ABORT) before TLS.
+            match option {
+                _ if !n.fixed => return Err(ConnError::TlsRequired(option)),
+                opt::STARTTLS if data.is_empty() => {
+                    reply(s, option, rep::ACK, &[])?;
+                    // The handshake runs on another handle of the socket; the plain
+                    // handle is dropped when the TLS stream takes its place.
+                    let plain = s.try_clone()?;
+                    *s = Stream::Tls(tls.accept(plain).map_err(ConnError::Tls)?);
+                    n.tls_active = true;
+                }
+                opt::STARTTLS | opt::EXPORT_NAME => return Err(ConnError::TlsRequired(option)),
+                _ => {
+                    let msg = format!("Option {option:#x} not permitted before TLS");
+                    // The client may already be gone after ABORT.
+                    let sent = reply_error(s, option, rep::ERR_TLS_REQD, &msg);
+                    if option == opt::ABORT {
+                        return Ok(None);
+                    }
+                    sent?;
+                }
+            }
+            continue;
+        }
         if let Some(end) = n.option(s, option, &data)? {
-            return Ok(end);
+            return Ok(end.map(|session| (session, stream)));
         }
     }
     Err(ConnError::TooManyOptions)
@@ -249,6 +280,17 @@ impl Negotiation<'_> {
                 Ok(None)
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => self.meta(s, option, data),
+            opt::STARTTLS => {
+                let (kind, msg) = if !data.is_empty() {
+                    (rep::ERR_INVALID, "STARTTLS takes no data")
+                } else if self.tls_active {
+                    (rep::ERR_INVALID, "TLS already enabled")
+                } else {
+                    (rep::ERR_POLICY, "TLS not configured")
+                };
+                reply_error(s, option, kind, msg)?;
+                Ok(None)
+            }
             _ => {
                 if !self.fixed {
                     return Err(ConnError::UnknownOption(option));

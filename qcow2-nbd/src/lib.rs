@@ -38,9 +38,11 @@ mod handshake;
 mod net;
 pub mod proto;
 mod server;
+mod tls;
 
 pub use export::{Allocation, ExportError, NbdExport, RawExport};
 pub use net::{Listener, Stream};
 pub use server::{
     ConnError, DetectZeroes, Export, Server, ServerConfig, ServerError, ServerHandle, MAX_REQUEST,
 };
+pub use tls::{TlsConfig, TlsError, TlsStream};

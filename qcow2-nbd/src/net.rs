@@ -8,6 +8,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::tls::TlsStream;
+
 /// A connected client socket.
 #[derive(Debug)]
 pub enum Stream {
@@ -15,6 +17,8 @@ pub enum Stream {
     Unix(UnixStream),
     /// A TCP socket.
     Tcp(TcpStream),
+    /// A socket after `NBD_OPT_STARTTLS` (clones share the TLS session).
+    Tls(TlsStream),
 }
 
 impl Stream {
@@ -23,6 +27,7 @@ impl Stream {
         Ok(match self {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.clone()),
         })
     }
 
@@ -31,6 +36,10 @@ impl Stream {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Tls(s) => {
+                s.shutdown();
+                Ok(())
+            }
         };
     }
 
@@ -39,6 +48,7 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.set_read_timeout(t),
         }
     }
 
@@ -47,11 +57,15 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_write_timeout(t),
             Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.set_write_timeout(t),
         }
     }
 
     /// Writes every byte of every slice (one `writev` when the socket takes it all).
     pub fn write_all_vectored(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        if let Stream::Tls(s) = self {
+            return s.write_all_vectored(parts);
+        }
         let mut slices: Vec<IoSlice<'_>> = parts
             .iter()
             .filter(|p| !p.is_empty())
@@ -75,6 +89,7 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(s) => s.read_plain(buf),
         }
     }
 }
@@ -84,6 +99,7 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(s) => s.write_all_vectored(&[buf]).map(|()| buf.len()),
         }
     }
 
@@ -91,6 +107,11 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write_vectored(bufs),
             Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Tls(s) => {
+                let parts: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).collect();
+                s.write_all_vectored(&parts)?;
+                Ok(parts.iter().map(|p| p.len()).sum())
+            }
         }
     }
 

@@ -160,6 +160,9 @@ pub struct ServerConfig {
     pub reply_timeout: Option<Duration>,
     /// Log connections and protocol errors on stderr.
     pub verbose: bool,
+    /// TLS credentials: clients must start TLS before any other option (FORCEDTLS, as
+    /// qemu-nbd with `--tls-creds`).
+    pub tls: Option<crate::TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -173,6 +176,7 @@ impl Default for ServerConfig {
             handshake_timeout: Some(Duration::from_secs(10)),
             reply_timeout: Some(Duration::from_secs(60)),
             verbose: false,
+            tls: None,
         }
     }
 }
@@ -203,6 +207,13 @@ pub enum ConnError {
     /// `NBD_OPT_EXPORT_NAME` with a name that is not exported.
     #[error("no export named {0:?}")]
     UnknownExport(String),
+    /// A TLS server got an option that cannot be refused (`NBD_OPT_EXPORT_NAME`), a
+    /// malformed `NBD_OPT_STARTTLS`, or a client without fixed newstyle.
+    #[error("option {0} not permitted before TLS")]
+    TlsRequired(u32),
+    /// The TLS handshake failed.
+    #[error("TLS handshake: {0}")]
+    Tls(#[source] io::Error),
     /// An unknown option without fixed newstyle (no way to answer).
     #[error("unknown option {0} without fixed newstyle")]
     UnknownOption(u32),
@@ -377,12 +388,13 @@ impl Server {
 
     /// Serves one connected client in this thread (handshake, then transmission) until it
     /// disconnects. For embedding with a custom accept loop.
-    pub fn serve_stream(&self, mut stream: Stream) -> Result<(), ConnError> {
+    pub fn serve_stream(&self, stream: Stream) -> Result<(), ConnError> {
         if self.stopping() {
             return Err(ConnError::Shutdown);
         }
         stream.set_read_timeout(self.config.handshake_timeout)?;
-        let Some(session) = crate::handshake::negotiate(self, &mut stream)? else {
+        // The handshake may replace the stream (by its TLS session).
+        let Some((session, stream)) = crate::handshake::negotiate(self, stream)? else {
             return Ok(());
         };
         self.log(format_args!(

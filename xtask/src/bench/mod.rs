@@ -7,6 +7,7 @@
 
 mod files;
 mod machine;
+mod nbd;
 mod process;
 mod report;
 mod scaling;
@@ -481,16 +482,17 @@ fn fingerprint(p: &Path) -> Option<(u64, std::time::SystemTime)> {
 
 /// Runs one pair workload: warm-up and measured pairs, alternating ours and QEMU.
 fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> WorkloadResult {
-    let Kind::Pair {
-        fresh_copy,
-        output,
-        evict_input,
-        ..
-    } = &w.kind
-    else {
-        unreachable!("run_pair is only called for pair workloads")
+    let (fresh_copy, has_output, evict_input, served) = match &w.kind {
+        Kind::Pair {
+            fresh_copy,
+            output,
+            evict_input,
+            ..
+        } => (*fresh_copy, *output, *evict_input, None),
+        // A served workload writes into its export unless it is read-only.
+        Kind::Served { args, read_only } => (!*read_only, false, false, Some((args, *read_only))),
+        _ => unreachable!("run_pair is only called for pair and served workloads"),
     };
-    let (fresh_copy, has_output, evict_input) = (*fresh_copy, *output, *evict_input);
     let mut ours = SideResult::new(w.command_text("qcow2"));
     let mut qemu = SideResult::new(w.command_text("qemu-img"));
     let mut result = WorkloadResult {
@@ -564,7 +566,25 @@ fn run_pair(ctx: &mut Context, w: &Workload, ours_lacks: Option<String>) -> Work
             let args = w.command_args(side == Side::Qemu, &image, &out);
             let log = run_dir.join(format!("{}-{}", w.name, side.label()));
             let cpu_before = process::children_cpu_secs();
-            let outcome = process::run_timed(&program, &args, &log, ctx.timeout);
+            let outcome = match served {
+                Some((client_args, read_only)) => {
+                    let server = match side {
+                        Side::Ours => program.clone(),
+                        Side::Qemu => PathBuf::from("qemu-nbd"),
+                    };
+                    nbd::run_served(
+                        &server,
+                        side == Side::Ours,
+                        &ctx.qemu_img,
+                        client_args,
+                        read_only,
+                        &image,
+                        &log,
+                        ctx.timeout,
+                    )
+                }
+                None => process::run_timed(&program, &args, &log, ctx.timeout),
+            };
             let cpu = match (cpu_before, process::children_cpu_secs()) {
                 (Some(a), Some(b)) => Some(((b - a) * 100.0).round() / 100.0),
                 _ => None,

@@ -373,6 +373,15 @@ pub enum Kind {
         /// mode `none`: a side that reads through the page cache reads from the disk too).
         evict_input: bool,
     },
+    /// The same client command line (`qemu-img bench` on an NBD URI, `Arg::Image` standing
+    /// for it) timed against `qcow2 serve` and `qemu-nbd`, each serving a fresh copy of the
+    /// template (see `nbd.rs`).
+    Served {
+        /// The client's argument list.
+        args: Vec<Arg>,
+        /// The export is read-only (`-r`); its template is then shared, not copied.
+        read_only: bool,
+    },
     /// The physical floor: a plain file written with buffered writes plus fdatasync.
     FloorWrite,
     /// The physical floor: the template raw file read from a cold page cache.
@@ -401,6 +410,7 @@ impl Workload {
     pub fn needs(&self) -> Option<&'static str> {
         match &self.kind {
             Kind::Pair { needs, .. } => Some(needs),
+            Kind::Served { .. } => Some("serve"),
             _ => None,
         }
     }
@@ -424,6 +434,33 @@ impl Workload {
     /// The command line as text, with `IMG` / `OUT` placeholders.
     pub fn command_text(&self, program: &str) -> String {
         match &self.kind {
+            Kind::Served { args, read_only } => {
+                let server = if program == "qcow2" {
+                    "qcow2 serve"
+                } else {
+                    "qemu-nbd"
+                };
+                let mut s = String::from("qemu-img");
+                for a in args {
+                    s.push(' ');
+                    s.push_str(match a {
+                        Arg::Lit(l) => l,
+                        Arg::PerSide { ours, qemu } => {
+                            if program == "qcow2" {
+                                ours
+                            } else {
+                                qemu
+                            }
+                        }
+                        Arg::Image | Arg::Output => "nbd+unix:///?socket=SOCK",
+                    });
+                }
+                s.push_str(&format!(
+                    " (SOCK: {server} -t -f qcow2 -k SOCK{} IMG)",
+                    if *read_only { " -r" } else { "" }
+                ));
+                s
+            }
             Kind::Pair { args, .. } => {
                 let mut s = program.to_string();
                 for a in args {
@@ -465,18 +502,18 @@ pub struct Params {
 }
 
 /// `base * scale`, rounded to a multiple of `align` and at least `min`.
-fn scaled(base: u64, scale: f64, align: u64, min: u64) -> u64 {
+pub(super) fn scaled(base: u64, scale: f64, align: u64, min: u64) -> u64 {
     let v = (base as f64 * scale).round() as u64;
     (v / align * align).max(min)
 }
 
-fn lits(items: &[&str]) -> Vec<Arg> {
+pub(super) fn lits(items: &[&str]) -> Vec<Arg> {
     items.iter().map(|s| Arg::Lit((*s).to_string())).collect()
 }
 
 /// A multiplier for the scattering step of random writes that is coprime to `m` (small
 /// enough that 64 KiB times it fits qemu-img bench's step limit of 2^31 - 1).
-fn coprime_multiplier(m: u64) -> u64 {
+pub(super) fn coprime_multiplier(m: u64) -> u64 {
     fn gcd(a: u64, b: u64) -> u64 {
         if b == 0 {
             a
@@ -752,6 +789,9 @@ pub fn all(params: &Params) -> Vec<Workload> {
             floor: Some("floor-read"),
         });
     }
+
+    // Serving over NBD (issue 16): the same QEMU client against qcow2 serve and qemu-nbd.
+    w.extend(super::nbd::workloads(params));
 
     // compare and measure (issue 18): whole-image reads and block-status walks.
     for (name, what, mut args) in [
