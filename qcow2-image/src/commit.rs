@@ -119,40 +119,13 @@ impl BackingImage for RawTarget {
     }
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        // The base may have grown during the commit: the file's length now.
         let file_len = self.file_len()?;
-        let avail = file_len.saturating_sub(offset).min(buf.len() as u64) as usize;
-        let (head, tail) = buf.split_at_mut(avail);
-        tail.fill(0);
-        if head.is_empty() {
-            return Ok(());
-        }
-        self.storage
-            .read_at(head, offset)
-            .map_err(|e| ImageError::io(Op::Read, "read from raw image", offset, e))
+        crate::status::raw_read(&*self.storage, file_len, offset, buf)
     }
 
     fn status(&mut self, offset: u64, len: u64) -> Result<BlockStatus> {
-        let len = len.min(self.size.saturating_sub(offset));
-        if len == 0 {
-            return Ok(BlockStatus {
-                eof: true,
-                ..BlockStatus::unallocated_zero(offset, 0)
-            });
-        }
-        let (data, run) = self
-            .storage
-            .data_status(offset, len)
-            .map_err(|e| ImageError::io(Op::Map, "block status of raw image", offset, e))?;
-        let n = run.clamp(1, len);
-        Ok(BlockStatus {
-            offset,
-            length: n,
-            data,
-            zero: !data,
-            allocated: true,
-            offset_valid: true,
-            eof: offset + n == self.size,
-        })
+        crate::status::raw_status(&*self.storage, self.size, offset, len)
     }
 }
 

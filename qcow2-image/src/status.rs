@@ -184,6 +184,57 @@ impl Image {
     }
 }
 
+/// Reads a raw image's bytes at `offset`: what lies beyond the file (`file_len`, up to
+/// the sector-rounded disk size) reads as zeros. Shared by every raw layer (backing
+/// files, commit bases).
+pub(crate) fn raw_read(
+    storage: &dyn Storage,
+    file_len: u64,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    let avail = file_len.saturating_sub(offset).min(buf.len() as u64) as usize;
+    let (head, tail) = buf.split_at_mut(avail);
+    tail.fill(0);
+    if head.is_empty() {
+        return Ok(());
+    }
+    storage
+        .read_at(head, offset)
+        .map_err(|e| ImageError::io(Op::Read, "read from raw image", offset, e))
+}
+
+/// The block status of a raw image of `size` bytes at `offset`: every byte is allocated;
+/// host holes (and the tail past the end of the file, up to the sector-rounded size)
+/// read as zeros.
+pub(crate) fn raw_status(
+    storage: &dyn Storage,
+    size: u64,
+    offset: u64,
+    len: u64,
+) -> Result<BlockStatus> {
+    let len = len.min(size.saturating_sub(offset));
+    if len == 0 {
+        return Ok(BlockStatus {
+            eof: true,
+            ..BlockStatus::unallocated_zero(offset, 0)
+        });
+    }
+    let (data, run) = storage
+        .data_status(offset, len)
+        .map_err(|e| ImageError::io(Op::Map, "block status of raw image", offset, e))?;
+    let n = run.clamp(1, len);
+    Ok(BlockStatus {
+        offset,
+        length: n,
+        data,
+        zero: !data,
+        allocated: true,
+        offset_valid: true,
+        eof: offset + n == size,
+    })
+}
+
 /// A raw image file as a read-only guest disk: its size rounded up to 512 bytes (as the
 /// block layer counts sectors), holes reported by the file system as zero runs.
 pub struct RawDisk {
@@ -220,40 +271,11 @@ impl BackingImage for RawDisk {
     }
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let avail = self.file_len.saturating_sub(offset).min(buf.len() as u64) as usize;
-        let (head, tail) = buf.split_at_mut(avail);
-        tail.fill(0);
-        if head.is_empty() {
-            return Ok(());
-        }
-        self.storage
-            .read_at(head, offset)
-            .map_err(|e| ImageError::io(Op::Read, "read from raw image", offset, e))
+        raw_read(&self.storage, self.file_len, offset, buf)
     }
 
     fn status(&mut self, offset: u64, len: u64) -> Result<BlockStatus> {
-        let len = len.min(self.size.saturating_sub(offset));
-        if len == 0 {
-            return Ok(BlockStatus {
-                eof: true,
-                ..BlockStatus::unallocated_zero(offset, 0)
-            });
-        }
-        // Past the end of the file, up to the sector-rounded size: a hole.
-        let (data, run) = self
-            .storage
-            .data_status(offset, len)
-            .map_err(|e| ImageError::io(Op::Map, "block status of raw image", offset, e))?;
-        let n = run.clamp(1, len);
-        Ok(BlockStatus {
-            offset,
-            length: n,
-            data,
-            zero: !data,
-            allocated: true,
-            offset_valid: true,
-            eof: offset + n == self.size,
-        })
+        raw_status(&self.storage, self.size, offset, len)
     }
 }
 
