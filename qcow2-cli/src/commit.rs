@@ -11,6 +11,13 @@ use crate::image::{self, FileRole, Format};
 use crate::progress::Progress;
 use crate::{bench, out, qcowdev, source, CliError, ObjectArgs};
 
+/// The layers are opened one by one and wired bottom-up here, so none opens its own chain.
+const NO_BACKING: qcowdev::OpenExtras<'static> = qcowdev::OpenExtras {
+    backing: false,
+    io_uring: false,
+    blkdebug: None,
+};
+
 /// The arguments of `commit`.
 #[derive(Args, Debug)]
 pub struct CommitArgs {
@@ -81,8 +88,9 @@ pub fn run(mut a: CommitArgs) -> Result<(), CliError> {
         }
         return Err(CliError::new("Image does not have a backing file"));
     }
-    let mut top = qcowdev::open_image_chain(file, false, true, cache, Locking::Auto, &[], false)
-        .map_err(|e| image::open_error(file, e))?;
+    let mut top =
+        qcowdev::open_image_extras(file, false, true, cache, Locking::Auto, &[], NO_BACKING)
+            .map_err(|e| image::open_error(file, e))?;
     let chain = chain_of(file, &top)?;
     if chain.is_empty() {
         return Err(CliError::new("Image does not have a backing file"));
@@ -100,9 +108,16 @@ pub fn run(mut a: CommitArgs) -> Result<(), CliError> {
     // Wire the chain bottom-up: each image in between reads through the next one.
     let mut below: Box<dyn BackingImage> = Box::new(shared.clone());
     for layer in chain[..base_depth - 1].iter().rev() {
-        let mut img =
-            qcowdev::open_image_chain(&layer.path, true, false, cache, Locking::Auto, &[], false)
-                .map_err(|e| image::open_error(file, format!("Could not open backing file: {e}")))?;
+        let mut img = qcowdev::open_image_extras(
+            &layer.path,
+            true,
+            false,
+            cache,
+            Locking::Auto,
+            &[],
+            NO_BACKING,
+        )
+        .map_err(|e| image::open_error(file, format!("Could not open backing file: {e}")))?;
         img.set_backing(Some(below));
         below = Box::new(img);
     }

@@ -984,14 +984,18 @@ fn open_device(name: Option<&str>, params: &OpenParams) -> Result<Device, String
                     DebugNode::File(n) => Some(n),
                     _ => None,
                 };
-                let image = crate::qcowdev::open_image_node(
+                let extras = crate::qcowdev::OpenExtras {
+                    blkdebug: node,
+                    ..Default::default()
+                };
+                let image = crate::qcowdev::open_image_extras(
                     if node.is_some() { &name_path } else { &path },
                     ro,
                     params.discard_unmap,
                     cache,
                     locking,
                     &driver_opts,
-                    node,
+                    extras,
                 )?;
                 let mut dev = QcowDev::from_image(image, ro);
                 dev.set_copy_on_read(params.copy_on_read);

@@ -894,14 +894,18 @@ fn run(cli: Cli, size_arg: Option<String>) -> Result<(), CliError> {
                     bench::run(&bench::RawFile(storage), &params)
                 }
                 Format::Qcow2 => {
-                    let (image, uring) = qcowdev::open_image_aio(
+                    let extras = qcowdev::OpenExtras {
+                        io_uring: aio.queued(),
+                        ..Default::default()
+                    };
+                    let (image, uring) = qcowdev::open_image_extras_uring(
                         &file,
                         !params.write,
                         false,
                         cache,
                         qcow2_io::Locking::Auto,
                         &[],
-                        aio.queued(),
+                        extras,
                     )
                     .map_err(|e| image::open_error(&file, e))?;
                     let shared = qcow2_image::SharedImage::new(image);

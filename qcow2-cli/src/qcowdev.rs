@@ -160,31 +160,8 @@ pub fn open_image_full(
     runtime: &[(String, String)],
 ) -> Result<Image, String> {
     let node = crate::blkdebug::Blkdebug::from_filename(path)?;
-    open_image_node(
-        path,
-        read_only,
-        unmap,
-        cache,
-        locking,
-        runtime,
-        node.as_ref(),
-    )
-}
-
-/// [`open_image_full`] with the image file below a blkdebug node (`blkdebug`: its rules
-/// run on the engine's I/O to the file; `path` is then the node's name in messages and
-/// the file is the node's image).
-pub fn open_image_node(
-    path: &str,
-    read_only: bool,
-    unmap: bool,
-    cache: CacheMode,
-    locking: Locking,
-    runtime: &[(String, String)],
-    blkdebug: Option<&crate::blkdebug::Blkdebug>,
-) -> Result<Image, String> {
     let extras = OpenExtras {
-        blkdebug,
+        blkdebug: node.as_ref(),
         ..OpenExtras::default()
     };
     open_image_extras(path, read_only, unmap, cache, locking, runtime, extras)
@@ -214,40 +191,6 @@ impl Default for OpenExtras<'_> {
     }
 }
 
-/// [`open_image_chain`] without the backing file when `backing` is false.
-pub fn open_image_chain(
-    path: &str,
-    read_only: bool,
-    unmap: bool,
-    cache: CacheMode,
-    locking: Locking,
-    runtime: &[(String, String)],
-    backing: bool,
-) -> Result<Image, String> {
-    let extras = OpenExtras {
-        backing,
-        ..OpenExtras::default()
-    };
-    open_image_extras(path, read_only, unmap, cache, locking, runtime, extras)
-}
-
-/// [`open_image_full`] with the image file's data transfers able to go through io_uring.
-pub fn open_image_aio(
-    path: &str,
-    read_only: bool,
-    unmap: bool,
-    cache: CacheMode,
-    locking: Locking,
-    runtime: &[(String, String)],
-    io_uring: bool,
-) -> Result<(Image, bool), String> {
-    let extras = OpenExtras {
-        io_uring,
-        ..OpenExtras::default()
-    };
-    open_image_extras_uring(path, read_only, unmap, cache, locking, runtime, extras)
-}
-
 /// [`open_image_full`] with [`OpenExtras`].
 pub fn open_image_extras(
     path: &str,
@@ -262,9 +205,9 @@ pub fn open_image_extras(
 }
 
 /// [`open_image_extras`], also saying whether the image file's data transfers go through
-/// io_uring. Where the kernel has no usable io_uring: QEMU 10's message and its fallback,
-/// the thread pool.
-fn open_image_extras_uring(
+/// io_uring (asked with [`OpenExtras::io_uring`]). Where the kernel has no usable io_uring:
+/// QEMU 10's message and its fallback, the thread pool.
+pub fn open_image_extras_uring(
     path: &str,
     read_only: bool,
     unmap: bool,

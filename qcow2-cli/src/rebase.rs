@@ -133,16 +133,12 @@ fn rebase(
             a.backing.as_deref().unwrap_or("")
         )));
     }
-    let mut img = qcowdev::open_image_chain(
-        file,
-        false,
-        false,
-        cache,
-        Locking::Auto,
-        &[],
-        !a.header_only,
-    )
-    .map_err(|e| image::open_error(file, e))?;
+    let extras = qcowdev::OpenExtras {
+        backing: !a.header_only,
+        ..Default::default()
+    };
+    let mut img = qcowdev::open_image_extras(file, false, false, cache, Locking::Auto, &[], extras)
+        .map_err(|e| image::open_error(file, e))?;
     if let Some(f) = a.backing_format.as_deref() {
         if !known_format(f) {
             return Err(CliError::new(format!("Invalid format name: '{f}'")));
