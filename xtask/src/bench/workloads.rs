@@ -207,7 +207,8 @@ impl Template {
                 ],
             )
         };
-        let fill = |from: u64, len: u64, pattern: u32| {
+        // qemu-img writes `pattern` in 64 KiB requests over [from, from + len) of `file`.
+        let fill_at = |file: &str, from: u64, len: u64, pattern: u32| {
             run_str(
                 qemu_img,
                 &[
@@ -224,10 +225,11 @@ impl Template {
                     &(len / (64 * KIB)).to_string(),
                     "--pattern",
                     &pattern.to_string(),
-                    &p,
+                    file,
                 ],
             )
         };
+        let fill = |from: u64, len: u64, pattern: u32| fill_at(&p, from, len, pattern);
         match self {
             Template::Empty { cluster, size } => {
                 create(format!("cluster_size={cluster}"), *size)?;
@@ -265,27 +267,6 @@ impl Template {
             Template::Chain { kind, size } => {
                 let dir = path.parent().unwrap_or(Path::new("."));
                 let other = |name: &str| dir.join(name).to_string_lossy().into_owned();
-                let fill_at = |file: &str, from: u64, len: u64, pattern: u32| {
-                    run_str(
-                        qemu_img,
-                        &[
-                            "bench",
-                            "-q",
-                            "-w",
-                            "-t",
-                            "writeback",
-                            "-s",
-                            "65536",
-                            "-o",
-                            &from.to_string(),
-                            "-c",
-                            &(len / (64 * KIB)).to_string(),
-                            "--pattern",
-                            &pattern.to_string(),
-                            file,
-                        ],
-                    )
-                };
                 let create_in = |file: &str, backing: Option<&str>| {
                     let mut a = vec!["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"];
                     if let Some(b) = backing {
